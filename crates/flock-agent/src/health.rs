@@ -1,0 +1,38 @@
+//! `/healthz` and `/readyz` over HTTP.
+
+use std::future::Future;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+
+use crate::handler::HandlerSlot;
+
+/// Serves the health endpoints on `listener` until `shutdown` completes.
+/// `/healthz` answers 200 while the process serves; `/readyz` answers 200
+/// once the handler in force can serve ADD, else 503 with the reason.
+pub async fn serve(
+    listener: TcpListener,
+    slot: HandlerSlot,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(slot);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn readyz(State(slot): State<HandlerSlot>) -> (StatusCode, String) {
+    match slot.current().readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}

@@ -1,0 +1,80 @@
+//! The `flock-agent` binary: parses flags, binds the socket and serves until
+//! SIGTERM or SIGINT.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use flock_agent::cli::Cli;
+use flock_agent::handler::{HandlerSlot, NotReady};
+use flock_agent::server::{Limits, Server};
+use flock_agent::{health, logging};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "flock-agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    info!(
+        node = %cli.node,
+        socket = %cli.socket.display(),
+        state_dir = %cli.state_dir.display(),
+        datastore = %cli.datastore,
+        "starting flock-agent"
+    );
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cli.state_dir)
+        .with_context(|| format!("creating --state-dir {}", cli.state_dir.display()))?;
+    // Register for signals first: a SIGTERM that arrives while we bind must
+    // still mean a clean stop.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let slot = HandlerSlot::new(NotReady::new(format!(
+        "node runtime for {} has not started (datastore {})",
+        cli.node, cli.datastore
+    )));
+    // The TCP port first: a failure there must not leave a socket behind.
+    let listener = tokio::net::TcpListener::bind(cli.metrics_addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {}", cli.metrics_addr))?;
+    let server = Server::bind(&cli.socket, slot.clone(), Limits::default())
+        .with_context(|| format!("binding --socket {}", cli.socket.display()))?;
+    info!(addr = %cli.metrics_addr, "health endpoints listening");
+
+    let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    let health = tokio::spawn(health::serve(listener, slot, async {
+        let _ = health_stopped.await;
+    }));
+
+    server
+        .run(async move {
+            tokio::select! {
+                _ = terminate.recv() => info!(signal = "SIGTERM", "shutting down"),
+                _ = interrupt.recv() => info!(signal = "SIGINT", "shutting down"),
+            }
+        })
+        .await;
+    let _ = stop_health.send(());
+    health
+        .await
+        .context("health server task")?
+        .context("health server")?;
+    info!("stopped");
+    Ok(())
+}
