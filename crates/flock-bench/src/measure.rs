@@ -1,0 +1,81 @@
+//! Running things repeatedly and summarising the timings.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Median and 90th percentile of a set of timings.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub median: Duration,
+    pub p90: Duration,
+}
+
+impl Summary {
+    pub fn of(mut samples: Vec<Duration>) -> Summary {
+        assert!(!samples.is_empty(), "no samples to summarise");
+        samples.sort();
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Summary {
+            median: at(0.5),
+            p90: at(0.9),
+        }
+    }
+}
+
+/// Milliseconds with two decimals.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// Runs `f` `warmup` times untimed, then `iterations` times timed.
+pub fn measure(
+    warmup: usize,
+    iterations: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Summary> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        f()?;
+        samples.push(started.elapsed());
+    }
+    Ok(Summary::of(samples))
+}
+
+/// Executes a CNI plugin the way a runtime does: a clean environment of
+/// `env`, the config on stdin, stdout captured. Fails unless it exits 0.
+pub fn exec_plugin(binary: &Path, env: &[(&str, &str)], stdin: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut child = Command::new(binary)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {}", binary.display()))?;
+    child
+        .stdin
+        .take()
+        .context("plugin stdin")?
+        .write_all(stdin)
+        .context("writing plugin stdin")?;
+    let out = child.wait_with_output().context("waiting for the plugin")?;
+    if !out.status.success() {
+        bail!(
+            "{} {:?} failed ({}): {}{}",
+            binary.display(),
+            env.first(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
