@@ -2,16 +2,19 @@
 //! both, with the ratio. Build in release mode first:
 //! `cargo build --release --workspace && target/release/flock-bench plugin`.
 
+mod measure;
 mod plugin;
 mod ptp;
-mod measure;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "flock-bench", about = "flock benchmarks against their baselines")]
+#[command(
+    name = "flock-bench",
+    about = "flock benchmarks against their baselines"
+)]
 struct Cli {
     #[command(subcommand)]
     bench: Bench,

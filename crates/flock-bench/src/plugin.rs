@@ -77,7 +77,10 @@ pub fn run(iterations: usize, plugin: Option<PathBuf>, cni_dir: &Path) -> anyhow
     ];
     let add = measure(WARMUP, iterations, || {
         let out = exec_plugin(&plugin, &add_env, CONFIG.as_bytes())?;
-        ensure!(out.starts_with(b"{\"cniVersion\":\"1.1.0\",\"interfaces\""), "unexpected ADD output");
+        ensure!(
+            out.starts_with(b"{\"cniVersion\":\"1.1.0\",\"interfaces\""),
+            "unexpected ADD output"
+        );
         Ok(())
     })?;
     let request = Request {
@@ -105,8 +108,18 @@ pub fn run(iterations: usize, plugin: Option<PathBuf>, cni_dir: &Path) -> anyhow
         "{:<34} {:>9} {:>9}   {:<40} {:>9}   {:>7}",
         "measurement", "median", "p90", "baseline", "median", "ratio"
     );
-    row("flock VERSION exec", version, "ptp VERSION exec", &ptp_version);
-    row("flock ADD round trip (canned)", add, "ptp + host-local IPv4 ADD", &ptp_add);
+    row(
+        "flock VERSION exec",
+        version,
+        "ptp VERSION exec",
+        &ptp_version,
+    );
+    row(
+        "flock ADD round trip (canned)",
+        add,
+        "ptp + host-local IPv4 ADD",
+        &ptp_add,
+    );
     row_alone("  of which agent RPC, no exec", rpc_only);
     println!();
     verdict("VERSION exec median", version, VERSION_BUDGET_MS);

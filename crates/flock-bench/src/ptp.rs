@@ -15,10 +15,18 @@ const WARMUP: usize = 20;
 pub fn version_exec(iterations: usize, cni_dir: &Path) -> Result<Summary, String> {
     let ptp = cni_dir.join("ptp");
     if !ptp.exists() {
-        return Err(format!("{} missing; apt-get install containernetworking-plugins", ptp.display()));
+        return Err(format!(
+            "{} missing; apt-get install containernetworking-plugins",
+            ptp.display()
+        ));
     }
     measure(WARMUP, iterations, || {
-        exec_plugin(&ptp, &[("CNI_COMMAND", "VERSION")], br#"{"cniVersion":"1.0.0"}"#).map(drop)
+        exec_plugin(
+            &ptp,
+            &[("CNI_COMMAND", "VERSION")],
+            br#"{"cniVersion":"1.0.0"}"#,
+        )
+        .map(drop)
     })
     .map_err(|e| format!("{e:#}"))
 }
@@ -40,7 +48,10 @@ impl Drop for Netns {
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new("ip").args(args).status().context("running ip")?;
+    let status = Command::new("ip")
+        .args(args)
+        .status()
+        .context("running ip")?;
     if !status.success() {
         bail!("ip {} failed: {status}", args.join(" "));
     }
@@ -61,7 +72,8 @@ pub fn add_baseline(iterations: usize, cni_dir: &Path) -> Result<Summary, String
 
 fn run_in_namespaces(iterations: usize, cni_dir: &Path) -> anyhow::Result<Summary> {
     let pid = std::process::id();
-    let node = Netns::create(format!("flockbench-node-{pid}")).context("creating the node namespace (needs root)")?;
+    let node = Netns::create(format!("flockbench-node-{pid}"))
+        .context("creating the node namespace (needs root)")?;
     let pod = Netns::create(format!("flockbench-pod-{pid}"))?;
     ip(&["-n", &node.0, "link", "set", "lo", "up"])?;
     let data = tempfile::tempdir()?;
@@ -81,11 +93,18 @@ fn run_in_namespaces(iterations: usize, cni_dir: &Path) -> anyhow::Result<Summar
         bail!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let micros: Vec<u64> = serde_json::from_slice(&out.stdout).context("baseline output")?;
-    Ok(Summary::of(micros.into_iter().map(Duration::from_micros).collect()))
+    Ok(Summary::of(
+        micros.into_iter().map(Duration::from_micros).collect(),
+    ))
 }
 
 /// Runs inside the node namespace: prints the ADD timings in microseconds as JSON.
-pub fn inside(iterations: usize, cni_dir: &Path, pod_netns: &str, data_dir: &Path) -> anyhow::Result<()> {
+pub fn inside(
+    iterations: usize,
+    cni_dir: &Path,
+    pod_netns: &str,
+    data_dir: &Path,
+) -> anyhow::Result<()> {
     let ptp: PathBuf = cni_dir.join("ptp");
     let config = serde_json::json!({
         "cniVersion": "1.0.0",
