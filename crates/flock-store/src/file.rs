@@ -1,0 +1,124 @@
+//! The on-disk form and its atomic, durable replacement.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Allocation, Result, StoreError};
+
+/// The store's file name inside the state directory.
+pub const FILE_NAME: &str = "allocations.json";
+
+/// The schema this build writes and the newest it reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileOut<'a> {
+    schema_version: u32,
+    allocations: Vec<&'a Allocation>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FileIn {
+    schema_version: u32,
+    allocations: Vec<Allocation>,
+}
+
+fn tmp_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("json.tmp")
+}
+
+/// Reads the store. Missing → empty; a leftover temp file (a write that
+/// never completed, so never acknowledged) is discarded.
+pub fn load(dir: &Path, path: &Path) -> Result<Vec<Allocation>> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::Write {
+        step: "create",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(tmp_path(path));
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StoreError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let corrupt = |reason: String| StoreError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    // Look at the version before the shape, so a newer file is reported as such.
+    let version = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .map_err(|e| corrupt(e.to_string()))?
+        .get("schemaVersion")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| corrupt("no schemaVersion".into()))?;
+    if version > u64::from(SCHEMA_VERSION) {
+        return Err(StoreError::NewerSchema {
+            path: path.to_owned(),
+            found: u32::try_from(version).unwrap_or(u32::MAX),
+            supported: SCHEMA_VERSION,
+        });
+    }
+    let file: FileIn = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    if file.schema_version == 0 {
+        return Err(corrupt("schemaVersion 0".into()));
+    }
+    let mut keys = HashSet::new();
+    for a in &file.allocations {
+        if !keys.insert((a.container_id.as_str(), a.ifname.as_str())) {
+            return Err(corrupt(format!(
+                "container {} interface {} appears twice",
+                a.container_id, a.ifname
+            )));
+        }
+    }
+    Ok(file.allocations)
+}
+
+/// Replaces the file with `entries`: write a temp file, fsync it, rename it
+/// over the old one, fsync the directory.
+pub fn write<'a>(path: &Path, entries: impl Iterator<Item = &'a Allocation>) -> Result<()> {
+    let out = FileOut {
+        schema_version: SCHEMA_VERSION,
+        allocations: entries.collect(),
+    };
+    // Allocations have only string keys; serialising cannot fail.
+    let mut bytes = serde_json::to_vec_pretty(&out).expect("allocations serialise");
+    bytes.push(b'\n');
+    let tmp = tmp_path(path);
+    let fail = |step, p: &Path| {
+        let p = p.to_owned();
+        move |source| StoreError::Write {
+            step,
+            path: p,
+            source,
+        }
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(fail("create", &tmp))?;
+    file.write_all(&bytes).map_err(fail("write", &tmp))?;
+    file.sync_all().map_err(fail("fsync", &tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(fail("rename into place", path))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail("fsync directory", dir))?;
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The store's contract: durable round trips, and refusal (never silent
+//! emptiness) for files it cannot trust.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, SystemTime};
+
+use flock_store::{AllocState, Allocation, FILE_NAME, Store, StoreError};
+
+fn entry(id: &str, n: u8) -> Allocation {
+    Allocation {
+        container_id: id.into(),
+        ifname: "eth0".into(),
+        namespace: "shop".into(),
+        pod: format!("web-{n}"),
+        pod_uid: format!("uid-{n}"),
+        ip6: Some(format!("2001:db8:0:1::{n:x}").parse().expect("v6")),
+        ip4: Some(Ipv4Addr::new(198, 18, 0, n)),
+        anycast: vec!["2001:db8:ffff::1".parse().expect("any")],
+        addresses: vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, n))],
+        state: AllocState::Pending,
+        allocated_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_100_000_123),
+    }
+}
+
+#[test]
+fn entries_survive_a_reopen_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("empty store");
+    assert!(store.is_empty());
+    store.upsert(entry("c1", 2)).expect("write");
+    let mut committed = entry("c1", 2);
+    committed.state = AllocState::Committed;
+    store.upsert(committed.clone()).expect("commit");
+    store.upsert(entry("c2", 3)).expect("write");
+
+    let reopened = Store::open(dir.path()).expect("reopen");
+    assert_eq!(reopened.len(), 2);
+    assert_eq!(reopened.get("c1", "eth0"), Some(&committed));
+    assert_eq!(reopened.get("c2", "eth0"), Some(&entry("c2", 3)));
+    let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).expect("file");
+    assert!(text.contains("\"schemaVersion\": 1"), "{text}");
+    assert!(
+        text.contains("\"allocatedAt\": \"2025-11-25T19:46:40.123Z\""),
+        "{text}"
+    );
+    assert!(text.contains("\"state\": \"committed\""), "{text}");
+}
+
+#[test]
+fn remove_is_durable_and_idempotent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    store.upsert(entry("c1", 2)).expect("write");
+    assert_eq!(
+        store.remove("c1", "eth0").expect("remove"),
+        Some(entry("c1", 2))
+    );
+    assert_eq!(store.remove("c1", "eth0").expect("again"), None);
+    assert_eq!(store.remove("never", "eth0").expect("unknown"), None);
+    assert!(Store::open(dir.path()).expect("reopen").is_empty());
+}
+
+fn open_err(dir: &std::path::Path) -> StoreError {
+    Store::open(dir).expect_err("must refuse")
+}
+
+#[test]
+fn a_corrupt_file_is_refused_by_name_and_left_in_place() {
+    let cases: &[&[u8]] = &[
+        b"",
+        b"{\"schemaVersion\":1,\"allocations\":[",
+        b"null",
+        b"{\"allocations\":[]}",
+        b"{\"schemaVersion\":1,\"allocations\":[{\"containerId\":\"c\"}]}",
+        b"{\"schemaVersion\":0,\"allocations\":[]}",
+    ];
+    for bytes in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(&path, bytes).expect("seed");
+        let err = open_err(dir.path());
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).expect("still there"),
+            *bytes,
+            "left untouched"
+        );
+    }
+}
+
+#[test]
+fn duplicate_entries_newer_schemas_and_unreadable_files_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    store.upsert(entry("c1", 2)).expect("write");
+    let path = dir.path().join(FILE_NAME);
+    let text = std::fs::read_to_string(&path).expect("file");
+    let doubled = text.replacen("\"allocations\": [", "\"allocations\": [\n", 1);
+    let one = serde_json::to_string(&entry("c1", 2)).expect("json");
+    std::fs::write(
+        &path,
+        doubled.replacen(
+            "\"allocations\": [\n",
+            &format!("\"allocations\": [{one},"),
+            1,
+        ),
+    )
+    .expect("dup");
+    let err = open_err(dir.path());
+    assert!(err.to_string().contains("appears twice"), "{err}");
+
+    std::fs::write(
+        &path,
+        b"{\"schemaVersion\":9,\"allocations\":[],\"future\":true}",
+    )
+    .expect("newer");
+    assert!(matches!(
+        open_err(dir.path()),
+        StoreError::NewerSchema { found: 9, .. }
+    ));
+
+    std::fs::remove_file(&path).expect("rm");
+    std::fs::create_dir(&path).expect("a directory where the file should be");
+    assert!(matches!(open_err(dir.path()), StoreError::Read { .. }));
+}
+
+#[test]
+fn a_leftover_temp_file_is_ignored_and_a_failed_write_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    store.upsert(entry("c1", 2)).expect("write");
+    let tmp = dir.path().join("allocations.json.tmp");
+    std::fs::write(&tmp, b"half a write").expect("leftover");
+    let mut store = Store::open(dir.path()).expect("leftover ignored");
+    assert!(!tmp.exists(), "leftover removed");
+
+    // Make the next write fail: its temp path is taken by a directory.
+    std::fs::create_dir(&tmp).expect("block");
+    let err = store.upsert(entry("c2", 3)).expect_err("write fails");
+    assert!(matches!(err, StoreError::Write { .. }), "{err}");
+    assert!(store.get("c2", "eth0").is_none(), "memory rolled back");
+    assert!(store.remove("c1", "eth0").is_err());
+    assert!(store.get("c1", "eth0").is_some(), "remove rolled back");
+    std::fs::remove_dir(&tmp).expect("unblock");
+    assert_eq!(Store::open(dir.path()).expect("reopen").len(), 1);
+}
