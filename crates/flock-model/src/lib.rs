@@ -1,7 +1,31 @@
 //! flock-model: the typed view of what operators and workloads tell flock.
 //!
-//! It will own the `NodeConfig` custom resource (`flock.fritzlab.net/v1alpha1`),
-//! the parsing of the `flock.fritzlab.net/*` pod annotations with their
-//! precedence rules (pod > NodeConfig > built-in), ip-algo resolution,
-//! app-name derivation from controller owners, image references and
-//! `CNI_ARGS` parsing. It is pure: no I/O.
+//! Operators describe each node with a [`NodeConfig`] (its prefixes,
+//! family defaults, MTU and BGP peers); workloads tune their addressing
+//! with `flock.fritzlab.net/*` pod annotations. This crate turns both into
+//! validated values, with errors that name the object, the field and the
+//! bad value, and implements the precedence rules (pod annotation >
+//! NodeConfig > built-in). It also parses `CNI_ARGS`, derives the workload
+//! name ip-algo embeds, and names host interfaces. It does no I/O.
+
+mod annotations;
+mod cni_args;
+pub mod crd;
+mod error;
+mod iface;
+mod ipalgo;
+mod nodeconfig;
+mod workload;
+
+pub use annotations::{
+    ADDRESSES, ANYCAST, CIDR4, CIDR6, FamilyDefaults, IP_ALGO, IPV4, IPV6, PodNetwork,
+    parse_pod_annotations,
+};
+pub use cni_args::CniArgs;
+pub use error::{ModelError, Result};
+pub use iface::host_iface_name;
+pub use ipalgo::resolve_ip_algo;
+pub use nodeconfig::{
+    BgpPeerSpec, BgpSpec, FamilyDefaultsSpec, NodeBgp, NodeConfig, NodeConfigSpec, NodeSettings,
+};
+pub use workload::{app_name, image_ref};

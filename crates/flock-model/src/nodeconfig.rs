@@ -1,0 +1,259 @@
+//! The `NodeConfig` custom resource: one per node, named after it.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use kube::{CustomResource, ResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::annotations::FamilyDefaults;
+use crate::{ModelError, Result};
+
+/// How flock networks one node's pods. Cluster-scoped; its name is the
+/// node's name.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "flock.fritzlab.net",
+    version = "v1alpha1",
+    kind = "NodeConfig",
+    plural = "nodeconfigs",
+    shortname = "nc",
+    printcolumn = r#"{"name":"CIDR6","type":"string","jsonPath":".spec.cidr6"}"#,
+    printcolumn = r#"{"name":"CIDR4","type":"string","jsonPath":".spec.cidr4"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeConfigSpec {
+    /// The node's IPv6 pod prefix, such as 2001:db8:0:1::/64. Pods get a /128 from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr6: Option<String>,
+    /// The node's IPv4 pod prefix, such as 198.18.0.0/24. Pods get a /32 from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr4: Option<String>,
+    /// Which families a pod gets when its annotations do not say; both when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<FamilyDefaultsSpec>,
+    /// MTU of pod interfaces; by default the MTU of the interface holding the default route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// BGP: this node's ASN and router id, and the peers it announces its prefixes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpSpec>,
+}
+
+/// Per-node address family defaults.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct FamilyDefaultsSpec {
+    /// Give pods an IPv6 address unless they opt out (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<bool>,
+    /// Give pods an IPv4 address unless they opt out (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<bool>,
+}
+
+/// The node's BGP speaker.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpSpec {
+    /// This node's autonomous system number.
+    pub asn: u32,
+    /// The BGP router id (an IPv4 address); by default BIRD picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_id: Option<String>,
+    /// The routers this node peers with.
+    #[serde(default)]
+    pub peers: Vec<BgpPeerSpec>,
+}
+
+/// One BGP neighbour.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct BgpPeerSpec {
+    /// The peer's address (IPv4 or IPv6).
+    pub address: String,
+    /// The peer's autonomous system number.
+    pub asn: u32,
+}
+
+/// A NodeConfig after validation: typed, and safe to render anywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// The node (and NodeConfig) name.
+    pub node: String,
+    /// The IPv6 pod prefix.
+    pub cidr6: Option<Ipv6Net>,
+    /// The IPv4 pod prefix.
+    pub cidr4: Option<Ipv4Net>,
+    /// Family defaults for pods that do not say.
+    pub defaults: FamilyDefaults,
+    /// Pod interface MTU, when set.
+    pub mtu: Option<u32>,
+    /// BGP settings, when set.
+    pub bgp: Option<NodeBgp>,
+    /// The NodeConfig's own annotations (the node-wide ip-algo lives there).
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Validated BGP settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeBgp {
+    /// This node's ASN.
+    pub asn: u32,
+    /// The router id.
+    pub router_id: Option<Ipv4Addr>,
+    /// Peers: address and ASN.
+    pub peers: Vec<(IpAddr, u32)>,
+}
+
+impl NodeConfig {
+    /// Validates the spec, naming the first field that is wrong.
+    pub fn settings(&self) -> Result<NodeSettings> {
+        let node = self.name_any();
+        let bad = |field: &str, value: &str, reason: &str| ModelError::NodeConfig {
+            node: node.clone(),
+            field: field.to_owned(),
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let spec = &self.spec;
+        let cidr6 = spec
+            .cidr6
+            .as_deref()
+            .map(|v| {
+                parse_prefix::<Ipv6Net>(v, "an IPv6 CIDR").map_err(|r| bad("spec.cidr6", v, &r))
+            })
+            .transpose()?;
+        let cidr4 = spec
+            .cidr4
+            .as_deref()
+            .map(|v| {
+                parse_prefix::<Ipv4Net>(v, "an IPv4 CIDR").map_err(|r| bad("spec.cidr4", v, &r))
+            })
+            .transpose()?;
+        if cidr6.is_none() && cidr4.is_none() {
+            return Err(bad(
+                "spec",
+                "",
+                "neither cidr6 nor cidr4 is set; a node needs at least one pod prefix",
+            ));
+        }
+        let min_mtu = if cidr6.is_some() { 1280 } else { 576 };
+        if let Some(mtu) = spec.mtu
+            && !(min_mtu..=65535).contains(&mtu)
+        {
+            return Err(bad(
+                "spec.mtu",
+                &mtu.to_string(),
+                &format!("must be between {min_mtu} and 65535"),
+            ));
+        }
+        let defaults = spec
+            .defaults
+            .as_ref()
+            .map_or(FamilyDefaults::BUILTIN, |d| FamilyDefaults {
+                ipv6: d.ipv6.unwrap_or(true),
+                ipv4: d.ipv4.unwrap_or(true),
+            });
+        let bgp = spec
+            .bgp
+            .as_ref()
+            .map(|b| validate_bgp(b, &bad))
+            .transpose()?;
+        Ok(NodeSettings {
+            node: node.clone(),
+            cidr6,
+            cidr4,
+            defaults,
+            mtu: spec.mtu,
+            bgp,
+            annotations: self.annotations().clone(),
+        })
+    }
+}
+
+fn validate_bgp(b: &BgpSpec, bad: &dyn Fn(&str, &str, &str) -> ModelError) -> Result<NodeBgp> {
+    check_asn(b.asn).map_err(|r| bad("spec.bgp.asn", &b.asn.to_string(), r))?;
+    let router_id = b
+        .router_id
+        .as_deref()
+        .map(|v| {
+            v.parse::<Ipv4Addr>()
+                .map_err(|_| bad("spec.bgp.routerId", v, "not an IPv4 address"))
+        })
+        .transpose()?;
+    let mut peers = Vec::with_capacity(b.peers.len());
+    for (i, p) in b.peers.iter().enumerate() {
+        let address = p.address.parse::<IpAddr>().map_err(|_| {
+            bad(
+                &format!("spec.bgp.peers[{i}].address"),
+                &p.address,
+                "not an IP address",
+            )
+        })?;
+        check_asn(p.asn)
+            .map_err(|r| bad(&format!("spec.bgp.peers[{i}].asn"), &p.asn.to_string(), r))?;
+        if peers.iter().any(|(a, _)| *a == address) {
+            return Err(bad(
+                &format!("spec.bgp.peers[{i}].address"),
+                &p.address,
+                "listed twice",
+            ));
+        }
+        peers.push((address, p.asn));
+    }
+    Ok(NodeBgp {
+        asn: b.asn,
+        router_id,
+        peers,
+    })
+}
+
+/// ASN 0, AS_TRANS (23456) and 4294967295 are reserved (RFC 7607, 6793, 7300).
+fn check_asn(asn: u32) -> std::result::Result<(), &'static str> {
+    match asn {
+        0 | 23456 | u32::MAX => Err("reserved ASN (0, 23456 and 4294967295 cannot be used)"),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a CIDR whose host bits are zero; `what` names the expected kind.
+pub(crate) fn parse_prefix<N>(value: &str, what: &str) -> std::result::Result<N, String>
+where
+    N: std::str::FromStr + Copy + PartialEq + std::fmt::Display + Truncate,
+{
+    let net: N = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("not {what} (address/length)"))?;
+    if net.truncated() != net {
+        return Err(format!(
+            "host bits are set; did you mean {}?",
+            net.truncated()
+        ));
+    }
+    Ok(net)
+}
+
+/// Prefix types whose host bits can be cleared.
+pub(crate) trait Truncate {
+    fn truncated(&self) -> Self;
+}
+
+impl Truncate for Ipv6Net {
+    fn truncated(&self) -> Self {
+        self.trunc()
+    }
+}
+
+impl Truncate for Ipv4Net {
+    fn truncated(&self) -> Self {
+        self.trunc()
+    }
+}
+
+impl Truncate for ipnet::IpNet {
+    fn truncated(&self) -> Self {
+        self.trunc()
+    }
+}
