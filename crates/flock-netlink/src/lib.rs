@@ -1,6 +1,40 @@
 //! flock-netlink: the kernel side of a pod's network.
 //!
-//! It will own safe network-namespace entry, the routed veth setup and
-//! teardown of a pod, kernel-state inspection for CNI CHECK, and the host
-//! routes flock installs (anycast multipath routes, node-CIDR blackholes),
-//! all tagged with flock's own route protocol number.
+//! A pod gets a routed veth: the host end `flock<8hex>` in the node's
+//! namespace, the peer created directly inside the pod's namespace under
+//! `CNI_IFNAME`. [`Dataplane::setup`] programs both ends, their addresses
+//! and routes; [`Dataplane::teardown`] removes them, keeping the kernel's
+//! slow veth unregistration off the caller's path; [`Dataplane::inspect`]
+//! reports how the kernel differs from what a pod should have (CNI CHECK).
+//! The route programmer installs anycast routes (plain or multipath) and
+//! node-CIDR blackholes, each tagged with [`FLOCK_ROUTE_PROTOCOL`] so flock
+//! can find and reconcile its own routes.
+//!
+//! Every operation is idempotent. Namespaces are entered only on dedicated
+//! threads (see [`Netns`]); no task ever holds a `setns` across an `.await`.
+
+mod error;
+mod inspect;
+mod link;
+mod netns;
+mod pod;
+mod reaper;
+mod routes;
+mod sysctl;
+
+pub use error::{NetlinkError, Result};
+pub use inspect::Drift;
+pub use netns::Netns;
+pub use pod::{Dataplane, PodSpec, SetupStep, Teardown};
+pub use routes::{InstalledRoute, Nexthop, RouteKind};
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// The protocol number on every route flock installs (`ip route show proto 97`).
+pub const FLOCK_ROUTE_PROTOCOL: u8 = 97;
+
+/// The IPv6 gateway every pod sees: the host end of its veth.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The IPv4 gateway every pod sees, answered by proxy ARP on the host end.
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);

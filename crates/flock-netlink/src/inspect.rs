@@ -1,0 +1,223 @@
+//! CNI CHECK: how the kernel differs from what a pod should have.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use futures_util::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::Handle;
+use rtnetlink::packet_route::address::AddressAttribute;
+
+use crate::link::{self, LinkState};
+use crate::routes::{InstalledRoute, dump};
+use crate::{Dataplane, GATEWAY_V4, GATEWAY_V6, NetlinkError, Netns, PodSpec, Result};
+
+/// One difference between the kernel and a pod's expected network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// The pod's network namespace is gone.
+    MissingNetns(String),
+    /// The host end of the veth is gone.
+    MissingHostLink(String),
+    /// The pod end of the veth is gone.
+    MissingPodLink(String),
+    /// The host end's peer is not the pod's interface.
+    NotPeers(String),
+    /// A link is down.
+    LinkDown(String),
+    /// A link has another MTU.
+    WrongMtu {
+        /// The link.
+        link: String,
+        /// The MTU it should have.
+        want: u32,
+        /// The MTU it has.
+        got: Option<u32>,
+    },
+    /// An address is missing from a link.
+    MissingAddress {
+        /// The link.
+        link: String,
+        /// The address and prefix length.
+        address: IpNet,
+    },
+    /// A route is missing.
+    MissingRoute {
+        /// Where (host or pod).
+        place: String,
+        /// The route, as `ip route` would show it.
+        route: String,
+    },
+}
+
+impl fmt::Display for Drift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Drift::MissingNetns(p) => write!(f, "network namespace {p} is gone"),
+            Drift::MissingHostLink(l) => write!(f, "host interface {l} is missing"),
+            Drift::MissingPodLink(l) => write!(f, "pod interface {l} is missing"),
+            Drift::NotPeers(l) => write!(f, "{l}"),
+            Drift::LinkDown(l) => write!(f, "{l} is down"),
+            Drift::WrongMtu { link, want, got } => match got {
+                Some(got) => write!(f, "{link} has MTU {got}, expected {want}"),
+                None => write!(f, "{link} reports no MTU, expected {want}"),
+            },
+            Drift::MissingAddress { link, address } => write!(f, "{link} lacks address {address}"),
+            Drift::MissingRoute { place, route } => write!(f, "{place} lacks route {route}"),
+        }
+    }
+}
+
+fn check_link(drifts: &mut Vec<Drift>, name: &str, state: &LinkState, mtu: u32) {
+    if !state.up {
+        drifts.push(Drift::LinkDown(name.to_owned()));
+    }
+    if state.mtu != Some(mtu) {
+        drifts.push(Drift::WrongMtu {
+            link: name.to_owned(),
+            want: mtu,
+            got: state.mtu,
+        });
+    }
+}
+
+async fn addresses_of(handle: &Handle, index: u32, what: &str) -> Result<HashSet<IpNet>> {
+    let mut out = HashSet::new();
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    while let Some(m) = stream
+        .try_next()
+        .await
+        .map_err(NetlinkError::netlink(format!("list addresses of {what}")))?
+    {
+        for attr in &m.attributes {
+            if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr
+                && let Ok(net) = IpNet::new(*ip, m.header.prefix_len)
+            {
+                out.insert(net);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn has_route(routes: &[InstalledRoute], dst: IpNet, via: Option<IpAddr>, oif: u32) -> bool {
+    routes
+        .iter()
+        .any(|r| r.dst == dst && r.nexthops.iter().any(|&(g, i)| i == oif && g == via))
+}
+
+fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+impl Dataplane {
+    /// Compares the kernel with `spec`; an empty list means they agree.
+    /// Only what flock creates is checked, so changes by chained plugins
+    /// (extra interfaces, qdiscs) are not drift.
+    pub async fn inspect(&self, spec: &PodSpec) -> Result<Vec<Drift>> {
+        let mut drifts = Vec::new();
+        let node = self.node().to_string();
+        let Some(host) = link::find(self.handle(), &spec.host_iface, &node).await? else {
+            drifts.push(Drift::MissingHostLink(spec.host_iface.clone()));
+            return Ok(drifts);
+        };
+        check_link(&mut drifts, &spec.host_iface, &host, spec.mtu);
+        let host_addrs = addresses_of(self.handle(), host.index, &spec.host_iface).await?;
+        let gw6 = IpNet::new(IpAddr::V6(GATEWAY_V6), 64)
+            .map_err(|e| NetlinkError::Conflict(e.to_string()))?;
+        if !host_addrs.contains(&gw6) {
+            drifts.push(Drift::MissingAddress {
+                link: spec.host_iface.clone(),
+                address: gw6,
+            });
+        }
+        let host_routes = dump(self.handle(), &node).await?;
+        for ip in spec
+            .ip6
+            .map(IpAddr::V6)
+            .into_iter()
+            .chain(spec.ip4.map(IpAddr::V4))
+        {
+            if !has_route(&host_routes, host_net(ip), None, host.index) {
+                drifts.push(Drift::MissingRoute {
+                    place: "host".into(),
+                    route: format!("{} dev {}", host_net(ip), spec.host_iface),
+                });
+            }
+        }
+
+        let pod_ns = Netns::Path(spec.netns.clone());
+        if !pod_ns.exists() {
+            drifts.push(Drift::MissingNetns(spec.netns.display().to_string()));
+            return Ok(drifts);
+        }
+        let pod = pod_ns.connect().await?;
+        let pod_name = format!("{} in {}", spec.if_name, spec.netns.display());
+        let Some(peer) = link::find(&pod, &spec.if_name, &pod_ns.to_string()).await? else {
+            drifts.push(Drift::MissingPodLink(pod_name));
+            return Ok(drifts);
+        };
+        if host.peer_index != Some(peer.index) {
+            drifts.push(Drift::NotPeers(format!(
+                "{} is not the peer of {}",
+                pod_name, spec.host_iface
+            )));
+        }
+        check_link(&mut drifts, &pod_name, &peer, spec.mtu);
+        let pod_addrs = addresses_of(&pod, peer.index, &pod_name).await?;
+        let unicast = spec
+            .ip6
+            .map(IpAddr::V6)
+            .into_iter()
+            .chain(spec.ip4.map(IpAddr::V4));
+        for ip in unicast.chain(spec.addresses.iter().copied()) {
+            if !pod_addrs.contains(&host_net(ip)) {
+                drifts.push(Drift::MissingAddress {
+                    link: pod_name.clone(),
+                    address: host_net(ip),
+                });
+            }
+        }
+        if !spec.anycast.is_empty() {
+            let lo_name = format!("lo in {}", spec.netns.display());
+            match link::find(&pod, "lo", &lo_name).await? {
+                None => drifts.push(Drift::MissingPodLink(lo_name)),
+                Some(lo) => {
+                    let lo_addrs = addresses_of(&pod, lo.index, &lo_name).await?;
+                    for &ip in &spec.anycast {
+                        if !lo_addrs.contains(&host_net(ip)) {
+                            drifts.push(Drift::MissingAddress {
+                                link: lo_name.clone(),
+                                address: host_net(ip),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let pod_routes = dump(&pod, &pod_name).await?;
+        let mut want = Vec::new();
+        if spec.ip4.is_some() {
+            want.push((host_net(IpAddr::V4(GATEWAY_V4)), None));
+            want.push((IpNet::V4(Default::default()), Some(IpAddr::V4(GATEWAY_V4))));
+        }
+        if spec.ip6.is_some() {
+            want.push((IpNet::V6(Default::default()), Some(IpAddr::V6(GATEWAY_V6))));
+        }
+        for (dst, via) in want {
+            if !has_route(&pod_routes, dst, via, peer.index) {
+                let via = via.map(|v| format!(" via {v}")).unwrap_or_default();
+                drifts.push(Drift::MissingRoute {
+                    place: format!("pod {}", spec.netns.display()),
+                    route: format!("{dst}{via} dev {}", spec.if_name),
+                });
+            }
+        }
+        Ok(drifts)
+    }
+}

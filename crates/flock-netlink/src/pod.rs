@@ -1,0 +1,431 @@
+//! A pod's routed veth: setup, teardown, and the steps in between.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use tokio::sync::oneshot;
+
+use crate::error::is_gone;
+use crate::link::{self, LinkState};
+use crate::reaper::Reaper;
+use crate::{FLOCK_ROUTE_PROTOCOL, GATEWAY_V4, GATEWAY_V6, NetlinkError, Netns, Result, sysctl};
+
+/// Everything the kernel should hold for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    /// The host end, `flock<8hex>`.
+    pub host_iface: String,
+    /// The pod's network namespace (`CNI_NETNS`).
+    pub netns: PathBuf,
+    /// The pod end's name (`CNI_IFNAME`).
+    pub if_name: String,
+    /// MTU of both ends.
+    pub mtu: u32,
+    /// The pod's IPv6 address (a /128 on the pod end).
+    pub ip6: Option<Ipv6Addr>,
+    /// The pod's IPv4 address (a /32 on the pod end).
+    pub ip4: Option<Ipv4Addr>,
+    /// Anycast IPs, on the pod's `lo`.
+    pub anycast: Vec<IpAddr>,
+    /// Extra IPs, on the pod end.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The steps of [`Dataplane::setup`], in order. Each is idempotent, so a
+/// setup interrupted after any of them converges when run again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SetupStep {
+    /// The veth, its peer created inside the pod namespace, MTU on both ends.
+    Veth,
+    /// Host end: addrgenmode none, up, `fe80::1/64`, proxy ARP, forwarding.
+    HostSide,
+    /// Pod end: addrgenmode none, up; `lo` up.
+    PodLink,
+    /// Pod addresses: /128 (no DAD), /32, `addresses` on the pod end, anycast on `lo`.
+    PodAddresses,
+    /// Pod routes: 169.254.1.1 on-link and default via it; IPv6 default via fe80::1.
+    PodRoutes,
+    /// Host routes: the pod's /128 and /32 on-link through the host end.
+    HostRoutes,
+}
+
+impl SetupStep {
+    /// Every step, in order.
+    pub const ALL: [SetupStep; 6] = [
+        SetupStep::Veth,
+        SetupStep::HostSide,
+        SetupStep::PodLink,
+        SetupStep::PodAddresses,
+        SetupStep::PodRoutes,
+        SetupStep::HostRoutes,
+    ];
+}
+
+/// A teardown whose link deletion may still be running in the kernel.
+#[derive(Debug)]
+#[must_use = "an IP must not be handed out again before the teardown has finished"]
+pub struct Teardown(Option<oneshot::Receiver<Result<()>>>);
+
+impl Teardown {
+    /// Resolves once no route or address of the pod is left in the kernel:
+    /// only then may its IPs be handed out again.
+    pub async fn finished(self) -> Result<()> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.await.map_err(|_| {
+                NetlinkError::io("wait for a link deletion")(std::io::Error::other(
+                    "the link reaper stopped",
+                ))
+            })?,
+        }
+    }
+}
+
+/// Programs pods and routes in one node namespace.
+#[derive(Debug, Clone)]
+pub struct Dataplane {
+    node: Netns,
+    handle: Handle,
+    reaper: Reaper,
+}
+
+fn flock_route<T>(builder: RouteMessageBuilder<T>) -> RouteMessageBuilder<T> {
+    builder.protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL))
+}
+
+pub(crate) fn route_error(e: impl std::fmt::Display) -> NetlinkError {
+    NetlinkError::Conflict(format!("invalid route: {e}"))
+}
+
+/// A route to `dst/len` through `oif`, on-link.
+pub(crate) fn onlink_route(
+    dst: IpAddr,
+    len: u8,
+    oif: u32,
+) -> Result<rtnetlink::packet_route::route::RouteMessage> {
+    Ok(flock_route(RouteMessageBuilder::<IpAddr>::new())
+        .destination_prefix(dst, len)
+        .map_err(route_error)?
+        .output_interface(oif)
+        .scope(RouteScope::Link)
+        .build())
+}
+
+fn default_route(
+    gateway: IpAddr,
+    oif: u32,
+) -> Result<rtnetlink::packet_route::route::RouteMessage> {
+    let any = match gateway {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    Ok(flock_route(RouteMessageBuilder::<IpAddr>::new())
+        .destination_prefix(any, 0)
+        .map_err(route_error)?
+        .gateway(gateway)
+        .map_err(route_error)?
+        .output_interface(oif)
+        .build())
+}
+
+fn host_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+/// Adds (or keeps) `ip/len` on link `index`; IPv6 without duplicate detection.
+pub(crate) async fn add_address(
+    handle: &Handle,
+    index: u32,
+    ip: IpAddr,
+    len: u8,
+    what: &str,
+) -> Result<()> {
+    let mut req = handle.address().add(index, ip, len).replace();
+    if ip.is_ipv6() {
+        let msg = req.message_mut();
+        msg.header.flags = AddressHeaderFlags::Nodad;
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
+    req.execute()
+        .await
+        .map_err(NetlinkError::netlink(format!("add {ip}/{len} to {what}")))
+}
+
+async fn replace_route(
+    handle: &Handle,
+    route: rtnetlink::packet_route::route::RouteMessage,
+    what: String,
+) -> Result<()> {
+    handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(NetlinkError::netlink(what))
+}
+
+impl Dataplane {
+    /// A dataplane acting in `node` (the agent's own namespace in
+    /// production, a test's node namespace in tests).
+    pub async fn new(node: Netns) -> Result<Dataplane> {
+        let handle = node.connect().await?;
+        let reaper = Reaper::start(node.clone())?;
+        Ok(Dataplane {
+            node,
+            handle,
+            reaper,
+        })
+    }
+
+    /// The node namespace.
+    pub fn node(&self) -> &Netns {
+        &self.node
+    }
+
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Turns on forwarding in the node (IPv4 and IPv6), which routing pods needs.
+    pub async fn enable_forwarding(&self) -> Result<()> {
+        sysctl::write_all(
+            &self.node,
+            vec![
+                ("ipv4/ip_forward".into(), "1"),
+                ("ipv6/conf/all/forwarding".into(), "1"),
+            ],
+        )
+        .await
+    }
+
+    /// Hashes multipath routes on the 5-tuple (`fib_multipath_hash_policy=1`),
+    /// so flows to one anycast IP spread over its pods.
+    pub async fn set_multipath_hash_policy(&self) -> Result<()> {
+        sysctl::write_all(
+            &self.node,
+            vec![
+                ("ipv4/fib_multipath_hash_policy".into(), "1"),
+                ("ipv6/fib_multipath_hash_policy".into(), "1"),
+            ],
+        )
+        .await
+    }
+
+    /// Builds the pod's network. Idempotent: run again after a failure at
+    /// any step, it converges to the same state.
+    pub async fn setup(&self, spec: &PodSpec) -> Result<()> {
+        self.setup_through(spec, SetupStep::HostRoutes).await
+    }
+
+    /// Runs the setup steps up to and including `last`, then stops, as a
+    /// crash after that step would. For tests of convergence.
+    #[doc(hidden)]
+    pub async fn setup_through(&self, spec: &PodSpec, last: SetupStep) -> Result<()> {
+        let pod_ns = Netns::Path(spec.netns.clone());
+        let pod = pod_ns.connect().await?;
+        let pod_what = format!("{} in {}", spec.if_name, spec.netns.display());
+        let (host, peer) = self.ensure_veth(spec, &pod, &pod_ns).await?;
+        if last == SetupStep::Veth {
+            return Ok(());
+        }
+
+        link::configure(&self.handle, host, spec.mtu, &spec.host_iface).await?;
+        add_address(
+            &self.handle,
+            host,
+            IpAddr::V6(GATEWAY_V6),
+            64,
+            &spec.host_iface,
+        )
+        .await?;
+        sysctl::write_all(&self.node, sysctl::host_iface(&spec.host_iface)).await?;
+        if last == SetupStep::HostSide {
+            return Ok(());
+        }
+
+        link::configure(&pod, peer, spec.mtu, &pod_what).await?;
+        let lo = link::find(&pod, "lo", &pod_ns.to_string())
+            .await?
+            .ok_or_else(|| NetlinkError::Conflict(format!("{} has no lo", spec.netns.display())))?;
+        if !lo.up {
+            link::set_up(&pod, lo.index, &format!("lo in {}", spec.netns.display())).await?;
+        }
+        if last == SetupStep::PodLink {
+            return Ok(());
+        }
+
+        let unicast = spec
+            .ip6
+            .map(IpAddr::V6)
+            .into_iter()
+            .chain(spec.ip4.map(IpAddr::V4));
+        for ip in unicast.chain(spec.addresses.iter().copied()) {
+            add_address(&pod, peer, ip, host_len(ip), &pod_what).await?;
+        }
+        for &ip in &spec.anycast {
+            add_address(
+                &pod,
+                lo.index,
+                ip,
+                host_len(ip),
+                &format!("lo in {}", spec.netns.display()),
+            )
+            .await?;
+        }
+        if last == SetupStep::PodAddresses {
+            return Ok(());
+        }
+
+        if spec.ip4.is_some() {
+            let gw = IpAddr::V4(GATEWAY_V4);
+            replace_route(
+                &pod,
+                onlink_route(gw, 32, peer)?,
+                format!("route {GATEWAY_V4} on-link in {pod_what}"),
+            )
+            .await?;
+            replace_route(
+                &pod,
+                default_route(gw, peer)?,
+                format!("IPv4 default route in {pod_what}"),
+            )
+            .await?;
+        }
+        if spec.ip6.is_some() {
+            let gw = IpAddr::V6(GATEWAY_V6);
+            replace_route(
+                &pod,
+                default_route(gw, peer)?,
+                format!("IPv6 default route in {pod_what}"),
+            )
+            .await?;
+        }
+        if last == SetupStep::PodRoutes {
+            return Ok(());
+        }
+
+        for ip in spec
+            .ip6
+            .map(IpAddr::V6)
+            .into_iter()
+            .chain(spec.ip4.map(IpAddr::V4))
+        {
+            let len = host_len(ip);
+            replace_route(
+                &self.handle,
+                onlink_route(ip, len, host)?,
+                format!("host route {ip}/{len} dev {}", spec.host_iface),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The host and pod link indices of the pod's veth, creating it when
+    /// missing. A host end whose peer is not in the pod namespace is
+    /// replaced; a foreign link of the pod's interface name is an error.
+    async fn ensure_veth(
+        &self,
+        spec: &PodSpec,
+        pod: &Handle,
+        pod_ns: &Netns,
+    ) -> Result<(u32, u32)> {
+        let host = link::find(&self.handle, &spec.host_iface, &self.node.to_string()).await?;
+        let peer = link::find(pod, &spec.if_name, &pod_ns.to_string()).await?;
+        match (host, peer) {
+            (Some(h), Some(p)) if h.peer_index == Some(p.index) => return Ok((h.index, p.index)),
+            (Some(LinkState { index, .. }), _) => {
+                // A leftover whose peer went elsewhere: replace it.
+                self.reaper
+                    .delete(index, &spec.host_iface)
+                    .await
+                    .map_err(|_| {
+                        NetlinkError::io("delete a stale host link")(std::io::Error::other(
+                            "reaper stopped",
+                        ))
+                    })??;
+                if let Some(p) = link::find(pod, &spec.if_name, &pod_ns.to_string()).await? {
+                    return Err(foreign(spec, p.index));
+                }
+            }
+            (None, Some(p)) => return Err(foreign(spec, p.index)),
+            (None, None) => {}
+        }
+        let ns_file = pod_ns.open()?;
+        let peer_msg = LinkUnspec::new_with_name(&spec.if_name)
+            .mtu(spec.mtu)
+            .setns_by_fd(ns_file.as_raw_fd())
+            .build();
+        let veth = LinkVeth::new(&spec.host_iface, &spec.if_name)
+            .mtu(spec.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.handle
+            .link()
+            .add(veth)
+            .execute()
+            .await
+            .map_err(NetlinkError::netlink(format!(
+                "create veth {} with peer {} in {}",
+                spec.host_iface,
+                spec.if_name,
+                spec.netns.display()
+            )))?;
+        drop(ns_file);
+        let host = link::find(&self.handle, &spec.host_iface, &self.node.to_string()).await?;
+        let peer = link::find(pod, &spec.if_name, &pod_ns.to_string()).await?;
+        match (host, peer) {
+            (Some(h), Some(p)) => Ok((h.index, p.index)),
+            _ => Err(NetlinkError::Conflict(format!(
+                "veth {} vanished right after it was created",
+                spec.host_iface
+            ))),
+        }
+    }
+
+    /// Removes the pod's host routes at once, then has its veth deleted off
+    /// the caller's path. A missing veth, routes or namespace is success.
+    /// Await [`Teardown::finished`] before handing the IPs out again.
+    pub async fn teardown(
+        &self,
+        host_iface: &str,
+        ip6: Option<Ipv6Addr>,
+        ip4: Option<Ipv4Addr>,
+    ) -> Result<Teardown> {
+        let Some(host) = link::find(&self.handle, host_iface, &self.node.to_string()).await? else {
+            return Ok(Teardown(None));
+        };
+        for ip in ip6.map(IpAddr::V6).into_iter().chain(ip4.map(IpAddr::V4)) {
+            let len = host_len(ip);
+            if let Err(e) = self
+                .handle
+                .route()
+                .del(onlink_route(ip, len, host.index)?)
+                .execute()
+                .await
+                && !is_gone(&e)
+            {
+                return Err(NetlinkError::netlink(format!(
+                    "delete host route {ip}/{len} dev {host_iface}"
+                ))(e));
+            }
+        }
+        Ok(Teardown(Some(self.reaper.delete(host.index, host_iface))))
+    }
+}
+
+fn foreign(spec: &PodSpec, index: u32) -> NetlinkError {
+    NetlinkError::Conflict(format!(
+        "{} already has an interface {} (index {index}) that is not flock's {} peer",
+        spec.netns.display(),
+        spec.if_name,
+        spec.host_iface
+    ))
+}

@@ -1,0 +1,252 @@
+//! Routes flock installs for the node: anycast and `addresses` IPs of Ready
+//! pods (one nexthop: a plain route; several: one multipath route), and
+//! blackholes for the node's pod prefixes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures_util::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+};
+use rtnetlink::{Handle, RouteMessageBuilder, RouteNextHopBuilder};
+
+use crate::error::is_gone;
+use crate::pod::route_error;
+use crate::{Dataplane, FLOCK_ROUTE_PROTOCOL, NetlinkError, Result, link};
+
+/// One path to an anycast IP: a pod's own address of the same family,
+/// through the host end of its veth.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Nexthop {
+    /// The pod's unicast address.
+    pub via: IpAddr,
+    /// The host end of the pod's veth.
+    pub dev: String,
+}
+
+/// What kind of route flock installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// Forwarded to nexthops.
+    Unicast,
+    /// Dropped (node prefixes: nothing unallocated is forwarded anywhere).
+    Blackhole,
+}
+
+/// A route found in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledRoute {
+    /// The destination.
+    pub dst: IpNet,
+    /// Unicast or blackhole.
+    pub kind: RouteKind,
+    /// Gateways and output interface indices, sorted; one entry for a plain route.
+    pub nexthops: Vec<(Option<IpAddr>, u32)>,
+    /// The route's protocol number.
+    pub protocol: u8,
+}
+
+fn address(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+impl InstalledRoute {
+    fn from_message(m: &RouteMessage) -> Option<InstalledRoute> {
+        let len = m.header.destination_prefix_length;
+        let mut dst = match m.header.address_family {
+            AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            _ => return None,
+        };
+        let mut gateway = None;
+        let mut oif = 0;
+        let mut nexthops = Vec::new();
+        for attr in &m.attributes {
+            match attr {
+                RouteAttribute::Destination(a) => dst = address(a)?,
+                RouteAttribute::Gateway(a) => gateway = address(a),
+                RouteAttribute::Oif(i) => oif = *i,
+                RouteAttribute::MultiPath(hops) => {
+                    for hop in hops {
+                        let via = hop.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Gateway(g) => address(g),
+                            _ => None,
+                        });
+                        nexthops.push((via, hop.interface_index));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if nexthops.is_empty() && (gateway.is_some() || oif != 0) {
+            nexthops.push((gateway, oif));
+        }
+        nexthops.sort();
+        let protocol = match m.header.protocol {
+            RouteProtocol::Other(p) => p,
+            other => u8::from(other),
+        };
+        Some(InstalledRoute {
+            dst: IpNet::new(dst, len).ok()?,
+            kind: if m.header.kind == RouteType::BlackHole {
+                RouteKind::Blackhole
+            } else {
+                RouteKind::Unicast
+            },
+            nexthops,
+            protocol,
+        })
+    }
+}
+
+/// Every route of the main table, both families.
+pub(crate) async fn dump(handle: &Handle, what: &str) -> Result<Vec<InstalledRoute>> {
+    let mut out = Vec::new();
+    for request in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let mut routes = handle.route().get(request).execute();
+        while let Some(m) = routes
+            .try_next()
+            .await
+            .map_err(NetlinkError::netlink(format!("list routes in {what}")))?
+        {
+            if m.header.table == RouteHeader::RT_TABLE_MAIN {
+                out.extend(InstalledRoute::from_message(&m));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+impl Dataplane {
+    /// Installs or replaces the route to anycast (or `addresses`) IP `dst`:
+    /// one nexthop makes a plain `via` route, several one multipath route
+    /// with the nexthops in sorted order. An empty set removes the route.
+    pub async fn replace_anycast(&self, dst: IpAddr, nexthops: &[Nexthop]) -> Result<()> {
+        let mut hops = nexthops.to_vec();
+        hops.sort();
+        hops.dedup();
+        if hops.is_empty() {
+            return self.remove_route(host_net(dst)).await;
+        }
+        let mut indexed = Vec::with_capacity(hops.len());
+        for hop in &hops {
+            if hop.via.is_ipv4() != dst.is_ipv4() {
+                return Err(NetlinkError::Conflict(format!(
+                    "anycast {dst}: nexthop {} is of the other family",
+                    hop.via
+                )));
+            }
+            let link = link::find(self.handle(), &hop.dev, &self.node().to_string())
+                .await?
+                .ok_or_else(|| {
+                    NetlinkError::Conflict(format!(
+                        "anycast {dst}: nexthop device {} does not exist",
+                        hop.dev
+                    ))
+                })?;
+            indexed.push((hop.via, link.index));
+        }
+        let builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst, host_net(dst).prefix_len())
+            .map_err(route_error)?
+            .protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL));
+        let route = if let [(via, oif)] = indexed[..] {
+            builder
+                .gateway(via)
+                .map_err(route_error)?
+                .output_interface(oif)
+                .build()
+        } else {
+            let family = if dst.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let mut multipath = Vec::with_capacity(indexed.len());
+            for (via, oif) in indexed {
+                multipath.push(
+                    RouteNextHopBuilder::new(family)
+                        .interface(oif)
+                        .via(via)
+                        .map_err(route_error)?
+                        .build(),
+                );
+            }
+            builder.multipath(multipath).build()
+        };
+        self.handle()
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::netlink(format!(
+                "route {dst} via {}",
+                hops.iter()
+                    .map(|h| format!("{} dev {}", h.via, h.dev))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+    }
+
+    /// Removes flock's route to `dst` (every nexthop of it). Missing is success.
+    pub async fn remove_route(&self, dst: IpNet) -> Result<()> {
+        // IPv6 multipath routes are siblings; deleting by destination removes
+        // them one or all at a time depending on the kernel, so repeat until gone.
+        for _ in 0..64 {
+            let route = RouteMessageBuilder::<IpAddr>::new()
+                .destination_prefix(dst.addr(), dst.prefix_len())
+                .map_err(route_error)?
+                .protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL))
+                .build();
+            match self.handle().route().del(route).execute().await {
+                Ok(()) => {}
+                Err(e) if is_gone(&e) => return Ok(()),
+                Err(e) => return Err(NetlinkError::netlink(format!("delete route {dst}"))(e)),
+            }
+        }
+        Err(NetlinkError::Conflict(format!(
+            "route {dst} keeps coming back"
+        )))
+    }
+
+    /// Installs a blackhole for one of the node's pod prefixes, so traffic
+    /// for unallocated pod IPs is dropped here instead of looping.
+    pub async fn ensure_blackhole(&self, cidr: IpNet) -> Result<()> {
+        let route = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(cidr.network(), cidr.prefix_len())
+            .map_err(route_error)?
+            .protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL))
+            .kind(RouteType::BlackHole)
+            .build();
+        self.handle()
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::netlink(format!("blackhole route {cidr}")))
+    }
+
+    /// Every route in the main table carrying flock's protocol number.
+    pub async fn flock_routes(&self) -> Result<Vec<InstalledRoute>> {
+        Ok(dump(self.handle(), &self.node().to_string())
+            .await?
+            .into_iter()
+            .filter(|r| r.protocol == FLOCK_ROUTE_PROTOCOL)
+            .collect())
+    }
+}

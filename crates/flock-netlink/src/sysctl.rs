@@ -1,0 +1,29 @@
+//! Per-interface and node sysctls, written in the right namespace.
+
+use std::path::PathBuf;
+
+use crate::{NetlinkError, Netns, Result};
+
+/// Writes `(path under /proc/sys/net, value)` pairs inside `ns`.
+pub(crate) async fn write_all(ns: &Netns, settings: Vec<(String, &'static str)>) -> Result<()> {
+    ns.run(move || {
+        for (key, value) in settings {
+            let path = PathBuf::from("/proc/sys/net").join(&key);
+            std::fs::write(&path, value)
+                .map_err(NetlinkError::io(format!("sysctl net/{key}={value}")))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The host-end settings of a pod veth: proxy ARP answers the pod's
+/// 169.254.1.1 at once, and the interface forwards both families.
+pub(crate) fn host_iface(name: &str) -> Vec<(String, &'static str)> {
+    vec![
+        (format!("ipv4/conf/{name}/proxy_arp"), "1"),
+        (format!("ipv4/neigh/{name}/proxy_delay"), "0"),
+        (format!("ipv4/conf/{name}/forwarding"), "1"),
+        (format!("ipv6/conf/{name}/forwarding"), "1"),
+    ]
+}
