@@ -2,6 +2,7 @@
 //! both, with the ratio. Build in release mode first:
 //! `cargo build --release --workspace && target/release/flock-bench plugin`.
 
+mod dataplane;
 mod measure;
 mod plugin;
 mod ptp;
@@ -35,17 +36,35 @@ enum Bench {
         #[arg(long, default_value = "/usr/lib/cni")]
         cni_dir: PathBuf,
     },
-    /// Internal: ptp + host-local ADD timings, run inside the node namespace.
+    /// The pod dataplane: setup + teardown of a dual-stack pod and the
+    /// time to its first packets; baseline Debian's ptp + host-local
+    /// dual-stack ADD + DEL. Needs root; works in namespaces it creates.
+    Dataplane {
+        /// Runs of setup + teardown.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// Runs of the baseline (each waits ~2 s for IPv6 DAD).
+        #[arg(long, default_value_t = 10)]
+        baseline_iterations: usize,
+        /// Directory holding Debian's CNI plugins.
+        #[arg(long, default_value = "/usr/lib/cni")]
+        cni_dir: PathBuf,
+    },
+    /// Internal: ptp + host-local timings, run inside the node namespace.
     #[command(hide = true)]
     PtpInside {
         #[arg(long)]
         iterations: usize,
         #[arg(long)]
+        warmup: usize,
+        #[arg(long)]
         cni_dir: PathBuf,
         #[arg(long)]
-        pod_netns: String,
+        pod_netns: PathBuf,
         #[arg(long)]
         data_dir: PathBuf,
+        #[arg(long, value_enum)]
+        timed: ptp::Timed,
     },
 }
 
@@ -56,11 +75,18 @@ fn main() -> anyhow::Result<()> {
             plugin,
             cni_dir,
         } => plugin::run(iterations, plugin, &cni_dir),
+        Bench::Dataplane {
+            iterations,
+            baseline_iterations,
+            cni_dir,
+        } => dataplane::run(iterations, baseline_iterations, &cni_dir),
         Bench::PtpInside {
             iterations,
+            warmup,
             cni_dir,
             pod_netns,
             data_dir,
-        } => ptp::inside(iterations, &cni_dir, &pod_netns, &data_dir),
+            timed,
+        } => ptp::inside(iterations, warmup, &cni_dir, &pod_netns, &data_dir, timed),
     }
 }

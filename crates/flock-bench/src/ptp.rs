@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use flock_testkit::NetnsGuard;
 
 use crate::measure::{Summary, exec_plugin, measure};
 
@@ -31,62 +32,68 @@ pub fn version_exec(iterations: usize, cni_dir: &Path) -> Result<Summary, String
     .map_err(|e| format!("{e:#}"))
 }
 
-/// A network namespace this benchmark made; deleted on drop, even on failure.
-struct Netns(String);
-
-impl Netns {
-    fn create(name: String) -> anyhow::Result<Netns> {
-        ip(&["netns", "add", &name])?;
-        Ok(Netns(name))
-    }
+/// Which ptp operation is timed.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Timed {
+    /// IPv4-only ADD; DEL untimed.
+    Add4,
+    /// Dual-stack ADD followed by DEL, both timed.
+    AddDel46,
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        .unwrap_or(false)
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new("ip")
-        .args(args)
-        .status()
-        .context("running ip")?;
-    if !status.success() {
-        bail!("ip {} failed: {status}", args.join(" "));
-    }
-    Ok(())
-}
-
-/// IPv4 ADD of ptp + host-local, timed inside a node namespace of our own
-/// (so ptp's host veths never touch the machine's namespace); each ADD is
-/// followed by an untimed DEL.
-pub fn add_baseline(iterations: usize, cni_dir: &Path) -> Result<Summary, String> {
+/// ptp + host-local timings, inside a node namespace of our own (so ptp's
+/// host veths never touch the machine's namespace).
+pub fn baseline(
+    iterations: usize,
+    warmup: usize,
+    cni_dir: &Path,
+    timed: Timed,
+) -> Result<Summary, String> {
     for plugin in ["ptp", "host-local"] {
         if !cni_dir.join(plugin).exists() {
             return Err(format!("{} missing", cni_dir.join(plugin).display()));
         }
     }
-    run_in_namespaces(iterations, cni_dir).map_err(|e| format!("{e:#}"))
+    if !is_root() {
+        return Err("needs root for network namespaces".into());
+    }
+    run_in_namespaces(iterations, warmup, cni_dir, timed).map_err(|e| format!("{e:#}"))
 }
 
-fn run_in_namespaces(iterations: usize, cni_dir: &Path) -> anyhow::Result<Summary> {
-    let pid = std::process::id();
-    let node = Netns::create(format!("flockbench-node-{pid}"))
-        .context("creating the node namespace (needs root)")?;
-    let pod = Netns::create(format!("flockbench-pod-{pid}"))?;
-    ip(&["-n", &node.0, "link", "set", "lo", "up"])?;
+fn run_in_namespaces(
+    iterations: usize,
+    warmup: usize,
+    cni_dir: &Path,
+    timed: Timed,
+) -> anyhow::Result<Summary> {
+    let node = NetnsGuard::new("bnode");
+    let pod = NetnsGuard::new("bpod");
     let data = tempfile::tempdir()?;
     let out = Command::new("ip")
-        .args(["netns", "exec", &node.0])
+        .args(["netns", "exec", node.name()])
         .arg(std::env::current_exe()?)
         .args(["ptp-inside", "--iterations", &iterations.to_string()])
+        .args(["--warmup", &warmup.to_string()])
         .arg("--cni-dir")
         .arg(cni_dir)
         .arg("--pod-netns")
-        .arg(format!("/var/run/netns/{}", pod.0))
+        .arg(pod.path())
         .arg("--data-dir")
         .arg(data.path())
+        .arg("--timed")
+        .arg(match timed {
+            Timed::Add4 => "add4",
+            Timed::AddDel46 => "add-del46",
+        })
         .output()
         .context("running the baseline inside the node namespace")?;
     if !out.status.success() {
@@ -98,42 +105,51 @@ fn run_in_namespaces(iterations: usize, cni_dir: &Path) -> anyhow::Result<Summar
     ))
 }
 
-/// Runs inside the node namespace: prints the ADD timings in microseconds as JSON.
+/// Runs inside the node namespace: prints the timings in microseconds as JSON.
 pub fn inside(
     iterations: usize,
+    warmup: usize,
     cni_dir: &Path,
-    pod_netns: &str,
+    pod_netns: &Path,
     data_dir: &Path,
+    timed: Timed,
 ) -> anyhow::Result<()> {
     let ptp: PathBuf = cni_dir.join("ptp");
+    let ranges = match timed {
+        Timed::Add4 => serde_json::json!([[{"subnet": "198.18.0.0/24"}]]),
+        Timed::AddDel46 => {
+            serde_json::json!([[{"subnet": "198.18.0.0/24"}], [{"subnet": "2001:db8:0:1::/64"}]])
+        }
+    };
     let config = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "flockbench",
         "type": "ptp",
-        "ipam": {
-            "type": "host-local",
-            "subnet": "198.18.0.0/24",
-            "dataDir": data_dir,
-        },
+        "ipam": { "type": "host-local", "ranges": ranges, "dataDir": data_dir },
     })
     .to_string();
     let cni_path = cni_dir.to_string_lossy();
+    let netns = pod_netns.to_string_lossy();
     let env = |command| {
         [
             ("CNI_COMMAND", command),
             ("CNI_CONTAINERID", "flockbench"),
-            ("CNI_NETNS", pod_netns),
+            ("CNI_NETNS", netns.as_ref()),
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", cni_path.as_ref()),
         ]
     };
     let mut micros = Vec::with_capacity(iterations);
-    for i in 0..WARMUP + iterations {
+    for i in 0..warmup + iterations {
         let started = Instant::now();
         exec_plugin(&ptp, &env("ADD"), config.as_bytes())?;
-        let took = started.elapsed();
+        let add = started.elapsed();
         exec_plugin(&ptp, &env("DEL"), config.as_bytes())?;
-        if i >= WARMUP {
+        let took = match timed {
+            Timed::Add4 => add,
+            Timed::AddDel46 => started.elapsed(),
+        };
+        if i >= warmup {
             micros.push(took.as_micros() as u64);
         }
     }

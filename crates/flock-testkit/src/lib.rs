@@ -189,15 +189,26 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> flock_netlink::Netli
 /// Sends UDP datagrams from inside `ns` to `to` until one is echoed back or
 /// `within` passes. Returns the time to the first echo.
 pub fn udp_probe(ns: &Netns, to: SocketAddr, within: Duration) -> Option<Duration> {
+    udp_probe_since(ns, to, within, Instant::now())
+}
+
+/// [`udp_probe`], measuring the time to the first echo from `since` (the
+/// moment a setup returned, say), and giving up `within` after it.
+pub fn udp_probe_since(
+    ns: &Netns,
+    to: SocketAddr,
+    within: Duration,
+    since: Instant,
+) -> Option<Duration> {
     let probe = ns.spawn(move || {
         let local: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
             .parse()
             .expect("addr");
         let socket = UdpSocket::bind(local).map_err(io("bind probe socket"))?;
         socket
-            .set_read_timeout(Some(Duration::from_millis(2)))
+            .set_read_timeout(Some(Duration::from_micros(500)))
             .map_err(io("set timeout"))?;
-        let started = Instant::now();
+        let started = since;
         let mut buf = [0u8; 64];
         while started.elapsed() < within {
             // Sending can fail while routes are still missing; that is the point.
