@@ -1,14 +1,24 @@
 //! flock-datastore: where the agent reads Kubernetes objects from.
 //!
-//! It will own one interface over two sources: the Kubernetes API (kube
-//! watchers for this node's NodeConfig, the pods on this node, and the
-//! cluster's pods, namespaces and NetworkPolicies) and a directory of
-//! ordinary manifests watched for changes (`dir:PATH`), with caches and
-//! change callbacks. Today it owns the choice between them.
+//! One [`Cache`] holds this node's NodeConfig, the pods (those on this node
+//! in full, the cluster's for NetworkPolicy), namespaces and
+//! NetworkPolicies, and publishes change events (pod readiness flips as
+//! their own event). Two sources fill it: the Kubernetes API through kube
+//! watchers ([`kubernetes`]), or a directory of ordinary manifests watched
+//! for changes ([`DirSource`]), so the agent runs with no cluster at all.
+
+mod cache;
+mod dir;
+pub mod kubernetes;
+mod objects;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+
+pub use cache::{Cache, Event};
+pub use dir::{DirSource, DirWatch, SCAN_INTERVAL};
+pub use objects::{ContainerPort, PodInfo};
 
 /// Which source the agent reads objects from (`--datastore`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,313 @@
+//! The agent's view of the objects it cares about, with change events.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use flock_model::NodeConfig;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use tokio::sync::{broadcast, watch};
+
+use crate::objects::PodInfo;
+
+/// Something changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// This node's NodeConfig appeared, changed or went away.
+    NodeConfig,
+    /// A pod appeared or changed (other than only its readiness).
+    Pod {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// A pod's `Ready` condition flipped.
+    PodReady {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// The new value.
+        ready: bool,
+    },
+    /// A pod is gone.
+    PodDeleted {
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+    },
+    /// Namespaces (their labels) changed.
+    Namespaces,
+    /// NetworkPolicies changed.
+    Policies,
+}
+
+type Key = (String, String);
+
+#[derive(Debug, Default)]
+struct State {
+    node_config: Option<NodeConfig>,
+    pods: BTreeMap<Key, PodInfo>,
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    policies: BTreeMap<Key, NetworkPolicy>,
+}
+
+/// The objects of one node's world, shared by the sources that fill it and
+/// the parts of the agent that read it.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    node: String,
+    state: Arc<RwLock<State>>,
+    events: broadcast::Sender<Event>,
+    generation: Arc<watch::Sender<u64>>,
+}
+
+impl Cache {
+    /// An empty cache for node `node`.
+    pub fn new(node: &str) -> Cache {
+        Cache {
+            node: node.to_owned(),
+            state: Arc::default(),
+            events: broadcast::channel(4096).0,
+            generation: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// The node this cache is for.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Change events. A receiver that lags gets `Lagged` and should resync.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // Writers only swap whole values; a poisoned lock still holds a consistent state.
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        for e in events {
+            // No receivers is fine.
+            let _ = self.events.send(e);
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// This node's NodeConfig.
+    pub fn node_config(&self) -> Option<NodeConfig> {
+        self.read().node_config.clone()
+    }
+
+    /// A pod scheduled on this node.
+    pub fn local_pod(&self, namespace: &str, name: &str) -> Option<PodInfo> {
+        self.read()
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .filter(|p| p.node.as_deref() == Some(self.node.as_str()))
+            .cloned()
+    }
+
+    /// Every pod on this node.
+    pub fn local_pods(&self) -> Vec<PodInfo> {
+        self.read()
+            .pods
+            .values()
+            .filter(|p| p.node.as_deref() == Some(self.node.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// Every pod of the cluster.
+    pub fn pods(&self) -> Vec<PodInfo> {
+        self.read().pods.values().cloned().collect()
+    }
+
+    /// Namespaces and their labels.
+    pub fn namespaces(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.read().namespaces.clone()
+    }
+
+    /// Every NetworkPolicy.
+    pub fn policies(&self) -> Vec<NetworkPolicy> {
+        self.read().policies.values().cloned().collect()
+    }
+
+    async fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut probe: impl FnMut(&Cache) -> Option<T>,
+    ) -> Option<T> {
+        let mut changed = self.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(found) = probe(self) {
+                return Some(found);
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return probe(self),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a pod to appear on this node (ADD can
+    /// arrive before the watcher has seen the pod).
+    pub async fn wait_for_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Option<PodInfo> {
+        self.wait_until(timeout, |c| c.local_pod(namespace, name))
+            .await
+    }
+
+    /// Waits up to `timeout` for this node's NodeConfig.
+    pub async fn wait_for_node_config(&self, timeout: Duration) -> Option<NodeConfig> {
+        self.wait_until(timeout, Cache::node_config).await
+    }
+
+    /// Sets (or clears) this node's NodeConfig.
+    pub fn set_node_config(&self, config: Option<NodeConfig>) {
+        let changed = {
+            let mut s = self.write();
+            let same = match (&s.node_config, &config) {
+                (None, None) => true,
+                (Some(a), Some(b)) => {
+                    a.spec == b.spec && a.metadata.annotations == b.metadata.annotations
+                }
+                _ => false,
+            };
+            s.node_config = config;
+            !same
+        };
+        if changed {
+            self.emit(vec![Event::NodeConfig]);
+        }
+    }
+
+    /// Adds or updates one pod.
+    pub fn upsert_pod(&self, pod: PodInfo) {
+        let events = {
+            let mut s = self.write();
+            let old = s.pods.insert(pod.key(), pod.clone());
+            pod_events(old.as_ref(), Some(&pod))
+        };
+        self.emit(events);
+    }
+
+    /// Removes one pod.
+    pub fn delete_pod(&self, namespace: &str, name: &str) {
+        let events = {
+            let mut s = self.write();
+            let old = s.pods.remove(&(namespace.to_owned(), name.to_owned()));
+            pod_events(old.as_ref(), None)
+        };
+        self.emit(events);
+    }
+
+    /// Replaces every pod (a relist or a rescan), emitting events for the differences.
+    pub fn replace_pods(&self, pods: Vec<PodInfo>) {
+        let events = {
+            let mut s = self.write();
+            let new: BTreeMap<Key, PodInfo> = pods.into_iter().map(|p| (p.key(), p)).collect();
+            let mut events = Vec::new();
+            for (k, old) in &s.pods {
+                if !new.contains_key(k) {
+                    events.extend(pod_events(Some(old), None));
+                }
+            }
+            for (k, pod) in &new {
+                events.extend(pod_events(s.pods.get(k), Some(pod)));
+            }
+            s.pods = new;
+            events
+        };
+        self.emit(events);
+    }
+
+    /// Replaces the namespaces and their labels.
+    pub fn replace_namespaces(&self, namespaces: BTreeMap<String, BTreeMap<String, String>>) {
+        let changed = {
+            let mut s = self.write();
+            let changed = s.namespaces != namespaces;
+            s.namespaces = namespaces;
+            changed
+        };
+        if changed {
+            self.emit(vec![Event::Namespaces]);
+        }
+    }
+
+    /// Replaces the NetworkPolicies.
+    pub fn replace_policies(&self, policies: Vec<NetworkPolicy>) {
+        let changed = {
+            let mut s = self.write();
+            let new: BTreeMap<Key, NetworkPolicy> = policies
+                .into_iter()
+                .map(|p| {
+                    let key = (
+                        p.metadata
+                            .namespace
+                            .clone()
+                            .unwrap_or_else(|| "default".into()),
+                        p.metadata.name.clone().unwrap_or_default(),
+                    );
+                    (key, p)
+                })
+                .collect();
+            let changed = s.policies != new;
+            s.policies = new;
+            changed
+        };
+        if changed {
+            self.emit(vec![Event::Policies]);
+        }
+    }
+}
+
+fn pod_events(old: Option<&PodInfo>, new: Option<&PodInfo>) -> Vec<Event> {
+    match (old, new) {
+        (None, None) => vec![],
+        (Some(o), None) => vec![Event::PodDeleted {
+            namespace: o.namespace.clone(),
+            name: o.name.clone(),
+        }],
+        (old, Some(n)) => {
+            let mut events = Vec::new();
+            let mut without_ready = n.clone();
+            if let Some(o) = old {
+                without_ready.ready = o.ready;
+                if o.ready != n.ready {
+                    events.push(Event::PodReady {
+                        namespace: n.namespace.clone(),
+                        name: n.name.clone(),
+                        ready: n.ready,
+                    });
+                }
+            }
+            if old != Some(&without_ready) {
+                events.insert(
+                    0,
+                    Event::Pod {
+                        namespace: n.namespace.clone(),
+                        name: n.name.clone(),
+                    },
+                );
+            }
+            events
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! `dir:PATH`: objects from a directory of ordinary manifests, rescanned
+//! when files are created, modified or deleted.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use flock_model::NodeConfig;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::ResourceExt;
+use serde::Deserialize;
+use tracing::{debug, warn};
+
+use crate::{Cache, PodInfo};
+
+/// How often the directory is checked for changes.
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Default, Clone)]
+struct Objects {
+    node_configs: Vec<NodeConfig>,
+    pods: Vec<PodInfo>,
+    namespaces: Vec<(String, BTreeMap<String, String>)>,
+    policies: Vec<NetworkPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+#[derive(Debug)]
+struct FileState {
+    fingerprint: Fingerprint,
+    /// The objects of the last version that parsed.
+    objects: Objects,
+}
+
+/// Reads a manifest directory into a [`Cache`].
+#[derive(Debug)]
+pub struct DirSource {
+    dir: PathBuf,
+    cache: Cache,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+impl DirSource {
+    /// A source for `dir` feeding `cache`. Nothing is read until [`Self::scan`].
+    pub fn new(dir: &Path, cache: Cache) -> DirSource {
+        DirSource {
+            dir: dir.to_owned(),
+            cache,
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Rereads changed files and publishes the result. Returns the problems
+    /// found (a missing directory, unreadable or malformed files), each
+    /// naming its path; the objects of a malformed file stay as they were
+    /// when it last parsed.
+    pub fn scan(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                problems.push(format!("{}: {e}", self.dir.display()));
+                return problems;
+            }
+        };
+        let mut present: BTreeMap<PathBuf, Fingerprint> = BTreeMap::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !is_manifest(&path) {
+                continue;
+            }
+            if let Ok(meta) = entry.metadata()
+                && meta.is_file()
+            {
+                present.insert(
+                    path,
+                    Fingerprint {
+                        modified: meta.modified().ok(),
+                        len: meta.len(),
+                    },
+                );
+            }
+        }
+        let before = self.files.len();
+        self.files.retain(|path, _| present.contains_key(path));
+        let mut changed = self.files.len() != before;
+        for (path, fingerprint) in present {
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|f| f.fingerprint == fingerprint)
+            {
+                continue;
+            }
+            changed = true;
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| parse_manifests(&text));
+            let objects = match parsed {
+                Ok(objects) => objects,
+                Err(reason) => {
+                    problems.push(format!("{}: {reason}", path.display()));
+                    self.files
+                        .get(&path)
+                        .map(|f| f.objects.clone())
+                        .unwrap_or_default()
+                }
+            };
+            self.files.insert(
+                path,
+                FileState {
+                    fingerprint,
+                    objects,
+                },
+            );
+        }
+        if changed {
+            self.publish();
+        }
+        problems
+    }
+
+    fn publish(&self) {
+        let mut node_config = None;
+        let mut pods = BTreeMap::new();
+        let mut namespaces = BTreeMap::new();
+        let mut policies = Vec::new();
+        for file in self.files.values() {
+            let o = &file.objects;
+            if let Some(nc) = o
+                .node_configs
+                .iter()
+                .find(|nc| nc.name_any() == self.cache.node())
+            {
+                node_config = Some(nc.clone());
+            }
+            for pod in &o.pods {
+                pods.insert(pod.key(), pod.clone());
+            }
+            namespaces.extend(o.namespaces.iter().cloned());
+            policies.extend(o.policies.iter().cloned());
+        }
+        // Pods name namespaces too: a pod's namespace exists even without a manifest.
+        for (ns, _) in pods.keys() {
+            namespaces.entry(ns.clone()).or_insert_with(|| {
+                BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), ns.clone())])
+            });
+        }
+        self.cache.set_node_config(node_config);
+        self.cache.replace_pods(pods.into_values().collect());
+        self.cache.replace_namespaces(namespaces);
+        self.cache.replace_policies(policies);
+    }
+
+    /// Scans now, then every [`SCAN_INTERVAL`] on a thread of its own until
+    /// the returned handle is dropped.
+    pub fn start(mut self) -> DirWatch {
+        for problem in self.scan() {
+            warn!(%problem, "skipping manifest");
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("flock-dir-source".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(SCAN_INTERVAL);
+                    for problem in self.scan() {
+                        warn!(%problem, "skipping manifest");
+                    }
+                }
+            })
+            .ok();
+        DirWatch { stop, thread }
+    }
+}
+
+/// A running directory watch; dropping it stops the scans.
+#[derive(Debug)]
+pub struct DirWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for DirWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Parses every document of one file. Kinds flock does not read are skipped.
+fn parse_manifests(text: &str) -> Result<Objects, String> {
+    let mut out = Objects::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value =
+            serde_json::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        if value.is_null() {
+            continue; // an empty document, as between two `---`
+        }
+        add_object(&mut out, value).map_err(|e| format!("document {}: {e}", i + 1))?;
+    }
+    Ok(out)
+}
+
+fn add_object(out: &mut Objects, value: serde_json::Value) -> Result<(), String> {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let typed = |what: &str| format!("not a valid {what}");
+    match kind.as_str() {
+        "NodeConfig" => out.node_configs.push(
+            serde_json::from_value(value).map_err(|e| format!("{}: {e}", typed("NodeConfig")))?,
+        ),
+        "Pod" => {
+            let pod: Pod =
+                serde_json::from_value(value).map_err(|e| format!("{}: {e}", typed("Pod")))?;
+            if pod.metadata.name.is_none() {
+                return Err("Pod without metadata.name".into());
+            }
+            out.pods.push(PodInfo::from_pod(&pod));
+        }
+        "Namespace" => {
+            let ns: Namespace = serde_json::from_value(value)
+                .map_err(|e| format!("{}: {e}", typed("Namespace")))?;
+            let name = ns.name_any();
+            let mut labels = ns.labels().clone();
+            labels.insert("kubernetes.io/metadata.name".into(), name.clone());
+            out.namespaces.push((name, labels));
+        }
+        "NetworkPolicy" => out.policies.push(
+            serde_json::from_value(value)
+                .map_err(|e| format!("{}: {e}", typed("NetworkPolicy")))?,
+        ),
+        "List" => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                add_object(out, item)?;
+            }
+        }
+        "" => return Err("no kind".into()),
+        other => debug!(kind = other, "ignoring a kind flock does not read"),
+    }
+    Ok(())
+}

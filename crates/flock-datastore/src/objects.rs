@@ -1,0 +1,94 @@
+//! The compact views of Kubernetes objects the agent keeps.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+/// What flock keeps of a pod: enough for the pod handler and anycast on its
+/// own node, and for NetworkPolicy cluster-wide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// UID.
+    pub uid: String,
+    /// `spec.nodeName`.
+    pub node: Option<String>,
+    /// Labels (NetworkPolicy selectors).
+    pub labels: BTreeMap<String, String>,
+    /// Annotations (flock's own among them).
+    pub annotations: BTreeMap<String, String>,
+    /// The workload name ip-algo embeds.
+    pub app: String,
+    /// The first container's image.
+    pub image: Option<String>,
+    /// Whether the `Ready` condition is `True`.
+    pub ready: bool,
+    /// `status.podIPs`.
+    pub ips: Vec<IpAddr>,
+    /// Container ports: name, number, protocol (named ports for NetworkPolicy).
+    pub ports: Vec<ContainerPort>,
+}
+
+/// One declared container port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ContainerPort {
+    /// The port's name, if any.
+    pub name: Option<String>,
+    /// The number.
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+}
+
+impl PodInfo {
+    /// The compact view of `pod`.
+    pub fn from_pod(pod: &Pod) -> PodInfo {
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .map(|ips| ips.iter().filter_map(|ip| ip.ip.parse().ok()).collect())
+            .unwrap_or_default();
+        let ports = spec
+            .map(|s| {
+                s.containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .filter_map(|p| {
+                        Some(ContainerPort {
+                            name: p.name.clone(),
+                            port: u16::try_from(p.container_port).ok()?,
+                            protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        PodInfo {
+            namespace: pod.namespace().unwrap_or_else(|| "default".into()),
+            name: pod.name_any(),
+            uid: pod.uid().unwrap_or_default(),
+            node: spec.and_then(|s| s.node_name.clone()),
+            labels: pod.labels().clone(),
+            annotations: pod.annotations().clone(),
+            app: flock_model::app_name(pod),
+            image: flock_model::image_ref(pod).map(str::to_owned),
+            ready,
+            ips,
+            ports,
+        }
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> (String, String) {
+        (self.namespace.clone(), self.name.clone())
+    }
+}

@@ -1,0 +1,209 @@
+//! The directory source: manifests in, cache and events out.
+
+use std::time::Duration;
+
+use flock_datastore::{Cache, DirSource, Event};
+
+const NODE_CONFIGS: &str = r#"
+apiVersion: flock.fritzlab.net/v1alpha1
+kind: NodeConfig
+metadata:
+  name: node-a
+  annotations:
+    flock.fritzlab.net/ip-algo: namespace,app
+spec:
+  cidr6: 2001:db8:0:1::/64
+  cidr4: 198.18.0.0/24
+---
+apiVersion: flock.fritzlab.net/v1alpha1
+kind: NodeConfig
+metadata:
+  name: node-b
+spec:
+  cidr4: 198.18.1.0/24
+"#;
+
+fn pod(name: &str, node: &str, ready: bool) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: shop
+  labels: {{app: web, pod-template-hash: 5d4f}}
+  annotations: {{flock.fritzlab.net/ipv4: "false"}}
+  ownerReferences:
+  - {{apiVersion: apps/v1, kind: ReplicaSet, name: web-5d4f, uid: u1, controller: true}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: web
+    image: nginx:1.27
+    ports: [{{name: http, containerPort: 8080}}]
+status:
+  conditions: [{{type: Ready, status: "{}"}}]
+"#,
+        if ready { "True" } else { "False" }
+    )
+}
+
+fn drain(rx: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+    out
+}
+
+#[tokio::test]
+async fn manifests_fill_the_cache_with_node_filtering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("nodes.yaml"), NODE_CONFIGS).expect("write");
+    std::fs::write(
+        dir.path().join("pods.yml"),
+        format!(
+            "{}---\n{}",
+            pod("web-1", "node-a", false),
+            pod("web-2", "node-b", true)
+        ),
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("ns.json"),
+        r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"shop","labels":{"team":"a"}}}"#,
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("README.md"), "not a manifest").expect("write");
+    let cache = Cache::new("node-a");
+    let mut source = DirSource::new(dir.path(), cache.clone());
+    assert_eq!(source.scan(), Vec::<String>::new());
+
+    let nc = cache.node_config().expect("own NodeConfig");
+    assert_eq!(nc.spec.cidr6.as_deref(), Some("2001:db8:0:1::/64"));
+    let local = cache.local_pods();
+    assert_eq!(local.len(), 1, "only pods on node-a are local");
+    let p = &local[0];
+    assert_eq!(
+        (p.name.as_str(), p.app.as_str(), p.image.as_deref()),
+        ("web-1", "web", Some("nginx:1.27"))
+    );
+    assert_eq!(p.ports[0].name.as_deref(), Some("http"));
+    assert!(!p.ready);
+    assert_eq!(cache.pods().len(), 2, "all pods kept for NetworkPolicy");
+    assert!(cache.local_pod("shop", "web-2").is_none());
+    assert_eq!(cache.namespaces()["shop"]["team"], "a");
+    assert_eq!(
+        cache.namespaces()["shop"]["kubernetes.io/metadata.name"],
+        "shop"
+    );
+}
+
+#[tokio::test]
+async fn changes_deletions_and_readiness_become_events() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("pod.yaml");
+    std::fs::write(&path, pod("web-1", "node-a", false)).expect("write");
+    let cache = Cache::new("node-a");
+    let mut source = DirSource::new(dir.path(), cache.clone());
+    let mut events = cache.subscribe();
+    source.scan();
+    assert_eq!(
+        drain(&mut events),
+        vec![
+            Event::Pod {
+                namespace: "shop".into(),
+                name: "web-1".into()
+            },
+            Event::Namespaces,
+        ]
+    );
+    source.scan();
+    assert_eq!(
+        drain(&mut events),
+        vec![],
+        "an unchanged directory is quiet"
+    );
+
+    std::fs::write(&path, pod("web-1", "node-a", true)).expect("rewrite");
+    source.scan();
+    assert_eq!(
+        drain(&mut events),
+        vec![Event::PodReady {
+            namespace: "shop".into(),
+            name: "web-1".into(),
+            ready: true
+        }]
+    );
+
+    std::fs::remove_file(&path).expect("rm");
+    source.scan();
+    let got = drain(&mut events);
+    assert!(
+        got.contains(&Event::PodDeleted {
+            namespace: "shop".into(),
+            name: "web-1".into()
+        }),
+        "{got:?}"
+    );
+    assert!(cache.local_pods().is_empty());
+}
+
+#[tokio::test]
+async fn a_malformed_file_is_reported_by_path_and_the_rest_keep_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("nodes.yaml"), NODE_CONFIGS).expect("write");
+    let good = dir.path().join("pod.yaml");
+    std::fs::write(&good, pod("web-1", "node-a", true)).expect("write");
+    let bad = dir.path().join("broken.yaml");
+    std::fs::write(&bad, "kind: Pod\nmetadata: [unclosed\n").expect("write");
+    let cache = Cache::new("node-a");
+    let mut source = DirSource::new(dir.path(), cache.clone());
+    let problems = source.scan();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("broken.yaml"), "{problems:?}");
+    assert!(cache.node_config().is_some() && cache.local_pod("shop", "web-1").is_some());
+
+    // A good file that turns bad keeps its last good objects.
+    std::fs::write(&good, "kind: Pod\nspec: {containers: 7}\n").expect("break");
+    let problems = source.scan();
+    assert!(
+        problems.iter().any(|p| p.contains("pod.yaml")),
+        "{problems:?}"
+    );
+    assert!(
+        cache.local_pod("shop", "web-1").is_some(),
+        "last good version kept"
+    );
+}
+
+#[tokio::test]
+async fn the_running_source_notices_new_files_and_waiters_wake() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Cache::new("node-a");
+    let handle = DirSource::new(dir.path(), cache.clone()).start();
+    assert!(cache.node_config().is_none());
+    let writer = {
+        let path = dir.path().to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::fs::write(path.join("n.yaml"), NODE_CONFIGS).expect("write");
+            std::fs::write(path.join("p.yaml"), pod("late", "node-a", false)).expect("write");
+        })
+    };
+    let nc = cache.wait_for_node_config(Duration::from_secs(5)).await;
+    assert!(nc.is_some(), "NodeConfig seen");
+    assert!(
+        cache
+            .wait_for_pod("shop", "late", Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    assert!(
+        cache
+            .wait_for_pod("shop", "never", Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    writer.await.expect("writer");
+    drop(handle);
+}
