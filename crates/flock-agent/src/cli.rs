@@ -32,9 +32,13 @@ pub struct Cli {
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
 
-    /// Address of the /healthz and /readyz endpoints.
+    /// Address of the /metrics, /healthz and /readyz endpoints.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9602")]
     pub metrics_addr: SocketAddr,
+
+    /// Seconds to wait at startup for this node's NodeConfig before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub nodeconfig_timeout: u64,
 }
 
 /// How log lines are written.

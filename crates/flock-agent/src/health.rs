@@ -9,19 +9,37 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::handler::HandlerSlot;
+use crate::metrics::Metrics;
 
-/// Serves the health endpoints on `listener` until `shutdown` completes.
+/// Serves the endpoints on `listener` until `shutdown` completes.
 /// `/healthz` answers 200 while the process serves; `/readyz` answers 200
-/// once the handler in force can serve ADD, else 503 with the reason.
+/// once the handler in force can serve ADD, else 503 with the reason;
+/// `/metrics` is the Prometheus text format.
 pub async fn serve(
     listener: TcpListener,
     slot: HandlerSlot,
+    metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(slot);
+        .with_state(slot)
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -1,12 +1,16 @@
 //! flock-agent: the node daemon behind the `flock` CNI plugin.
 //!
-//! Today it owns the RPC server the plugin talks to, the handler slot that
-//! the node runtime swaps in once it is ready, the command-line interface,
-//! logging, and the health endpoints. The node runtime (datastores, IPAM,
-//! dataplane, anycast, BGP, NetworkPolicy) is wired in here as it lands.
+//! It owns the RPC server the plugin talks to, the handler slot the node
+//! runtime is swapped into once it is ready, the node runtime itself (the
+//! datastore, recovery at startup, the pod handler over IPAM, the store and
+//! the dataplane), the command-line interface, logging, metrics and health
+//! endpoints. Anycast, BGP and NetworkPolicy are wired in as they land.
 
 pub mod cli;
 pub mod handler;
 pub mod health;
 pub mod logging;
+pub mod metrics;
+pub mod pods;
+pub mod runtime;
 pub mod server;

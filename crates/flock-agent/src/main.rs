@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::Parser;
 use flock_agent::cli::Cli;
 use flock_agent::handler::{HandlerSlot, NotReady};
+use flock_agent::metrics::Metrics;
+use flock_agent::runtime::{self, RuntimeConfig};
 use flock_agent::server::{Limits, Server};
 use flock_agent::{health, logging};
 use tokio::signal::unix::{SignalKind, signal};
@@ -46,35 +48,78 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     let slot = HandlerSlot::new(NotReady::new(format!(
-        "node runtime for {} has not started (datastore {})",
+        "waiting for NodeConfig {} from datastore {}",
         cli.node, cli.datastore
     )));
+    let metrics = Metrics::new();
     // The TCP port first: a failure there must not leave a socket behind.
     let listener = tokio::net::TcpListener::bind(cli.metrics_addr)
         .await
         .with_context(|| format!("binding --metrics-addr {}", cli.metrics_addr))?;
     let server = Server::bind(&cli.socket, slot.clone(), Limits::default())
-        .with_context(|| format!("binding --socket {}", cli.socket.display()))?;
-    info!(addr = %cli.metrics_addr, "health endpoints listening");
+        .with_context(|| format!("binding --socket {}", cli.socket.display()))?
+        .with_metrics(metrics.clone());
+    info!(addr = %cli.metrics_addr, "metrics and health endpoints listening");
 
     let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
-    let health = tokio::spawn(health::serve(listener, slot, async {
-        let _ = health_stopped.await;
-    }));
+    let health = tokio::spawn(health::serve(
+        listener,
+        slot.clone(),
+        metrics.clone(),
+        async {
+            let _ = health_stopped.await;
+        },
+    ));
 
+    // The node runtime starts behind the not-ready handler; a start that
+    // fails ends the agent (the DaemonSet restarts it).
+    let config = RuntimeConfig {
+        node: cli.node.clone(),
+        state_dir: cli.state_dir.clone(),
+        datastore: cli.datastore.clone(),
+        nodeconfig_timeout: std::time::Duration::from_secs(cli.nodeconfig_timeout),
+    };
+    let (fatal_tx, mut fatal) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    let starting = {
+        let slot = slot.clone();
+        tokio::spawn(async move {
+            match runtime::start(&config, metrics).await {
+                Ok(rt) => {
+                    slot.swap(rt.handler.clone());
+                    info!("serving pods");
+                    Some(rt)
+                }
+                Err(e) => {
+                    let _ = fatal_tx.send(e);
+                    None
+                }
+            }
+        })
+    };
+
+    let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let failed = failure.clone();
     server
         .run(async move {
             tokio::select! {
                 _ = terminate.recv() => info!(signal = "SIGTERM", "shutting down"),
                 _ = interrupt.recv() => info!(signal = "SIGINT", "shutting down"),
+                Ok(e) = &mut fatal => {
+                    error!(error = format!("{e:#}"), "node runtime failed to start");
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
             }
         })
         .await;
+    starting.abort();
     let _ = stop_health.send(());
     health
         .await
         .context("health server task")?
         .context("health server")?;
+    if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
     info!("stopped");
     Ok(())
 }

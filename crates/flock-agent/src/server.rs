@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::handler::HandlerSlot;
+use crate::metrics::Metrics;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -87,9 +88,16 @@ pub struct Server {
     identity: (u64, u64),
     slot: HandlerSlot,
     limits: Limits,
+    metrics: Option<Metrics>,
 }
 
 impl Server {
+    /// Records every RPC's latency and result in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Server {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Binds `path` with mode 0600, creating its directory and replacing a
     /// stale socket left by a previous run. A live socket (another agent)
     /// and a non-socket file are refused. The socket appears at `path` only
@@ -139,6 +147,7 @@ impl Server {
             identity: (meta.dev(), meta.ino()),
             slot,
             limits,
+            metrics: None,
         })
     }
 
@@ -156,6 +165,7 @@ impl Server {
             identity,
             slot,
             limits,
+            metrics,
         } = self;
         let tracker = TaskTracker::new();
         tokio::pin!(shutdown);
@@ -165,7 +175,7 @@ impl Server {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tracker.spawn(serve_connection(stream, slot.clone(), limits.clone(), tracker.clone()));
+                        tracker.spawn(serve_connection(stream, slot.clone(), limits.clone(), tracker.clone(), metrics.clone()));
                     }
                     Err(error) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -229,6 +239,7 @@ async fn serve_connection(
     slot: HandlerSlot,
     limits: Limits,
     tracker: TaskTracker,
+    metrics: Option<Metrics>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -245,7 +256,7 @@ async fn serve_connection(
         Ok(Err(FrameError::Closed)) => return,
         Ok(Err(error)) => refuse(format!("cannot read request: {error}")),
         Ok(Ok(frame)) => match serde_json::from_slice::<Request>(&frame) {
-            Ok(request) => dispatch(request, &slot, &limits, &tracker).await,
+            Ok(request) => dispatch(request, &slot, &limits, &tracker, metrics.as_ref()).await,
             Err(error) => Response::Error(
                 CniError::new(
                     ErrorCode::DECODING_FAILURE,
@@ -284,6 +295,7 @@ async fn dispatch(
     slot: &HandlerSlot,
     limits: &Limits,
     tracker: &TaskTracker,
+    metrics: Option<&Metrics>,
 ) -> Response {
     let op = request.op;
     let span = info_span!(
@@ -312,7 +324,15 @@ async fn dispatch(
                 ),
             )),
         };
-        let elapsed_us = started.elapsed().as_micros() as u64;
+        let elapsed = started.elapsed();
+        let elapsed_us = elapsed.as_micros() as u64;
+        if let Some(m) = metrics {
+            let result = match &response {
+                Response::Error(e) => e.code.to_string(),
+                _ => "ok".to_owned(),
+            };
+            m.observe_rpc(op.as_str(), &result, elapsed);
+        }
         match &response {
             Response::Error(e) => info!(elapsed_us, code = e.code.0, msg = %e.msg, "rpc failed"),
             _ => info!(elapsed_us, "rpc done"),

@@ -26,7 +26,7 @@ pub use error::{NetlinkError, Result};
 pub use inspect::Drift;
 pub use netns::Netns;
 pub use pod::{Dataplane, PodSpec, SetupStep, Teardown};
-pub use routes::{InstalledRoute, Nexthop, RouteKind};
+pub use routes::{InstalledRoute, Nexthop, RouteKind, is_flock_iface};
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 

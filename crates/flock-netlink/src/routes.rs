@@ -250,3 +250,64 @@ impl Dataplane {
             .collect())
     }
 }
+
+impl Dataplane {
+    /// Host ends of pod veths in the node: links named `flock` + 8 lowercase
+    /// hex digits, with their indices.
+    pub async fn flock_links(&self) -> Result<Vec<(String, u32)>> {
+        let mut out = Vec::new();
+        let mut links = self.handle().link().get().execute();
+        while let Some(m) = links
+            .try_next()
+            .await
+            .map_err(NetlinkError::netlink(format!(
+                "list links in {}",
+                self.node()
+            )))?
+        {
+            for attr in &m.attributes {
+                if let rtnetlink::packet_route::link::LinkAttribute::IfName(name) = attr
+                    && is_flock_iface(name)
+                {
+                    out.push((name.clone(), m.header.index));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The MTU of the interface holding the node's default route (IPv4
+    /// first, then IPv6), if there is one.
+    pub async fn default_route_mtu(&self) -> Result<Option<u32>> {
+        let routes = dump(self.handle(), &self.node().to_string()).await?;
+        let Some(oif) = routes
+            .iter()
+            .filter(|r| r.dst.prefix_len() == 0 && r.kind == RouteKind::Unicast)
+            .find_map(|r| r.nexthops.first().map(|&(_, oif)| oif))
+            .filter(|&oif| oif != 0)
+        else {
+            return Ok(None);
+        };
+        let mut links = self.handle().link().get().match_index(oif).execute();
+        let link = links
+            .try_next()
+            .await
+            .map_err(NetlinkError::netlink(format!("look up link {oif}")))?;
+        Ok(link.and_then(|m| {
+            m.attributes.iter().find_map(|a| match a {
+                rtnetlink::packet_route::link::LinkAttribute::Mtu(mtu) => Some(*mtu),
+                _ => None,
+            })
+        }))
+    }
+}
+
+/// Whether `name` is a flock host interface name.
+pub fn is_flock_iface(name: &str) -> bool {
+    name.len() == 13
+        && name.starts_with("flock")
+        && name[5..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}

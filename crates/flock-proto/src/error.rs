@@ -35,6 +35,10 @@ impl ErrorCode {
     pub const AGENT_PROTOCOL: ErrorCode = ErrorCode(100);
     /// 101 (flock): the agent failed while carrying out the request.
     pub const AGENT_INTERNAL: ErrorCode = ErrorCode(101);
+    /// 102 (flock): no address could be allocated (pool exhausted, no fitting CIDR).
+    pub const ADDRESS_ALLOCATION: ErrorCode = ErrorCode(102);
+    /// 103 (flock, CHECK): the kernel differs from the pod's allocation.
+    pub const DRIFT: ErrorCode = ErrorCode(103);
 }
 
 impl fmt::Display for ErrorCode {

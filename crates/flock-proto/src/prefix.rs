@@ -33,6 +33,15 @@ impl IpPrefix {
         }
     }
 
+    /// The default route of `addr`'s family: `0.0.0.0/0` or `::/0`.
+    pub fn default_route(addr: IpAddr) -> Self {
+        let addr = match addr {
+            IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        };
+        IpPrefix { addr, len: 0 }
+    }
+
     /// The address, host bits included.
     pub fn addr(&self) -> IpAddr {
         self.addr

@@ -28,6 +28,8 @@ fn entry(i: u32) -> Allocation {
         ip4: Some(Ipv4Addr::from(0xc612_0002 + i)),
         anycast: Vec::new(),
         addresses: Vec::new(),
+        netns: String::new(),
+        mtu: None,
         state: AllocState::Committed,
         allocated_at: SystemTime::now(),
     }

@@ -43,6 +43,12 @@ pub struct Allocation {
     /// Extra IPs on the pod's interface.
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// The pod's network namespace, as the runtime named it.
+    #[serde(default)]
+    pub netns: String,
+    /// The MTU the pod's interfaces were given.
+    #[serde(default)]
+    pub mtu: Option<u32>,
     /// Pending or committed.
     pub state: AllocState,
     /// When the addresses were reserved.

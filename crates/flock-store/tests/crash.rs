@@ -25,6 +25,8 @@ fn entry(i: u64) -> Allocation {
         ip4: Some(Ipv4Addr::from(0xc612_0000 + (i as u32 % 60_000))),
         anycast: Vec::new(),
         addresses: Vec::new(),
+        netns: String::new(),
+        mtu: None,
         state: AllocState::Committed,
         allocated_at: SystemTime::now(),
     }

@@ -17,6 +17,8 @@ fn entry(id: &str, n: u8) -> Allocation {
         ip4: Some(Ipv4Addr::new(198, 18, 0, n)),
         anycast: vec!["2001:db8:ffff::1".parse().expect("any")],
         addresses: vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, n))],
+        netns: String::new(),
+        mtu: None,
         state: AllocState::Pending,
         allocated_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_100_000_123),
     }

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use flock_netlink::Netns;
 
+pub mod agent;
+
 /// Fails the calling test unless it runs as root: tests that program the
 /// kernel must run, never pass silently.
 pub fn require_root() {

@@ -1,0 +1,159 @@
+//! Prometheus metrics, served at `/metrics`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of an RPC observation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// ADD, DEL, CHECK, STATUS or GC.
+    pub op: String,
+    /// `ok`, or the CNI error code.
+    pub result: String,
+}
+
+/// Labels naming an address family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    /// `ipv6` or `ipv4`.
+    pub family: String,
+}
+
+/// Labels naming a kind of event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// What happened.
+    pub kind: String,
+}
+
+/// Every metric the agent exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    /// RPC latency by verb and result.
+    pub rpc: Family<RpcLabels, Histogram>,
+    /// Addresses in use per family.
+    pub pool_in_use: Family<FamilyLabels, Gauge>,
+    /// Addresses a pool can hand out (IPv4).
+    pub pool_capacity: Family<FamilyLabels, Gauge>,
+    /// Reconciliation actions (stale entries released, orphan veths deleted, …).
+    pub reconciles: Family<KindLabels, Counter>,
+    /// Errors outside any RPC (teardown completion, reconcile failures, …).
+    pub errors: Family<KindLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("flock");
+        let rpc = Family::<RpcLabels, Histogram>::new_with_constructor(|| {
+            // 100 µs to ~3 s.
+            Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+        });
+        registry.register(
+            "rpc_duration_seconds",
+            "Plugin RPC latency by verb and result",
+            rpc.clone(),
+        );
+        let pool_in_use = Family::<FamilyLabels, Gauge>::default();
+        registry.register(
+            "ipam_in_use",
+            "Pod addresses in use per family",
+            pool_in_use.clone(),
+        );
+        let pool_capacity = Family::<FamilyLabels, Gauge>::default();
+        registry.register(
+            "ipam_capacity",
+            "Pod addresses the node prefix can hand out",
+            pool_capacity.clone(),
+        );
+        let reconciles = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "reconcile_actions",
+            "Reconciliation actions taken, by kind",
+            reconciles.clone(),
+        );
+        let errors = Family::<KindLabels, Counter>::default();
+        registry.register("errors", "Errors outside RPCs, by kind", errors.clone());
+        Metrics {
+            registry: Arc::new(Mutex::new(registry)),
+            rpc,
+            pool_in_use,
+            pool_capacity,
+            reconciles,
+            errors,
+        }
+    }
+
+    /// Records one RPC.
+    pub fn observe_rpc(&self, op: &str, result: &str, took: Duration) {
+        self.rpc
+            .get_or_create(&RpcLabels {
+                op: op.to_owned(),
+                result: result.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one reconciliation action.
+    pub fn reconciled(&self, kind: &str) {
+        self.reconciles
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one error.
+    pub fn error(&self, kind: &str) {
+        self.errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Publishes the pools' fill.
+    pub fn set_usage(&self, usage: flock_ipam::Usage) {
+        let family = |f: &str| FamilyLabels {
+            family: f.to_owned(),
+        };
+        self.pool_in_use
+            .get_or_create(&family("ipv6"))
+            .set(usage.v6_in_use as i64);
+        self.pool_in_use
+            .get_or_create(&family("ipv4"))
+            .set(usage.v4_in_use as i64);
+        self.pool_capacity
+            .get_or_create(&family("ipv4"))
+            .set(i64::from(usage.v4_capacity));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}

@@ -1,0 +1,211 @@
+//! Bringing the node runtime up: the datastore, recovery of what a crash
+//! or a reboot left behind, and the node-wide kernel settings.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use flock_datastore::{Cache, DatastoreSpec, DirSource, DirWatch, Event};
+use flock_model::{NodeSettings, host_iface_name};
+use flock_netlink::{Dataplane, Netns, RouteKind};
+use flock_store::{AllocState, Store};
+use ipnet::IpNet;
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::pods::{Allocations, PodHandler, Shared};
+
+/// What the runtime needs to start.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// This node's name.
+    pub node: String,
+    /// Where `allocations.json` lives.
+    pub state_dir: PathBuf,
+    /// Where objects come from.
+    pub datastore: DatastoreSpec,
+    /// How long to wait for this node's NodeConfig.
+    pub nodeconfig_timeout: Duration,
+}
+
+/// Keeps the datastore source running while held.
+#[derive(Debug)]
+pub enum SourceGuard {
+    /// A directory watch.
+    Dir(DirWatch),
+}
+
+/// The running node runtime.
+pub struct Runtime {
+    /// The handler to swap in.
+    pub handler: PodHandler,
+    /// The object cache.
+    pub cache: Cache,
+    /// The datastore source.
+    pub source: SourceGuard,
+}
+
+/// Starts the datastore, waits for the NodeConfig, recovers state and
+/// prepares the node; returns the handler to swap in.
+pub async fn start(cfg: &RuntimeConfig, metrics: Metrics) -> anyhow::Result<Runtime> {
+    let cache = Cache::new(&cfg.node);
+    let source = match &cfg.datastore {
+        DatastoreSpec::Dir(dir) => SourceGuard::Dir(DirSource::new(dir, cache.clone()).start()),
+        DatastoreSpec::Kubernetes => bail!(
+            "the kubernetes datastore is not available in this build of flock-agent; run with --datastore dir:PATH"
+        ),
+    };
+    let node_config = cache
+        .wait_for_node_config(cfg.nodeconfig_timeout)
+        .await
+        .ok_or_else(|| {
+            anyhow!(
+                "NodeConfig {} did not appear in datastore {} within {}s",
+                cfg.node,
+                cfg.datastore,
+                cfg.nodeconfig_timeout.as_secs()
+            )
+        })?;
+    let settings = node_config.settings()?;
+    info!(cidr6 = ?settings.cidr6, cidr4 = ?settings.cidr4, "NodeConfig loaded");
+
+    let dataplane = Dataplane::new(Netns::Current)
+        .await
+        .context("opening netlink")?;
+    let default_mtu = dataplane
+        .default_route_mtu()
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(1500);
+    let mut store = Store::open(&cfg.state_dir)?;
+    recover(&dataplane, &mut store, &metrics).await?;
+
+    dataplane
+        .enable_forwarding()
+        .await
+        .context("enabling forwarding")?;
+    if let Err(e) = dataplane.set_multipath_hash_policy().await {
+        warn!(error = %e, "cannot set fib_multipath_hash_policy; anycast flows hash on addresses only");
+    }
+    reconcile_blackholes(&dataplane, &settings).await?;
+
+    let allocations = Allocations::new(store, settings).map_err(|e| anyhow!(e))?;
+    metrics.set_usage(allocations.ipam.usage());
+    info!(
+        entries = allocations.store.len(),
+        default_mtu, "node runtime ready"
+    );
+    let shared = Arc::new(Shared {
+        cache: cache.clone(),
+        dataplane: dataplane.clone(),
+        allocations: AsyncMutex::new(allocations),
+        default_mtu,
+        metrics: metrics.clone(),
+        locks: Mutex::default(),
+    });
+    tokio::spawn(watch_node_config(cache.clone(), dataplane));
+    Ok(Runtime {
+        handler: PodHandler { shared },
+        cache,
+        source,
+    })
+}
+
+/// Makes the store and the kernel agree before anything is served:
+/// pending entries (an ADD cut short) are undone; committed entries whose
+/// veth is gone (a reboot: no runtime will ever send their DEL) are
+/// released; flock veths no entry claims are deleted.
+async fn recover(
+    dataplane: &Dataplane,
+    store: &mut Store,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let links: HashSet<String> = dataplane
+        .flock_links()
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let entries: Vec<_> = store.iter().cloned().collect();
+    for entry in entries {
+        let host = host_iface_name(&entry.container_id);
+        let reason = if entry.state == AllocState::Pending {
+            dataplane
+                .teardown(&host, entry.ip6, entry.ip4)
+                .await?
+                .finished()
+                .await?;
+            "pending"
+        } else if !links.contains(&host) {
+            "veth_gone"
+        } else {
+            continue;
+        };
+        store.remove(&entry.container_id, &entry.ifname)?;
+        metrics.reconciled(reason);
+        info!(container_id = %entry.container_id, pod = %format!("{}/{}", entry.namespace, entry.pod), reason, "released allocation");
+    }
+    let claimed: HashSet<String> = store
+        .iter()
+        .map(|a| host_iface_name(&a.container_id))
+        .collect();
+    let mut deletions = Vec::new();
+    for orphan in links.difference(&claimed) {
+        deletions.push(dataplane.teardown(orphan, None, None).await?);
+        metrics.reconciled("orphan_veth");
+        info!(iface = %orphan, "deleting a flock veth no allocation claims");
+    }
+    for d in deletions {
+        d.finished().await?;
+    }
+    Ok(())
+}
+
+/// Blackholes exactly for the node's current prefixes.
+async fn reconcile_blackholes(
+    dataplane: &Dataplane,
+    settings: &NodeSettings,
+) -> anyhow::Result<()> {
+    let want: Vec<IpNet> = settings
+        .cidr6
+        .map(IpNet::V6)
+        .into_iter()
+        .chain(settings.cidr4.map(IpNet::V4))
+        .collect();
+    for installed in dataplane.flock_routes().await? {
+        if installed.kind == RouteKind::Blackhole && !want.contains(&installed.dst) {
+            dataplane.remove_route(installed.dst).await?;
+        }
+    }
+    for cidr in want {
+        dataplane.ensure_blackhole(cidr).await?;
+    }
+    Ok(())
+}
+
+/// Follows NodeConfig changes with the blackholes (and every 30 s, in case
+/// someone removed them).
+async fn watch_node_config(cache: Cache, dataplane: Dataplane) {
+    let mut events = cache.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(Event::NodeConfig) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {}
+        }
+        let Some(settings) = cache.node_config().and_then(|nc| nc.settings().ok()) else {
+            continue;
+        };
+        if let Err(e) = reconcile_blackholes(&dataplane, &settings).await {
+            warn!(error = %e, "reconciling node blackholes failed");
+        }
+    }
+}

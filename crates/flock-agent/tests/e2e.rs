@@ -1,0 +1,417 @@
+//! End to end, as root: the real `flock-agent` in a node namespace with a
+//! `dir:` datastore, pods as namespaces added through the real `flock`
+//! plugin with kubelet-style environment.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use flock_ipam::{Identity, IpAlgo};
+use flock_testkit::agent::{AgentNode, default_node_config};
+use flock_testkit::{NetnsGuard, udp_echo, udp_probe};
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
+const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
+const ECHO_PORT: u16 = 7007;
+
+fn plugin() -> PathBuf {
+    let path = Path::new(AGENT).with_file_name("flock");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+fn start() -> AgentNode {
+    AgentNode::start(Path::new(AGENT), &plugin(), &default_node_config())
+}
+
+fn json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "plugin failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("result JSON")
+}
+
+fn error_code(out: &Output) -> u64 {
+    assert!(
+        !out.status.success(),
+        "expected failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+    v["code"].as_u64().expect("code")
+}
+
+/// A pod: its namespace, manifest and a successful ADD.
+struct Pod {
+    ns: NetnsGuard,
+    name: String,
+    id: String,
+    result: Value,
+}
+
+impl Pod {
+    fn ips(&self) -> Vec<IpAddr> {
+        self.result["ips"]
+            .as_array()
+            .expect("ips")
+            .iter()
+            .map(|ip| {
+                ip["address"]
+                    .as_str()
+                    .expect("address")
+                    .split('/')
+                    .next()
+                    .expect("ip")
+                    .parse()
+                    .expect("ip")
+            })
+            .collect()
+    }
+
+    fn ip(&self, v4: bool) -> IpAddr {
+        *self
+            .ips()
+            .iter()
+            .find(|ip| ip.is_ipv4() == v4)
+            .expect("address of the family")
+    }
+}
+
+fn add(node: &AgentNode, name: &str, annotations: &[(&str, &str)]) -> Pod {
+    node.put_pod(name, annotations, true);
+    let ns = NetnsGuard::new("pod");
+    let id = format!("c0ffee{name}");
+    let result = json(&node.cni("ADD", &id, Some(&ns.path()), name, CONF));
+    Pod {
+        ns,
+        name: name.to_owned(),
+        id,
+        result,
+    }
+}
+
+#[test]
+fn dual_stack_by_default_and_pods_reach_each_other() {
+    let node = start();
+    let a = add(&node, "web-a", &[]);
+    let b = add(&node, "web-b", &[]);
+    assert_eq!(a.result["cniVersion"], "1.0.0");
+    let ips = a.ips();
+    assert_eq!(ips.len(), 2, "{}", a.result);
+    assert!(
+        ips[0].is_ipv4() && ips[1].is_ipv6(),
+        "primary IPv4 first, then IPv6: {ips:?}"
+    );
+    assert_eq!(
+        a.result["interfaces"][1]["sandbox"],
+        a.ns.path().display().to_string()
+    );
+    assert!(
+        a.result["interfaces"][0].get("sandbox").is_none(),
+        "host end has no sandbox"
+    );
+    assert_eq!(a.result["routes"].as_array().map(Vec::len), Some(2));
+    let _echo = udp_echo(&b.ns.netns(), ECHO_PORT);
+    for v4 in [true, false] {
+        let to = SocketAddr::new(b.ip(v4), ECHO_PORT);
+        assert!(
+            udp_probe(&a.ns.netns(), to, Duration::from_secs(2)).is_some(),
+            "a → b at {to}"
+        );
+    }
+    // The node has blackholes for its prefixes.
+    let holes = node.node.ip_output(&["route", "show", "type", "blackhole"]);
+    assert!(holes.contains("198.18.0.0/24"), "{holes}");
+}
+
+#[test]
+fn every_annotation_is_honoured() {
+    let node = start();
+    let v6only = add(&node, "v6only", &[("flock.fritzlab.net/ipv4", "false")]);
+    assert!(
+        v6only.ips().iter().all(IpAddr::is_ipv6),
+        "{}",
+        v6only.result
+    );
+
+    let sub = add(
+        &node,
+        "sub",
+        &[
+            ("flock.fritzlab.net/cidr4", "198.18.0.128/25"),
+            ("flock.fritzlab.net/cidr6", "2001:db8:0:1:abcd::/80"),
+        ],
+    );
+    assert_eq!(sub.ip(true).to_string(), "198.18.0.130");
+    assert!(
+        sub.ip(false).to_string().starts_with("2001:db8:0:1:abcd:"),
+        "{}",
+        sub.ip(false)
+    );
+
+    let algo = add(
+        &node,
+        "algo",
+        &[("flock.fritzlab.net/ip-algo", "namespace,app")],
+    );
+    let parsed: IpAlgo = "namespace,app".parse().expect("algo");
+    let prefix = parsed
+        .workload_prefix(
+            "2001:db8:0:1::/64".parse().expect("net"),
+            &Identity {
+                namespace: "default",
+                app: "algo",
+                image: Some("busybox:1"),
+                container_id: &algo.id,
+            },
+        )
+        .expect("layout");
+    let IpAddr::V6(ip6) = algo.ip(false) else {
+        unreachable!("ip(false) is IPv6")
+    };
+    assert!(prefix.contains(&ip6), "{ip6} in {prefix}");
+
+    let any = add(
+        &node,
+        "any",
+        &[
+            ("flock.fritzlab.net/anycast", "2001:db8:ffff::1,203.0.113.1"),
+            ("flock.fritzlab.net/addresses", "203.0.113.50"),
+        ],
+    );
+    let lo = any.ns.ip_output(&["addr", "show", "dev", "lo"]);
+    assert!(
+        lo.contains("2001:db8:ffff::1/128") && lo.contains("203.0.113.1/32"),
+        "{lo}"
+    );
+    let eth0 = any.ns.ip_output(&["addr", "show", "dev", "eth0"]);
+    assert!(eth0.contains("203.0.113.50/32"), "{eth0}");
+    assert!(
+        any.ips().contains(&"203.0.113.50".parse().expect("ip")),
+        "addresses in the result"
+    );
+
+    let bad = NetnsGuard::new("pod");
+    node.put_pod("bad", &[("flock.fritzlab.net/ipv4", "maybe")], true);
+    let out = node.cni("ADD", "c0ffeebad", Some(&bad.path()), "bad", CONF);
+    assert_eq!(error_code(&out), 7);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("flock.fritzlab.net/ipv4"));
+}
+
+#[test]
+fn retried_add_is_stable_del_removes_every_trace_and_check_sees_drift() {
+    let node = start();
+    let pod = add(&node, "web", &[]);
+    let again = json(&node.cni("ADD", &pod.id, Some(&pod.ns.path()), &pod.name, CONF));
+    assert_eq!(
+        again["ips"], pod.result["ips"],
+        "a retried ADD returns the same IPs"
+    );
+
+    let check = node.cni("CHECK", &pod.id, Some(&pod.ns.path()), &pod.name, CONF);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    pod.ns.ip(&[
+        "addr",
+        "del",
+        &format!("{}/32", pod.ip(true)),
+        "dev",
+        "eth0",
+    ]);
+    let check = node.cni("CHECK", &pod.id, Some(&pod.ns.path()), &pod.name, CONF);
+    assert_eq!(error_code(&check), 103);
+    assert!(String::from_utf8_lossy(&check.stdout).contains(&pod.ip(true).to_string()));
+
+    let del = node.cni("DEL", &pod.id, Some(&pod.ns.path()), &pod.name, CONF);
+    assert!(del.status.success() && del.stdout.is_empty());
+    assert!(
+        node.cni("DEL", &pod.id, None, &pod.name, CONF)
+            .status
+            .success(),
+        "DEL again, without netns"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let links = node.node.ip_output(&["-br", "link"]);
+    assert!(!links.contains("flock"), "{links}");
+    let routes = node.node.ip_output(&["route", "show", "proto", "97"]);
+    assert!(!routes.contains(&pod.ip(true).to_string()), "{routes}");
+    let store = std::fs::read_to_string(node.state_dir().join("allocations.json")).expect("store");
+    assert!(!store.contains(&pod.id), "{store}");
+    // The address is free again: the next pod gets it.
+    let next = add(&node, "next", &[]);
+    assert_eq!(next.ip(true), pod.ip(true));
+}
+
+#[test]
+fn portmap_and_bandwidth_chain_after_flock() {
+    let node = start();
+    node.put_pod("chained", &[], true);
+    let pod = NetnsGuard::new("pod");
+    let flock_conf = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
+    let result = json(&node.cni("ADD", "chain1", Some(&pod.path()), "chained", flock_conf));
+    let env = |cmd: &str| {
+        vec![
+            ("CNI_COMMAND", cmd.to_owned()),
+            ("CNI_CONTAINERID", "chain1".to_owned()),
+            ("CNI_NETNS", pod.path().display().to_string()),
+            ("CNI_IFNAME", "eth0".to_owned()),
+            ("CNI_PATH", "/usr/lib/cni".to_owned()),
+            // Runtimes pass their PATH on; portmap finds iptables through it.
+            ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin".to_owned()),
+        ]
+    };
+    // Chained plugins act on the node's namespace, so they run inside it.
+    let run = |binary: &str, cmd: &str, conf: Value| -> Output {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", node.node.name(), binary])
+            .env_clear();
+        for (k, v) in env(cmd) {
+            c.env(k, v);
+        }
+        let mut child = c
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(conf.to_string().as_bytes())
+            .expect("stdin");
+        child.wait_with_output().expect("wait")
+    };
+    let portmap = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "portmap",
+        "capabilities": {"portMappings": true},
+        "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]},
+        "prevResult": result,
+    });
+    let out = run("/usr/lib/cni/portmap", "ADD", portmap.clone());
+    let after_portmap = json(&out);
+    assert_eq!(
+        after_portmap["ips"], result["ips"],
+        "portmap passes flock's result on"
+    );
+    let bandwidth = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "bandwidth",
+        "ingressRate": 1_000_000, "ingressBurst": 100_000, "egressRate": 1_000_000, "egressBurst": 100_000,
+        "prevResult": after_portmap,
+    });
+    let out = run("/usr/lib/cni/bandwidth", "ADD", bandwidth.clone());
+    let final_result = json(&out);
+    let qdisc = node.node.ip_output(&["-br", "link"]);
+    assert!(qdisc.contains("bwp"), "bandwidth added its ifb: {qdisc}");
+    // DEL in reverse order.
+    for (bin, conf) in [
+        ("/usr/lib/cni/bandwidth", bandwidth),
+        ("/usr/lib/cni/portmap", portmap),
+    ] {
+        let mut conf = conf;
+        conf["prevResult"] = final_result.clone();
+        let out = run(bin, "DEL", conf);
+        assert!(
+            out.status.success(),
+            "{bin} DEL: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        node.cni("DEL", "chain1", Some(&pod.path()), "chained", flock_conf)
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn startup_releases_what_a_reboot_or_crash_left() {
+    let mut node = start();
+    let gone = add(&node, "gone", &[]);
+    let kept = add(&node, "kept", &[]);
+    node.kill();
+    // A reboot: the veth of "gone" vanished and no runtime will send its DEL.
+    node.node
+        .ip(&["link", "del", &format!("flock{:08x}", fnv(&gone.id))]);
+    // An orphan flock veth no allocation claims.
+    node.node.ip(&[
+        "link",
+        "add",
+        "flock0badc0de",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "orphanpeer",
+    ]);
+    node.spawn();
+    let links = node.node.ip_output(&["-br", "link"]);
+    assert!(!links.contains("flock0badc0de"), "orphan deleted: {links}");
+    let store = std::fs::read_to_string(node.state_dir().join("allocations.json")).expect("store");
+    assert!(
+        !store.contains(&gone.id) && store.contains(&kept.id),
+        "{store}"
+    );
+    let check = node.cni("CHECK", &kept.id, Some(&kept.ns.path()), &kept.name, CONF);
+    assert!(
+        check.status.success(),
+        "the surviving pod is intact: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let fresh = add(&node, "fresh", &[]);
+    assert_eq!(
+        fresh.ip(true),
+        gone.ip(true),
+        "the released address is handed out again"
+    );
+}
+
+fn fnv(s: &str) -> u32 {
+    flock_ipam::fnv1a32(s.as_bytes())
+}
+
+#[test]
+fn metrics_report_rpcs_and_pools() {
+    let node = start();
+    add(&node, "m", &[]);
+    let body = node
+        .node
+        .netns()
+        .spawn(|| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9602").map_err(|e| {
+                flock_netlink::NetlinkError::Io {
+                    what: "connect".into(),
+                    source: e,
+                }
+            })?;
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            Ok(out)
+        })
+        .join()
+        .expect("thread")
+        .expect("metrics");
+    assert!(
+        body.contains("flock_rpc_duration_seconds_count{op=\"ADD\",result=\"ok\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("flock_ipam_in_use{family=\"ipv4\"} 1"),
+        "{body}"
+    );
+}
