@@ -297,6 +297,10 @@ impl PodHandler {
         Ok(())
     }
 
+    /// DEL: the entry goes first (durably), then the kernel state. A crash
+    /// in between leaves a veth no entry claims, which startup deletes
+    /// before serving; the reverse order could leave an entry whose routes
+    /// are half gone.
     pub(crate) async fn del(&self, container_id: &str, if_name: &str) -> Result<(), CniError> {
         let lock = self.lock_for(container_id);
         let _serial = lock.lock().await;
@@ -306,27 +310,25 @@ impl PodHandler {
             .lock()
             .await
             .store
-            .get(container_id, if_name)
-            .cloned();
+            .remove(container_id, if_name)
+            .map_err(|e| internal("removing the allocation failed", e))?;
         let host_iface = host_iface_name(container_id);
         let (ip6, ip4) = entry.as_ref().map_or((None, None), |a| (a.ip6, a.ip4));
-        // Also when there is no entry: a veth may be left from a crash.
+        // Also when there is no entry: a veth may be left from a crash or a failed DEL.
         let teardown = self
             .shared
             .dataplane
             .teardown(&host_iface, ip6, ip4)
             .await
-            .map_err(|e| internal(&format!("tearing down {host_iface} failed"), e))?;
+            .map_err(|e| {
+                // The entry's addresses stay reserved in memory until the next
+                // start, which deletes the veth before it serves.
+                self.shared.metrics.error("teardown");
+                internal(&format!("tearing down {host_iface} failed"), e)
+            })?;
         let Some(entry) = entry else {
             return Ok(());
         };
-        self.shared
-            .allocations
-            .lock()
-            .await
-            .store
-            .remove(container_id, if_name)
-            .map_err(|e| internal("removing the allocation failed", e))?;
         // The addresses go back to the pool only once the kernel holds no
         // route or address of this pod any more.
         let shared = self.shared.clone();
