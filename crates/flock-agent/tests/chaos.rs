@@ -134,7 +134,7 @@ fn sigkill_during_concurrent_adds_and_dels_leaks_and_duplicates_nothing() {
                     let mut ok = 0;
                     for _ in 0..OPS_PER_ROUND / WORKERS {
                         let (id, pod, ns) = mine[rng.next() as usize % mine.len()];
-                        let op = if rng.next() % 2 == 0 { "ADD" } else { "DEL" };
+                        let op = if rng.next().is_multiple_of(2) { "ADD" } else { "DEL" };
                         let out = cni(&plugin, &socket, op, id, &ns.path(), pod);
                         ok += usize::from(out);
                     }
