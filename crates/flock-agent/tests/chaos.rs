@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flock_store::{AllocState, Allocation, Store};
 use flock_testkit::NetnsGuard;
 use flock_testkit::agent::{AgentNode, default_node_config};
-use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
 const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
@@ -31,11 +31,8 @@ impl Rng {
     }
 }
 
-fn committed(node: &AgentNode) -> Vec<Value> {
-    let text = std::fs::read_to_string(node.state_dir().join("allocations.json"))
-        .unwrap_or_else(|_| r#"{"allocations":[]}"#.into());
-    let v: Value = serde_json::from_str(&text).expect("store parses");
-    v["allocations"].as_array().cloned().unwrap_or_default()
+fn committed(node: &AgentNode) -> Vec<Allocation> {
+    Store::read_only(&node.state_dir()).expect("the store loads")
 }
 
 fn host_iface(id: &str) -> String {
@@ -51,18 +48,22 @@ fn check_invariants(
     let mut seen = HashSet::new();
     for e in &entries {
         assert_eq!(
-            e["state"], "committed",
-            "round {round}: pending entries are undone at startup: {e}"
+            e.state,
+            AllocState::Committed,
+            "round {round}: pending entries are undone at startup: {e:?}"
         );
-        for key in ["ip6", "ip4"] {
-            if let Some(ip) = e[key].as_str() {
-                assert!(seen.insert(ip.to_owned()), "round {round}: {ip} held twice");
-            }
+        for ip in e
+            .ip6
+            .map(|i| i.to_string())
+            .into_iter()
+            .chain(e.ip4.map(|i| i.to_string()))
+        {
+            assert!(seen.insert(ip.clone()), "round {round}: {ip} held twice");
         }
     }
     let claimed: HashSet<String> = entries
         .iter()
-        .map(|e| host_iface(e["containerId"].as_str().expect("id")))
+        .map(|e| host_iface(&e.container_id))
         .collect();
     let links: HashSet<String> = node
         .node
@@ -87,7 +88,7 @@ fn check_invariants(
     let by_id: HashMap<&str, &(String, String, NetnsGuard)> =
         slots.iter().map(|s| (s.0.as_str(), s)).collect();
     for e in &entries {
-        let id = e["containerId"].as_str().expect("id");
+        let id = e.container_id.as_str();
         let (_, pod, ns) = by_id[id];
         let out = node.cni("CHECK", id, Some(&ns.path()), pod, CONF);
         assert!(
@@ -134,7 +135,11 @@ fn sigkill_during_concurrent_adds_and_dels_leaks_and_duplicates_nothing() {
                     let mut ok = 0;
                     for _ in 0..OPS_PER_ROUND / WORKERS {
                         let (id, pod, ns) = mine[rng.next() as usize % mine.len()];
-                        let op = if rng.next().is_multiple_of(2) { "ADD" } else { "DEL" };
+                        let op = if rng.next().is_multiple_of(2) {
+                            "ADD"
+                        } else {
+                            "DEL"
+                        };
                         let out = cni(&plugin, &socket, op, id, &ns.path(), pod);
                         ok += usize::from(out);
                     }

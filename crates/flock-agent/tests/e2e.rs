@@ -247,8 +247,8 @@ fn retried_add_is_stable_del_removes_every_trace_and_check_sees_drift() {
     assert!(!links.contains("flock"), "{links}");
     let routes = node.node.ip_output(&["route", "show", "proto", "97"]);
     assert!(!routes.contains(&pod.ip(true).to_string()), "{routes}");
-    let store = std::fs::read_to_string(node.state_dir().join("allocations.json")).expect("store");
-    assert!(!store.contains(&pod.id), "{store}");
+    let store = flock_store::Store::read_only(&node.state_dir()).expect("store");
+    assert!(store.iter().all(|a| a.container_id != pod.id), "{store:?}");
     // The address is free again: the next pod gets it.
     let next = add(&node, "next", &[]);
     assert_eq!(next.ip(true), pod.ip(true));
@@ -360,10 +360,11 @@ fn startup_releases_what_a_reboot_or_crash_left() {
     node.spawn();
     let links = node.node.ip_output(&["-br", "link"]);
     assert!(!links.contains("flock0badc0de"), "orphan deleted: {links}");
-    let store = std::fs::read_to_string(node.state_dir().join("allocations.json")).expect("store");
+    let store = flock_store::Store::read_only(&node.state_dir()).expect("store");
+    let ids: Vec<&str> = store.iter().map(|a| a.container_id.as_str()).collect();
     assert!(
-        !store.contains(&gone.id) && store.contains(&kept.id),
-        "{store}"
+        !ids.contains(&gone.id.as_str()) && ids.contains(&kept.id.as_str()),
+        "{ids:?}"
     );
     let check = node.cni("CHECK", &kept.id, Some(&kept.ns.path()), &kept.name, CONF);
     assert!(

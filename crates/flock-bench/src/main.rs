@@ -2,6 +2,7 @@
 //! both, with the ratio. Build in release mode first:
 //! `cargo build --release --workspace && target/release/flock-bench plugin`.
 
+mod cni;
 mod dataplane;
 mod measure;
 mod plugin;
@@ -50,6 +51,37 @@ enum Bench {
         #[arg(long, default_value = "/usr/lib/cni")]
         cni_dir: PathBuf,
     },
+    /// ADD and DEL through the real plugin and agent, sequential and at
+    /// concurrency 8, against Debian's ptp + host-local (IPv4 and
+    /// dual-stack); ADD at 1,000 pods; agent RSS. Needs root.
+    Cni {
+        /// Pods per flock run and per ptp IPv4 run.
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        /// Pods per ptp dual-stack run (each ADD waits ~2 s for DAD).
+        #[arg(long, default_value_t = 16)]
+        ptp_dual_pods: usize,
+        /// Directory holding Debian's CNI plugins.
+        #[arg(long, default_value = "/usr/lib/cni")]
+        cni_dir: PathBuf,
+        /// Also write the table into this markdown file, between its markers.
+        #[arg(long)]
+        update_doc: Option<PathBuf>,
+    },
+    /// Internal: ptp + host-local phases, run inside the node namespace.
+    #[command(hide = true)]
+    PtpPhases {
+        #[arg(long)]
+        concurrency: usize,
+        #[arg(long, action = clap::ArgAction::Set)]
+        dual_stack: bool,
+        #[arg(long)]
+        cni_dir: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        pods: String,
+    },
     /// Internal: ptp + host-local timings, run inside the node namespace.
     #[command(hide = true)]
     PtpInside {
@@ -80,6 +112,19 @@ fn main() -> anyhow::Result<()> {
             baseline_iterations,
             cni_dir,
         } => dataplane::run(iterations, baseline_iterations, &cni_dir),
+        Bench::Cni {
+            pods,
+            ptp_dual_pods,
+            cni_dir,
+            update_doc,
+        } => cni::run(pods, ptp_dual_pods, &cni_dir, update_doc),
+        Bench::PtpPhases {
+            concurrency,
+            dual_stack,
+            cni_dir,
+            data_dir,
+            pods,
+        } => ptp::phases_inside(concurrency, dual_stack, &cni_dir, &data_dir, &pods),
         Bench::PtpInside {
             iterations,
             warmup,

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// Median and 90th percentile of a set of timings.
+/// Median, 90th and 99th percentile of a set of timings.
 #[derive(Debug, Clone, Copy)]
 pub struct Summary {
     pub median: Duration,
     pub p90: Duration,
+    pub p99: Duration,
 }
 
 impl Summary {
@@ -22,8 +23,41 @@ impl Summary {
         Summary {
             median: at(0.5),
             p90: at(0.9),
+            p99: at(0.99),
         }
     }
+}
+
+/// Runs `ops` with at most `concurrency` at a time; returns their results in order.
+pub fn concurrently<T: Send + 'static>(
+    ops: Vec<Box<dyn FnOnce() -> anyhow::Result<T> + Send>>,
+    concurrency: usize,
+) -> anyhow::Result<Vec<T>> {
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(
+        ops.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let workers: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let queue = queue.clone();
+            std::thread::spawn(move || -> anyhow::Result<Vec<(usize, T)>> {
+                let mut done = Vec::new();
+                loop {
+                    let next = queue
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("queue poisoned"))?
+                        .pop();
+                    let Some((i, op)) = next else { return Ok(done) };
+                    done.push((i, op()?));
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, t)| t).collect())
 }
 
 /// Milliseconds with two decimals.

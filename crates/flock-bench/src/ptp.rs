@@ -41,6 +41,121 @@ pub enum Timed {
     AddDel46,
 }
 
+/// ADD then DEL timings of many pods at a given concurrency.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Phases {
+    pub add: Vec<u64>,
+    pub del: Vec<u64>,
+}
+
+/// ptp + host-local over `pods` pods, `concurrency` at a time: every ADD
+/// (timed), then every DEL (timed). IPv4-only or dual-stack.
+pub fn phases(
+    pods: usize,
+    concurrency: usize,
+    dual_stack: bool,
+    cni_dir: &Path,
+) -> Result<Phases, String> {
+    for plugin in ["ptp", "host-local"] {
+        if !cni_dir.join(plugin).exists() {
+            return Err(format!("{} missing", cni_dir.join(plugin).display()));
+        }
+    }
+    if !is_root() {
+        return Err("needs root for network namespaces".into());
+    }
+    let node = NetnsGuard::new("bnode");
+    let netns: Vec<NetnsGuard> = (0..pods).map(|_| NetnsGuard::new("bpod")).collect();
+    let list: Vec<String> = netns
+        .iter()
+        .map(|n| n.path().display().to_string())
+        .collect();
+    let data = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", node.name()])
+        .arg(std::env::current_exe().map_err(|e| e.to_string())?)
+        .args(["ptp-phases", "--concurrency", &concurrency.to_string()])
+        .args(["--dual-stack", &dual_stack.to_string()])
+        .arg("--cni-dir")
+        .arg(cni_dir)
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--pods")
+        .arg(list.join(","))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// Runs inside the node namespace: prints [`Phases`] as JSON.
+pub fn phases_inside(
+    concurrency: usize,
+    dual_stack: bool,
+    cni_dir: &Path,
+    data_dir: &Path,
+    pods: &str,
+) -> anyhow::Result<()> {
+    let ranges = if dual_stack {
+        serde_json::json!([[{"subnet": "198.18.0.0/16"}], [{"subnet": "2001:db8:0:1::/64"}]])
+    } else {
+        serde_json::json!([[{"subnet": "198.18.0.0/16"}]])
+    };
+    let config = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "flockbench",
+        "type": "ptp",
+        "ipam": { "type": "host-local", "ranges": ranges, "dataDir": data_dir },
+    })
+    .to_string();
+    let ptp = cni_dir.join("ptp");
+    let cni_path = cni_dir.to_string_lossy().into_owned();
+    let pods: Vec<(String, String)> = pods
+        .split(',')
+        .enumerate()
+        .map(|(i, ns)| (format!("flockbench{i:05}"), ns.to_owned()))
+        .collect();
+    let run = |command: &'static str| -> anyhow::Result<Vec<u64>> {
+        let ops: Vec<Box<dyn FnOnce() -> anyhow::Result<Duration> + Send>> = pods
+            .iter()
+            .map(|(id, ns)| {
+                let (id, ns, ptp, config, cni_path) = (
+                    id.clone(),
+                    ns.clone(),
+                    ptp.clone(),
+                    config.clone(),
+                    cni_path.clone(),
+                );
+                Box::new(move || {
+                    let env = [
+                        ("CNI_COMMAND", command),
+                        ("CNI_CONTAINERID", id.as_str()),
+                        ("CNI_NETNS", ns.as_str()),
+                        ("CNI_IFNAME", "eth0"),
+                        ("CNI_PATH", cni_path.as_str()),
+                    ];
+                    let started = Instant::now();
+                    exec_plugin(&ptp, &env, config.as_bytes())?;
+                    Ok(started.elapsed())
+                }) as Box<dyn FnOnce() -> anyhow::Result<Duration> + Send>
+            })
+            .collect();
+        Ok(crate::measure::concurrently(ops, concurrency)?
+            .into_iter()
+            .map(|d| d.as_micros() as u64)
+            .collect())
+    };
+    let add = run("ADD")?;
+    let del = run("DEL")?;
+    println!("{}", serde_json::to_string(&Phases { add, del })?);
+    Ok(())
+}
+
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()

@@ -43,6 +43,11 @@ pub fn load(dir: &Path, path: &Path) -> Result<Vec<Allocation>> {
         source,
     })?;
     let _ = std::fs::remove_file(tmp_path(path));
+    read(path)
+}
+
+/// Reads the snapshot without changing anything. Missing → empty.
+pub fn read(path: &Path) -> Result<Vec<Allocation>> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),

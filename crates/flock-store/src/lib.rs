@@ -1,21 +1,32 @@
 //! flock-store: the durable record of every allocation on this node.
 //!
 //! `allocations.json` holds one entry per pod interface, pending while its
-//! network is being built and committed once it is. Every change is written
-//! atomically and durably before it is acknowledged (temp file, fsync,
-//! rename, fsync of the directory), so a crash at any instant leaves either
-//! the old file or the new one. A file that cannot be read or parsed is an
-//! error naming it; it is left in place for inspection and never replaced
-//! by an empty store.
+//! network is being built and committed once it is. Every change is durable
+//! before it is acknowledged: appended to `allocations.journal` and
+//! fdatasynced, which costs the same whatever the store's size. When the
+//! journal is as long as the store, the snapshot is rewritten atomically
+//! (temp file, fsync, rename, fsync of the directory) and the journal
+//! emptied; a crash at any instant leaves a snapshot and a journal whose
+//! replay gives every acknowledged change. A file that cannot be read or
+//! parsed is an error naming it; it is left in place for inspection and
+//! never replaced by an empty store.
 
 mod allocation;
 mod file;
+mod journal;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub use allocation::{AllocState, Allocation};
 pub use file::{FILE_NAME, SCHEMA_VERSION};
+pub use journal::JOURNAL_NAME;
+
+use journal::{Journal, Record};
+
+/// The journal is compacted into the snapshot once it holds this many
+/// records, or as many as the store has entries if that is more.
+const MIN_COMPACTION: usize = 128;
 
 /// What went wrong, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +80,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Store {
     path: PathBuf,
     entries: BTreeMap<(String, String), Allocation>,
+    journal: Journal,
 }
 
 impl Store {
@@ -77,11 +89,33 @@ impl Store {
     /// or corrupt one is an error.
     pub fn open(dir: &Path) -> Result<Store> {
         let path = dir.join(FILE_NAME);
-        let entries = file::load(dir, &path)?
+        let mut entries: BTreeMap<(String, String), Allocation> = file::load(dir, &path)?
             .into_iter()
             .map(|a| ((a.container_id.clone(), a.ifname.clone()), a))
             .collect();
-        Ok(Store { path, entries })
+        let (journal, records) = Journal::open(&dir.join(JOURNAL_NAME))?;
+        for record in records {
+            apply(&mut entries, record);
+        }
+        Ok(Store {
+            path,
+            entries,
+            journal,
+        })
+    }
+
+    /// The entries as they are on disk in `dir`, read without changing
+    /// anything (safe while an agent owns the store; for inspection and tests).
+    pub fn read_only(dir: &Path) -> Result<Vec<Allocation>> {
+        let mut entries: BTreeMap<(String, String), Allocation> = file::read(&dir.join(FILE_NAME))?
+            .into_iter()
+            .map(|a| ((a.container_id.clone(), a.ifname.clone()), a))
+            .collect();
+        let (records, _, _) = journal::read(&dir.join(JOURNAL_NAME))?;
+        for record in records {
+            apply(&mut entries, record);
+        }
+        Ok(entries.into_values().collect())
     }
 
     /// The file this store lives in.
@@ -112,33 +146,51 @@ impl Store {
 
     /// Inserts or replaces an entry, durably. On error nothing changed.
     pub fn upsert(&mut self, allocation: Allocation) -> Result<()> {
-        let key = (allocation.container_id.clone(), allocation.ifname.clone());
-        let previous = self.entries.insert(key.clone(), allocation);
-        if let Err(e) = self.persist() {
-            match previous {
-                Some(p) => self.entries.insert(key, p),
-                None => self.entries.remove(&key),
-            };
-            return Err(e);
-        }
+        self.record(Record::Upsert(allocation))?;
         Ok(())
     }
 
     /// Removes an entry, durably, returning it. Removing a missing entry
     /// succeeds without writing.
     pub fn remove(&mut self, container_id: &str, ifname: &str) -> Result<Option<Allocation>> {
-        let key = (container_id.to_owned(), ifname.to_owned());
-        let Some(removed) = self.entries.remove(&key) else {
+        if self.get(container_id, ifname).is_none() {
             return Ok(None);
-        };
-        if let Err(e) = self.persist() {
-            self.entries.insert(key, removed);
-            return Err(e);
         }
-        Ok(Some(removed))
+        self.record(Record::Remove {
+            container_id: container_id.to_owned(),
+            ifname: ifname.to_owned(),
+        })
     }
 
-    fn persist(&self) -> Result<()> {
-        file::write(&self.path, self.entries.values())
+    /// Journals `record`, then applies it; compacts when the journal is long.
+    fn record(&mut self, record: Record) -> Result<Option<Allocation>> {
+        self.journal.append(&record)?;
+        let previous = apply(&mut self.entries, record);
+        if self.journal.records() >= MIN_COMPACTION.max(self.entries.len()) {
+            // The change is durable already; a failed compaction only
+            // leaves a longer journal, retried at the next change.
+            let _ = self.compact();
+        }
+        Ok(previous)
+    }
+
+    /// Writes the snapshot and empties the journal.
+    pub fn compact(&mut self) -> Result<()> {
+        file::write(&self.path, self.entries.values())?;
+        self.journal.reset()
+    }
+}
+
+/// Applies one record, returning the entry it replaced or removed.
+fn apply(
+    entries: &mut BTreeMap<(String, String), Allocation>,
+    record: Record,
+) -> Option<Allocation> {
+    match record {
+        Record::Upsert(a) => entries.insert((a.container_id.clone(), a.ifname.clone()), a),
+        Record::Remove {
+            container_id,
+            ifname,
+        } => entries.remove(&(container_id, ifname)),
     }
 }

@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, SystemTime};
 
-use flock_store::{AllocState, Allocation, FILE_NAME, Store, StoreError};
+use flock_store::{AllocState, Allocation, FILE_NAME, JOURNAL_NAME, Store, StoreError};
 
 fn entry(id: &str, n: u8) -> Allocation {
     Allocation {
@@ -35,10 +35,22 @@ fn entries_survive_a_reopen_exactly() {
     store.upsert(committed.clone()).expect("commit");
     store.upsert(entry("c2", 3)).expect("write");
 
+    // From the journal alone…
     let reopened = Store::open(dir.path()).expect("reopen");
     assert_eq!(reopened.len(), 2);
     assert_eq!(reopened.get("c1", "eth0"), Some(&committed));
     assert_eq!(reopened.get("c2", "eth0"), Some(&entry("c2", 3)));
+    // …and from the snapshot once compacted.
+    let mut reopened = reopened;
+    reopened.compact().expect("compact");
+    assert_eq!(
+        std::fs::metadata(dir.path().join(JOURNAL_NAME))
+            .expect("journal")
+            .len(),
+        0
+    );
+    let again = Store::open(dir.path()).expect("reopen");
+    assert_eq!(again.get("c1", "eth0"), Some(&committed));
     let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).expect("file");
     assert!(text.contains("\"schemaVersion\": 1"), "{text}");
     assert!(
@@ -99,6 +111,8 @@ fn duplicate_entries_newer_schemas_and_unreadable_files_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = Store::open(dir.path()).expect("open");
     store.upsert(entry("c1", 2)).expect("write");
+    store.compact().expect("compact");
+    drop(store);
     let path = dir.path().join(FILE_NAME);
     let text = std::fs::read_to_string(&path).expect("file");
     let doubled = text.replacen("\"allocations\": [", "\"allocations\": [\n", 1);
@@ -131,22 +145,55 @@ fn duplicate_entries_newer_schemas_and_unreadable_files_are_refused() {
 }
 
 #[test]
-fn a_leftover_temp_file_is_ignored_and_a_failed_write_changes_nothing() {
+fn a_leftover_temp_file_is_ignored_and_a_failed_compaction_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = Store::open(dir.path()).expect("open");
     store.upsert(entry("c1", 2)).expect("write");
+    store.compact().expect("compact");
     let tmp = dir.path().join("allocations.json.tmp");
     std::fs::write(&tmp, b"half a write").expect("leftover");
     let mut store = Store::open(dir.path()).expect("leftover ignored");
     assert!(!tmp.exists(), "leftover removed");
 
-    // Make the next write fail: its temp path is taken by a directory.
+    // The next snapshot cannot be written: its temp path is taken by a directory.
     std::fs::create_dir(&tmp).expect("block");
-    let err = store.upsert(entry("c2", 3)).expect_err("write fails");
-    assert!(matches!(err, StoreError::Write { .. }), "{err}");
-    assert!(store.get("c2", "eth0").is_none(), "memory rolled back");
-    assert!(store.remove("c1", "eth0").is_err());
-    assert!(store.get("c1", "eth0").is_some(), "remove rolled back");
+    store
+        .upsert(entry("c2", 3))
+        .expect("the change itself is journalled");
+    assert!(matches!(store.compact(), Err(StoreError::Write { .. })));
     std::fs::remove_dir(&tmp).expect("unblock");
-    assert_eq!(Store::open(dir.path()).expect("reopen").len(), 1);
+    let reopened = Store::open(dir.path()).expect("reopen");
+    assert_eq!(reopened.len(), 2, "nothing lost");
+}
+
+#[test]
+fn the_journal_stays_short_and_a_torn_tail_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    for i in 0..300u32 {
+        store
+            .upsert(entry(&format!("c{}", i % 10), (i % 200) as u8))
+            .expect("write");
+    }
+    let journal = dir.path().join(JOURNAL_NAME);
+    let lines = std::fs::read_to_string(&journal)
+        .expect("journal")
+        .lines()
+        .count();
+    assert!(lines < 128, "compacted along the way: {lines} records left");
+    drop(store);
+    // A crash mid-append leaves half a line: it was never acknowledged.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&journal)
+        .expect("journal");
+    std::io::Write::write_all(&mut f, b"{\"upsert\":{\"containerId\":\"c99\"").expect("torn");
+    drop(f);
+    let store = Store::open(dir.path()).expect("torn tail dropped");
+    assert_eq!(store.len(), 10);
+    assert!(store.get("c99", "eth0").is_none());
+    // A bad line before the end is corruption, and is refused.
+    std::fs::write(&journal, b"garbage\n{}\n").expect("corrupt");
+    let err = Store::open(dir.path()).expect_err("corrupt journal");
+    assert!(err.to_string().contains(JOURNAL_NAME), "{err}");
 }
