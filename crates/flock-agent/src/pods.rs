@@ -161,6 +161,7 @@ impl PodHandler {
                 a.mtu.unwrap_or(self.shared.default_mtu),
             ));
         }
+        let started = std::time::Instant::now();
         let allocation = match existing {
             // A pending entry: an earlier ADD of this container stopped half-way; finish it.
             Some(pending) => pending,
@@ -169,6 +170,7 @@ impl PodHandler {
                     .await?
             }
         };
+        let allocated = started.elapsed();
         let mtu = allocation.mtu.unwrap_or(self.shared.default_mtu);
         let spec = self.spec(&allocation, &req.netns, mtu);
         self.shared.dataplane.setup(&spec).await.map_err(|e| {
@@ -178,6 +180,7 @@ impl PodHandler {
                 e,
             )
         })?;
+        let set_up = started.elapsed();
         let mut committed = allocation;
         committed.state = AllocState::Committed;
         committed.netns = req.netns.clone();
@@ -188,7 +191,15 @@ impl PodHandler {
             .store
             .upsert(committed.clone())
             .map_err(|e| internal("recording the committed allocation failed", e))?;
-        info!(pod = %format!("{namespace}/{name}"), ip6 = ?committed.ip6, ip4 = ?committed.ip4, "pod added");
+        info!(
+            pod = %format!("{namespace}/{name}"),
+            ip6 = ?committed.ip6,
+            ip4 = ?committed.ip4,
+            allocate_us = allocated.as_micros() as u64,
+            setup_us = (set_up - allocated).as_micros() as u64,
+            commit_us = (started.elapsed() - set_up).as_micros() as u64,
+            "pod added"
+        );
         Ok(result(&committed, &req.netns, mtu))
     }
 

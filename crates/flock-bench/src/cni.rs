@@ -128,6 +128,9 @@ fn flock_scale(sample: usize) -> anyhow::Result<Scale> {
     concurrently(flock_ops(&node, &fill[..990], "ADD"), 8)?;
     let add_at_1000 = Summary::of(concurrently(flock_ops(&node, probe, "ADD"), 1)?);
     let rss = rss_kib(node.pid().context("agent pid")?)?;
+    if let Some(path) = std::env::var_os("FLOCK_BENCH_AGENT_LOG") {
+        std::fs::write(&path, node.log()).context("saving the agent log")?;
+    }
     Ok(Scale {
         add_at_10,
         add_at_1000,

@@ -53,7 +53,8 @@ enum Bench {
     },
     /// ADD and DEL through the real plugin and agent, sequential and at
     /// concurrency 8, against Debian's ptp + host-local (IPv4 and
-    /// dual-stack); ADD at 1,000 pods; agent RSS. Needs root.
+    /// dual-stack); ADD at 1,000 pods; agent RSS. Needs root. With
+    /// FLOCK_BENCH_AGENT_LOG=PATH the 1,000-pod agent's log is kept there.
     Cni {
         /// Pods per flock run and per ptp IPv4 run.
         #[arg(long, default_value_t = 100)]

@@ -128,7 +128,7 @@ impl Dataplane {
         };
         check_link(&mut drifts, &spec.host_iface, &host, spec.mtu);
         let host_addrs = addresses_of(self.handle(), host.index, &spec.host_iface).await?;
-        let gw6 = IpNet::new(IpAddr::V6(GATEWAY_V6), 64)
+        let gw6 = IpNet::new(IpAddr::V6(GATEWAY_V6), 128)
             .map_err(|e| NetlinkError::Conflict(e.to_string()))?;
         if !host_addrs.contains(&gw6) {
             drifts.push(Drift::MissingAddress {

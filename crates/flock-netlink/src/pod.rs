@@ -8,7 +8,10 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHe
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use std::time::Instant;
+
 use tokio::sync::oneshot;
+use tracing::debug;
 
 use crate::error::is_gone;
 use crate::link::{self, LinkState};
@@ -42,7 +45,7 @@ pub struct PodSpec {
 pub enum SetupStep {
     /// The veth, its peer created inside the pod namespace, MTU on both ends.
     Veth,
-    /// Host end: addrgenmode none, up, `fe80::1/64`, proxy ARP, forwarding.
+    /// Host end: addrgenmode none, up, `fe80::1/128`, proxy ARP, forwarding.
     HostSide,
     /// Pod end: addrgenmode none, up; `lo` up.
     PodLink,
@@ -137,12 +140,14 @@ fn host_len(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { 32 } else { 128 }
 }
 
-/// Adds (or keeps) `ip/len` on link `index`; IPv6 without duplicate detection.
+/// Adds (or keeps) `ip/len` on link `index`; IPv6 without duplicate
+/// detection, and with `extra` flags.
 pub(crate) async fn add_address(
     handle: &Handle,
     index: u32,
     ip: IpAddr,
     len: u8,
+    extra: AddressFlags,
     what: &str,
 ) -> Result<()> {
     let mut req = handle.address().add(index, ip, len).replace();
@@ -150,7 +155,7 @@ pub(crate) async fn add_address(
         let msg = req.message_mut();
         msg.header.flags = AddressHeaderFlags::Nodad;
         msg.attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            .push(AddressAttribute::Flags(AddressFlags::Nodad | extra));
     }
     req.execute()
         .await
@@ -219,80 +224,142 @@ impl Dataplane {
     }
 
     /// Builds the pod's network. Idempotent: run again after a failure at
-    /// any step, it converges to the same state.
+    /// any step, it converges to the same state. Once the veth exists, the
+    /// host side and the pod side are programmed concurrently, each over
+    /// its own netlink socket.
     pub async fn setup(&self, spec: &PodSpec) -> Result<()> {
-        self.setup_through(spec, SetupStep::HostRoutes).await
+        let started = Instant::now();
+        let pod_ns = Netns::Path(spec.netns.clone());
+        let pod = pod_ns.connect().await?;
+        let connected = started.elapsed();
+        let (host, peer) = self.ensure_veth(spec, &pod, &pod_ns).await?;
+        let created = started.elapsed();
+        let host_side = async {
+            self.host_side(spec, host).await?;
+            let host_done = started.elapsed();
+            self.host_routes(spec, host).await?;
+            Ok::<_, NetlinkError>((host_done, started.elapsed()))
+        };
+        let pod_side = async {
+            let lo = self.pod_link(spec, &pod, peer).await?;
+            self.pod_addresses(spec, &pod, peer, lo).await?;
+            self.pod_routes(spec, &pod, peer).await?;
+            Ok(started.elapsed())
+        };
+        let ((host_done, routes_done), pod_done) = tokio::try_join!(host_side, pod_side)?;
+        debug!(
+            host_iface = %spec.host_iface,
+            connect_us = connected.as_micros() as u64,
+            veth_us = created.as_micros() as u64,
+            host_side_us = host_done.as_micros() as u64,
+            host_routes_us = routes_done.as_micros() as u64,
+            pod_side_us = pod_done.as_micros() as u64,
+            "pod network set up"
+        );
+        Ok(())
     }
 
-    /// Runs the setup steps up to and including `last`, then stops, as a
-    /// crash after that step would. For tests of convergence.
+    /// Runs the setup steps one after another up to and including `last`,
+    /// then stops, as a crash after that step would. For tests of convergence.
     #[doc(hidden)]
     pub async fn setup_through(&self, spec: &PodSpec, last: SetupStep) -> Result<()> {
         let pod_ns = Netns::Path(spec.netns.clone());
         let pod = pod_ns.connect().await?;
-        let pod_what = format!("{} in {}", spec.if_name, spec.netns.display());
         let (host, peer) = self.ensure_veth(spec, &pod, &pod_ns).await?;
         if last == SetupStep::Veth {
             return Ok(());
         }
-
-        link::configure(&self.handle, host, spec.mtu, &spec.host_iface).await?;
-        add_address(
-            &self.handle,
-            host,
-            IpAddr::V6(GATEWAY_V6),
-            64,
-            &spec.host_iface,
-        )
-        .await?;
-        sysctl::write_all(&self.node, sysctl::host_iface(&spec.host_iface)).await?;
+        self.host_side(spec, host).await?;
         if last == SetupStep::HostSide {
             return Ok(());
         }
-
-        link::configure(&pod, peer, spec.mtu, &pod_what).await?;
-        let lo = link::find(&pod, "lo", &pod_ns.to_string())
-            .await?
-            .ok_or_else(|| NetlinkError::Conflict(format!("{} has no lo", spec.netns.display())))?;
-        if !lo.up {
-            link::set_up(&pod, lo.index, &format!("lo in {}", spec.netns.display())).await?;
-        }
+        let lo = self.pod_link(spec, &pod, peer).await?;
         if last == SetupStep::PodLink {
             return Ok(());
         }
+        self.pod_addresses(spec, &pod, peer, lo).await?;
+        if last == SetupStep::PodAddresses {
+            return Ok(());
+        }
+        self.pod_routes(spec, &pod, peer).await?;
+        if last == SetupStep::PodRoutes {
+            return Ok(());
+        }
+        self.host_routes(spec, host).await
+    }
 
+    /// Host end: configured and up, then its gateway address and sysctls
+    /// (independent of each other, so done at once).
+    async fn host_side(&self, spec: &PodSpec, host: u32) -> Result<()> {
+        link::configure(&self.handle, host, spec.mtu, &spec.host_iface).await?;
+        // fe80::1 as a /128: the pod resolves it on its link all the same,
+        // and a /64 would add a fe80::/64 route and a subnet-router anycast
+        // entry per veth, identical ones the kernel keeps in one list that
+        // every further insert walks (ADD cost growing with the pod count).
+        let gateway = add_address(
+            &self.handle,
+            host,
+            IpAddr::V6(GATEWAY_V6),
+            128,
+            AddressFlags::empty(),
+            &spec.host_iface,
+        );
+        let sysctls = sysctl::write_all(&self.node, sysctl::host_iface(&spec.host_iface));
+        tokio::try_join!(gateway, sysctls)?;
+        Ok(())
+    }
+
+    /// Configures the pod end and brings `lo` up; returns `lo`'s index.
+    async fn pod_link(&self, spec: &PodSpec, pod: &Handle, peer: u32) -> Result<u32> {
+        let pod_what = format!("{} in {}", spec.if_name, spec.netns.display());
+        link::configure(pod, peer, spec.mtu, &pod_what).await?;
+        let lo_what = format!("lo in {}", spec.netns.display());
+        let lo = link::find(pod, "lo", &lo_what)
+            .await?
+            .ok_or_else(|| NetlinkError::Conflict(format!("{} has no lo", spec.netns.display())))?;
+        if !lo.up {
+            link::set_up(pod, lo.index, &lo_what).await?;
+        }
+        Ok(lo.index)
+    }
+
+    async fn pod_addresses(&self, spec: &PodSpec, pod: &Handle, peer: u32, lo: u32) -> Result<()> {
+        let pod_what = format!("{} in {}", spec.if_name, spec.netns.display());
         let unicast = spec
             .ip6
             .map(IpAddr::V6)
             .into_iter()
             .chain(spec.ip4.map(IpAddr::V4));
         for ip in unicast.chain(spec.addresses.iter().copied()) {
-            add_address(&pod, peer, ip, host_len(ip), &pod_what).await?;
-        }
-        for &ip in &spec.anycast {
             add_address(
-                &pod,
-                lo.index,
+                pod,
+                peer,
                 ip,
                 host_len(ip),
-                &format!("lo in {}", spec.netns.display()),
+                AddressFlags::empty(),
+                &pod_what,
             )
             .await?;
         }
-        if last == SetupStep::PodAddresses {
-            return Ok(());
+        let lo_what = format!("lo in {}", spec.netns.display());
+        for &ip in &spec.anycast {
+            add_address(pod, lo, ip, host_len(ip), AddressFlags::empty(), &lo_what).await?;
         }
+        Ok(())
+    }
 
+    async fn pod_routes(&self, spec: &PodSpec, pod: &Handle, peer: u32) -> Result<()> {
+        let pod_what = format!("{} in {}", spec.if_name, spec.netns.display());
         if spec.ip4.is_some() {
             let gw = IpAddr::V4(GATEWAY_V4);
             replace_route(
-                &pod,
+                pod,
                 onlink_route(gw, 32, peer)?,
                 format!("route {GATEWAY_V4} on-link in {pod_what}"),
             )
             .await?;
             replace_route(
-                &pod,
+                pod,
                 default_route(gw, peer)?,
                 format!("IPv4 default route in {pod_what}"),
             )
@@ -301,16 +368,16 @@ impl Dataplane {
         if spec.ip6.is_some() {
             let gw = IpAddr::V6(GATEWAY_V6);
             replace_route(
-                &pod,
+                pod,
                 default_route(gw, peer)?,
                 format!("IPv6 default route in {pod_what}"),
             )
             .await?;
         }
-        if last == SetupStep::PodRoutes {
-            return Ok(());
-        }
+        Ok(())
+    }
 
+    async fn host_routes(&self, spec: &PodSpec, host: u32) -> Result<()> {
         for ip in spec
             .ip6
             .map(IpAddr::V6)

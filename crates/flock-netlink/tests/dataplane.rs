@@ -95,7 +95,7 @@ async fn two_pods_reach_each_other_over_both_families_right_after_setup() {
         .ns
         .ip_output(&["-d", "addr", "show", "dev", &a.host_iface]);
     assert!(
-        host.contains("fe80::1/64") && host.contains("mtu 1400"),
+        host.contains("fe80::1/128") && host.contains("mtu 1400"),
         "{host}"
     );
     let host = node
@@ -272,8 +272,8 @@ async fn inspect_names_each_kind_of_drift() {
         ),
         (
             "host gateway address removed",
-            |n, _, s| n.ip(&["addr", "del", "fe80::1/64", "dev", &s.host_iface]),
-            |d| matches!(d, Drift::MissingAddress { address, .. } if address.to_string() == "fe80::1/64"),
+            |n, _, s| n.ip(&["addr", "del", "fe80::1/128", "dev", &s.host_iface]),
+            |d| matches!(d, Drift::MissingAddress { address, .. } if address.to_string() == "fe80::1/128"),
         ),
         (
             "veth deleted",
