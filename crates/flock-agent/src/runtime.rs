@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use flock_datastore::{Cache, DatastoreSpec, DirSource, DirWatch, Event};
 use flock_model::{NodeSettings, host_iface_name};
 use flock_netlink::{Dataplane, Netns, RouteKind};
@@ -36,6 +36,8 @@ pub struct RuntimeConfig {
 pub enum SourceGuard {
     /// A directory watch.
     Dir(DirWatch),
+    /// The Kubernetes watchers (and the node-condition refresher).
+    Kube(flock_datastore::kubernetes::KubeWatch),
 }
 
 /// The running node runtime.
@@ -54,9 +56,17 @@ pub async fn start(cfg: &RuntimeConfig, metrics: Metrics) -> anyhow::Result<Runt
     let cache = Cache::new(&cfg.node);
     let source = match &cfg.datastore {
         DatastoreSpec::Dir(dir) => SourceGuard::Dir(DirSource::new(dir, cache.clone()).start()),
-        DatastoreSpec::Kubernetes => bail!(
-            "the kubernetes datastore is not available in this build of flock-agent; run with --datastore dir:PATH"
-        ),
+        DatastoreSpec::Kubernetes => {
+            // In-cluster service account, else KUBECONFIG / ~/.kube/config.
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            SourceGuard::Kube(flock_datastore::kubernetes::start(
+                client,
+                cache.clone(),
+                true,
+            ))
+        }
     };
     let node_config = cache
         .wait_for_node_config(cfg.nodeconfig_timeout)

@@ -238,6 +238,37 @@ impl Cache {
         self.emit(events);
     }
 
+    /// Replaces the pods of this node only (a relist of the node-scoped
+    /// watcher), leaving other nodes' pods as they are.
+    pub fn replace_local_pods(&self, pods: Vec<PodInfo>) {
+        let events = {
+            let mut s = self.write();
+            let node = Some(self.node.as_str());
+            let new: BTreeMap<Key, PodInfo> = pods
+                .into_iter()
+                .filter(|p| p.node.as_deref() == node)
+                .map(|p| (p.key(), p))
+                .collect();
+            let mut events = Vec::new();
+            let gone: Vec<Key> = s
+                .pods
+                .iter()
+                .filter(|(k, p)| p.node.as_deref() == node && !new.contains_key(*k))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in gone {
+                let old = s.pods.remove(&k);
+                events.extend(pod_events(old.as_ref(), None));
+            }
+            for (k, pod) in new {
+                events.extend(pod_events(s.pods.get(&k), Some(&pod)));
+                s.pods.insert(k, pod);
+            }
+            events
+        };
+        self.emit(events);
+    }
+
     /// Replaces the namespaces and their labels.
     pub fn replace_namespaces(&self, namespaces: BTreeMap<String, BTreeMap<String, String>>) {
         let changed = {

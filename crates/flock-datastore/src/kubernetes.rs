@@ -1,1 +1,234 @@
-//! placeholder
+//! `kubernetes`: objects from the API server through kube watchers.
+//!
+//! Five watchers feed the [`Cache`]: this node's NodeConfig (by name), the
+//! pods on this node (`spec.nodeName=<node>`), every pod of the cluster
+//! (kept compact: no annotations off this node), namespaces and
+//! NetworkPolicies. Each relists after an expired watch or a 410 Gone, and
+//! a relist replaces what it covers, so nothing deleted meanwhile lingers.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use flock_model::NodeConfig;
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event as WatchEvent};
+use kube::{Api, Client, ResourceExt};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{Cache, PodInfo};
+
+/// How often the node's `NetworkUnavailable` condition is refreshed.
+pub const CONDITION_REFRESH: Duration = Duration::from_secs(60);
+
+/// The running watchers; dropping it stops them.
+#[derive(Debug)]
+pub struct KubeWatch {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeWatch {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the watchers (and, if `set_condition`, the node-condition
+/// refresher) feeding `cache`.
+pub fn start(client: Client, cache: Cache, set_condition: bool) -> KubeWatch {
+    let node = cache.node().to_owned();
+    let mut tasks = Vec::new();
+
+    let node_configs: Api<NodeConfig> = Api::all(client.clone());
+    let by_name = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    tasks.push(tokio::spawn(follow(
+        "nodeconfig",
+        watcher::watcher(node_configs, by_name),
+        {
+            let cache = cache.clone();
+            let node = node.clone();
+            move |change: Change<NodeConfig>| match change {
+                Change::Reset(all) => {
+                    cache.set_node_config(all.into_iter().find(|nc| nc.name_any() == node))
+                }
+                Change::Apply(nc) if nc.name_any() == node => cache.set_node_config(Some(nc)),
+                Change::Delete(nc) if nc.name_any() == node => cache.set_node_config(None),
+                _ => {}
+            }
+        },
+    )));
+
+    let pods: Api<Pod> = Api::all(client.clone());
+    let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    tasks.push(tokio::spawn(follow(
+        "local pods",
+        watcher::watcher(pods.clone(), on_node),
+        {
+            let cache = cache.clone();
+            move |change: Change<Pod>| match change {
+                Change::Reset(all) => {
+                    cache.replace_local_pods(all.iter().map(PodInfo::from_pod).collect())
+                }
+                Change::Apply(p) => cache.upsert_pod(PodInfo::from_pod(&p)),
+                Change::Delete(p) => {
+                    cache.delete_pod(&p.namespace().unwrap_or_default(), &p.name_any())
+                }
+            }
+        },
+    )));
+
+    tasks.push(tokio::spawn(follow(
+        "cluster pods",
+        watcher::watcher(pods, watcher::Config::default()),
+        {
+            let cache = cache.clone();
+            let node = node.clone();
+            let compact = move |p: &Pod| {
+                let mut info = PodInfo::from_pod(p);
+                if info.node.as_deref() != Some(node.as_str()) {
+                    // Off this node only what NetworkPolicy needs is kept.
+                    info.annotations.clear();
+                    info.image = None;
+                }
+                info
+            };
+            move |change: Change<Pod>| match change {
+                Change::Reset(all) => cache.replace_pods(all.iter().map(&compact).collect()),
+                Change::Apply(p) => cache.upsert_pod(compact(&p)),
+                Change::Delete(p) => {
+                    cache.delete_pod(&p.namespace().unwrap_or_default(), &p.name_any())
+                }
+            }
+        },
+    )));
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    tasks.push(tokio::spawn(follow(
+        "namespaces",
+        watcher::watcher(namespaces, watcher::Config::default()),
+        {
+            let cache = cache.clone();
+            let mut known: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+            move |change: Change<Namespace>| {
+                let labels = |ns: &Namespace| {
+                    let mut l = ns.labels().clone();
+                    l.insert("kubernetes.io/metadata.name".into(), ns.name_any());
+                    (ns.name_any(), l)
+                };
+                match change {
+                    Change::Reset(all) => known = all.iter().map(labels).collect(),
+                    Change::Apply(ns) => {
+                        let (name, l) = labels(&ns);
+                        known.insert(name, l);
+                    }
+                    Change::Delete(ns) => {
+                        known.remove(&ns.name_any());
+                    }
+                }
+                cache.replace_namespaces(known.clone());
+            }
+        },
+    )));
+
+    let policies: Api<NetworkPolicy> = Api::all(client.clone());
+    tasks.push(tokio::spawn(follow(
+        "networkpolicies",
+        watcher::watcher(policies, watcher::Config::default()),
+        {
+            let cache = cache.clone();
+            let mut known: BTreeMap<(String, String), NetworkPolicy> = BTreeMap::new();
+            move |change: Change<NetworkPolicy>| {
+                let key = |p: &NetworkPolicy| (p.namespace().unwrap_or_default(), p.name_any());
+                match change {
+                    Change::Reset(all) => known = all.into_iter().map(|p| (key(&p), p)).collect(),
+                    Change::Apply(p) => {
+                        known.insert(key(&p), p);
+                    }
+                    Change::Delete(p) => {
+                        known.remove(&key(&p));
+                    }
+                }
+                cache.replace_policies(known.values().cloned().collect());
+            }
+        },
+    )));
+
+    if set_condition {
+        tasks.push(tokio::spawn(keep_network_available(client, node)));
+    }
+    KubeWatch { tasks }
+}
+
+/// What a watcher reports, after buffering a relist into one reset.
+enum Change<K> {
+    Reset(Vec<K>),
+    Apply(K),
+    Delete(K),
+}
+
+/// Drives one watcher forever (with kube's default backoff on errors),
+/// turning its events into [`Change`]s.
+async fn follow<K, S>(what: &'static str, stream: S, mut apply: impl FnMut(Change<K>) + Send)
+where
+    K: Debug + Send,
+    S: Stream<Item = Result<WatchEvent<K>, watcher::Error>> + Send,
+{
+    let stream = stream.default_backoff();
+    futures_util::pin_mut!(stream);
+    let mut buffer: Option<Vec<K>> = None;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(WatchEvent::Init) => buffer = Some(Vec::new()),
+            Ok(WatchEvent::InitApply(k)) => buffer.get_or_insert_with(Vec::new).push(k),
+            Ok(WatchEvent::InitDone) => {
+                let all = buffer.take().unwrap_or_default();
+                info!(watcher = what, objects = all.len(), "listed");
+                apply(Change::Reset(all));
+            }
+            Ok(WatchEvent::Apply(k)) => apply(Change::Apply(k)),
+            Ok(WatchEvent::Delete(k)) => apply(Change::Delete(k)),
+            Err(error) => warn!(watcher = what, %error, "watch failed; retrying"),
+        }
+    }
+}
+
+/// Keeps the Node's `NetworkUnavailable` condition False (reason
+/// `FlockReady`), so the node is schedulable while flock serves it.
+async fn keep_network_available(client: Client, node: String) {
+    let nodes: Api<Node> = Api::all(client);
+    let mut tick = tokio::time::interval(CONDITION_REFRESH);
+    loop {
+        tick.tick().await;
+        if let Err(error) = set_network_available(&nodes, &node).await {
+            warn!(%node, %error, "cannot update the NetworkUnavailable condition");
+        }
+    }
+}
+
+/// Patches the condition once.
+pub async fn set_network_available(nodes: &Api<Node>, node: &str) -> Result<(), kube::Error> {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let patch = serde_json::json!({
+        "status": {
+            "conditions": [{
+                "type": "NetworkUnavailable",
+                "status": "False",
+                "reason": "FlockReady",
+                "message": "flock-agent is running on this node",
+                "lastTransitionTime": now.to_string(),
+                "lastHeartbeatTime": now.to_string(),
+            }]
+        }
+    });
+    nodes
+        .patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map(drop)
+}
