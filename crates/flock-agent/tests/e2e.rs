@@ -416,3 +416,74 @@ fn metrics_report_rpcs_and_pools() {
         "{body}"
     );
 }
+
+#[test]
+fn a_nodeconfig_change_applies_to_new_pods_and_old_pods_keep_their_addresses() {
+    let node = start();
+    let old = add(&node, "before", &[]);
+    assert!(old.ip(true).to_string().starts_with("198.18.0."));
+    std::fs::write(
+        node.manifests().join("nodeconfig.yaml"),
+        flock_testkit::agent::node_config(
+            "  cidr6: 2001:db8:0:2::/64\n  cidr4: 198.19.0.0/24\n  mtu: 1400",
+            "",
+        ),
+    )
+    .expect("rewrite NodeConfig");
+    std::thread::sleep(Duration::from_millis(600));
+    let new = add(&node, "after", &[]);
+    assert!(
+        new.ip(true).to_string().starts_with("198.19.0."),
+        "{}",
+        new.ip(true)
+    );
+    assert!(
+        new.ip(false).to_string().starts_with("2001:db8:0:2:"),
+        "{}",
+        new.ip(false)
+    );
+    let check = node.cni("CHECK", &old.id, Some(&old.ns.path()), &old.name, CONF);
+    assert!(
+        check.status.success(),
+        "the old pod keeps its addresses: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let holes = node.node.ip_output(&["route", "show", "type", "blackhole"]);
+        if holes.contains("198.19.0.0/24") && !holes.contains("198.18.0.0/24") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blackholes follow the NodeConfig: {holes}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn concurrent_adds_of_one_container_are_serialised_into_one_allocation() {
+    let node = start();
+    node.put_pod("twice", &[], true);
+    let ns = NetnsGuard::new("pod");
+    let results: Vec<Output> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| node.cni("ADD", "samecontainer", Some(&ns.path()), "twice", CONF)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let first = json(&results[0]);
+    for r in &results[1..] {
+        assert_eq!(
+            json(r)["ips"],
+            first["ips"],
+            "every ADD answers with the one allocation"
+        );
+    }
+    let store = flock_store::Store::read_only(&node.state_dir()).expect("store");
+    assert_eq!(store.len(), 1);
+}

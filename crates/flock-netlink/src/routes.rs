@@ -207,10 +207,12 @@ impl Dataplane {
         // IPv6 multipath routes are siblings; deleting by destination removes
         // them one or all at a time depending on the kernel, so repeat until gone.
         for _ in 0..64 {
+            // Any type: a blackhole is deleted the same way as a unicast route.
             let route = RouteMessageBuilder::<IpAddr>::new()
                 .destination_prefix(dst.addr(), dst.prefix_len())
                 .map_err(route_error)?
                 .protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL))
+                .kind(RouteType::Unspec)
                 .build();
             match self.handle().route().del(route).execute().await {
                 Ok(()) => {}

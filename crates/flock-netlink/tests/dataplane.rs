@@ -444,6 +444,16 @@ async fn node_blackholes_and_multipath_hash_policy() {
             .ip_output(&["route", "show", "type", "blackhole"])
             .contains("198.18.0.0/24 proto 97")
     );
+    for cidr in ["2001:db8:0:1::/64", "198.18.0.0/24"] {
+        node.dp
+            .remove_route(cidr.parse().expect("cidr"))
+            .await
+            .expect("remove blackhole");
+    }
+    assert!(
+        node.dp.flock_routes().await.expect("list").is_empty(),
+        "blackholes removed"
+    );
     node.dp
         .set_multipath_hash_policy()
         .await
