@@ -487,3 +487,47 @@ fn concurrent_adds_of_one_container_are_serialised_into_one_allocation() {
     let store = flock_store::Store::read_only(&node.state_dir()).expect("store");
     assert_eq!(store.len(), 1);
 }
+
+#[test]
+fn gc_removes_every_attachment_the_runtime_no_longer_lists() {
+    let node = start();
+    let keep = add(&node, "keep", &[]);
+    let drop_me = add(&node, "stale", &[]);
+    let gc_conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "k8s-pod-network", "type": "flock",
+        "cni.dev/valid-attachments": [{"containerID": keep.id, "ifname": "eth0"}],
+    })
+    .to_string();
+    let out = node.cni("GC", "", None, "", &gc_conf);
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let store = flock_store::Store::read_only(&node.state_dir()).expect("store");
+    let ids: Vec<&str> = store.iter().map(|a| a.container_id.as_str()).collect();
+    assert_eq!(ids, vec![keep.id.as_str()]);
+    let stale_iface = format!("flock{:08x}", fnv(&drop_me.id));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while node.node.ip_output(&["-br", "link"]).contains(&stale_iface) {
+        assert!(std::time::Instant::now() < deadline, "stale veth deleted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let check = node.cni("CHECK", &keep.id, Some(&keep.ns.path()), &keep.name, CONF);
+    assert!(check.status.success(), "the listed pod is untouched");
+    // Without the list nothing is collected.
+    let out = node.cni(
+        "GC",
+        "",
+        None,
+        "",
+        r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"flock"}"#,
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        flock_store::Store::read_only(&node.state_dir())
+            .expect("store")
+            .len(),
+        1
+    );
+}
