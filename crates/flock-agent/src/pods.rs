@@ -120,6 +120,12 @@ impl PodHandler {
         locks.entry(container_id.to_owned()).or_default().clone()
     }
 
+    /// The stored allocation of one container interface.
+    async fn stored(&self, container_id: &str, if_name: &str) -> Option<Allocation> {
+        let alloc = self.shared.allocations.lock().await;
+        alloc.store.get(container_id, if_name).cloned()
+    }
+
     fn spec(&self, a: &Allocation, netns: &str, mtu: u32) -> PodSpec {
         PodSpec {
             host_iface: host_iface_name(&a.container_id),
@@ -142,14 +148,7 @@ impl PodHandler {
         let lock = self.lock_for(&req.container_id);
         let _serial = lock.lock().await;
 
-        let existing = self
-            .shared
-            .allocations
-            .lock()
-            .await
-            .store
-            .get(&req.container_id, &req.if_name)
-            .cloned();
+        let existing = self.stored(&req.container_id, &req.if_name).await;
         if let Some(a) = &existing
             && a.state == AllocState::Committed
         {
@@ -361,13 +360,8 @@ impl PodHandler {
         let lock = self.lock_for(&req.container_id);
         let _serial = lock.lock().await;
         let entry = self
-            .shared
-            .allocations
-            .lock()
+            .stored(&req.container_id, &req.if_name)
             .await
-            .store
-            .get(&req.container_id, &req.if_name)
-            .cloned()
             .ok_or_else(|| {
                 err(
                     ErrorCode::UNKNOWN_CONTAINER,

@@ -56,14 +56,7 @@ pub fn phases(
     dual_stack: bool,
     cni_dir: &Path,
 ) -> Result<Phases, String> {
-    for plugin in ["ptp", "host-local"] {
-        if !cni_dir.join(plugin).exists() {
-            return Err(format!("{} missing", cni_dir.join(plugin).display()));
-        }
-    }
-    if !is_root() {
-        return Err("needs root for network namespaces".into());
-    }
+    can_run(cni_dir)?;
     let node = NetnsGuard::new("bnode");
     let netns: Vec<NetnsGuard> = (0..pods).map(|_| NetnsGuard::new("bpod")).collect();
     let list: Vec<String> = netns
@@ -165,14 +158,8 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// ptp + host-local timings, inside a node namespace of our own (so ptp's
-/// host veths never touch the machine's namespace).
-pub fn baseline(
-    iterations: usize,
-    warmup: usize,
-    cni_dir: &Path,
-    timed: Timed,
-) -> Result<Summary, String> {
+/// Whether the baseline can run here: the plugins installed, and root.
+fn can_run(cni_dir: &Path) -> Result<(), String> {
     for plugin in ["ptp", "host-local"] {
         if !cni_dir.join(plugin).exists() {
             return Err(format!("{} missing", cni_dir.join(plugin).display()));
@@ -181,6 +168,18 @@ pub fn baseline(
     if !is_root() {
         return Err("needs root for network namespaces".into());
     }
+    Ok(())
+}
+
+/// ptp + host-local timings, inside a node namespace of our own (so ptp's
+/// host veths never touch the machine's namespace).
+pub fn baseline(
+    iterations: usize,
+    warmup: usize,
+    cni_dir: &Path,
+    timed: Timed,
+) -> Result<Summary, String> {
+    can_run(cni_dir)?;
     run_in_namespaces(iterations, warmup, cni_dir, timed).map_err(|e| format!("{e:#}"))
 }
 

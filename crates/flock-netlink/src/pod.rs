@@ -97,8 +97,13 @@ pub struct Dataplane {
     reaper: Reaper,
 }
 
-fn flock_route<T>(builder: RouteMessageBuilder<T>) -> RouteMessageBuilder<T> {
-    builder.protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL))
+/// A route to `dst/len` in the main table, tagged with flock's protocol:
+/// the start of every route flock installs or removes.
+pub(crate) fn flock_route(dst: IpAddr, len: u8) -> Result<RouteMessageBuilder<IpAddr>> {
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst, len)
+        .map_err(route_error)?
+        .protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL)))
 }
 
 pub(crate) fn route_error(e: impl std::fmt::Display) -> NetlinkError {
@@ -111,9 +116,7 @@ pub(crate) fn onlink_route(
     len: u8,
     oif: u32,
 ) -> Result<rtnetlink::packet_route::route::RouteMessage> {
-    Ok(flock_route(RouteMessageBuilder::<IpAddr>::new())
-        .destination_prefix(dst, len)
-        .map_err(route_error)?
+    Ok(flock_route(dst, len)?
         .output_interface(oif)
         .scope(RouteScope::Link)
         .build())
@@ -127,9 +130,7 @@ fn default_route(
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
-    Ok(flock_route(RouteMessageBuilder::<IpAddr>::new())
-        .destination_prefix(any, 0)
-        .map_err(route_error)?
+    Ok(flock_route(any, 0)?
         .gateway(gateway)
         .map_err(route_error)?
         .output_interface(oif)

@@ -13,7 +13,7 @@ use rtnetlink::packet_route::route::{
 use rtnetlink::{Handle, RouteMessageBuilder, RouteNextHopBuilder};
 
 use crate::error::is_gone;
-use crate::pod::route_error;
+use crate::pod::{flock_route, route_error};
 use crate::{Dataplane, FLOCK_ROUTE_PROTOCOL, NetlinkError, Result, link};
 
 /// One path to an anycast IP: a pod's own address of the same family,
@@ -159,10 +159,7 @@ impl Dataplane {
                 })?;
             indexed.push((hop.via, link.index));
         }
-        let builder = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(dst, host_net(dst).prefix_len())
-            .map_err(route_error)?
-            .protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL));
+        let builder = flock_route(dst, host_net(dst).prefix_len())?;
         let route = if let [(via, oif)] = indexed[..] {
             builder
                 .gateway(via)
@@ -208,10 +205,7 @@ impl Dataplane {
         // them one or all at a time depending on the kernel, so repeat until gone.
         for _ in 0..64 {
             // Any type: a blackhole is deleted the same way as a unicast route.
-            let route = RouteMessageBuilder::<IpAddr>::new()
-                .destination_prefix(dst.addr(), dst.prefix_len())
-                .map_err(route_error)?
-                .protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL))
+            let route = flock_route(dst.addr(), dst.prefix_len())?
                 .kind(RouteType::Unspec)
                 .build();
             match self.handle().route().del(route).execute().await {
@@ -228,10 +222,7 @@ impl Dataplane {
     /// Installs a blackhole for one of the node's pod prefixes, so traffic
     /// for unallocated pod IPs is dropped here instead of looping.
     pub async fn ensure_blackhole(&self, cidr: IpNet) -> Result<()> {
-        let route = RouteMessageBuilder::<IpAddr>::new()
-            .destination_prefix(cidr.network(), cidr.prefix_len())
-            .map_err(route_error)?
-            .protocol(RouteProtocol::Other(FLOCK_ROUTE_PROTOCOL))
+        let route = flock_route(cidr.network(), cidr.prefix_len())?
             .kind(RouteType::BlackHole)
             .build();
         self.handle()
