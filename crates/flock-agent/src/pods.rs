@@ -74,6 +74,8 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     /// One lock per container: requests for one container run one at a time.
     pub locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    /// Wakes the anycast reconciler after an ADD or DEL.
+    pub anycast: tokio::sync::Notify,
 }
 
 /// The handler swapped in once the node runtime is ready.
@@ -190,6 +192,7 @@ impl PodHandler {
             .store
             .upsert(committed.clone())
             .map_err(|e| internal("recording the committed allocation failed", e))?;
+        self.shared.anycast.notify_one();
         info!(
             pod = %format!("{namespace}/{name}"),
             ip6 = ?committed.ip6,
@@ -339,6 +342,7 @@ impl PodHandler {
         let Some(entry) = entry else {
             return Ok(());
         };
+        self.shared.anycast.notify_one();
         // The addresses go back to the pool only once the kernel holds no
         // route or address of this pod any more.
         let shared = self.shared.clone();

@@ -116,8 +116,10 @@ pub async fn start(cfg: &RuntimeConfig, metrics: Metrics) -> anyhow::Result<Runt
         default_mtu,
         metrics: metrics.clone(),
         locks: Mutex::default(),
+        anycast: tokio::sync::Notify::new(),
     });
     tokio::spawn(watch_node_config(cache.clone(), dataplane));
+    tokio::spawn(keep_anycast_routed(shared.clone()));
     Ok(Runtime {
         handler: PodHandler { shared },
         cache,
@@ -216,6 +218,55 @@ async fn watch_node_config(cache: Cache, dataplane: Dataplane) {
         };
         if let Err(e) = reconcile_blackholes(&dataplane, &settings).await {
             warn!(error = %e, "reconciling node blackholes failed");
+        }
+    }
+}
+
+/// How often anycast routes are reconciled without a trigger.
+pub const ANYCAST_TICK: Duration = Duration::from_secs(2);
+
+/// Keeps the routes of anycast and `addresses` IPs equal to their Ready
+/// pods: after every ADD and DEL, on pod readiness changes, and every 2 s.
+async fn keep_anycast_routed(shared: Arc<Shared>) {
+    let mut events = shared.cache.subscribe();
+    let mut tick = tokio::time::interval(ANYCAST_TICK);
+    // Each skipped address is logged once, not every pass.
+    let mut warned = HashSet::new();
+    loop {
+        tokio::select! {
+            () = shared.anycast.notified() => {}
+            event = events.recv() => match event {
+                Ok(Event::PodReady { .. } | Event::PodDeleted { .. } | Event::Pod { .. })
+                | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {}
+        }
+        let (targets, warnings) = {
+            let alloc = shared.allocations.lock().await;
+            flock_anycast::resolve(alloc.store.iter(), |ns, pod| {
+                shared.cache.local_pod(ns, pod).is_some_and(|p| p.ready)
+            })
+        };
+        for warning in warnings {
+            if warned.insert(warning.clone()) {
+                warn!(%warning, "anycast address skipped");
+            }
+        }
+        match flock_anycast::reconcile(&shared.dataplane, &targets).await {
+            Ok(changes) => {
+                for _ in 0..changes.replaced {
+                    shared.metrics.reconciled("anycast_route_set");
+                }
+                for _ in 0..changes.removed {
+                    shared.metrics.reconciled("anycast_route_removed");
+                }
+            }
+            Err(e) => {
+                shared.metrics.error("anycast");
+                warn!(error = %e, "reconciling anycast routes failed");
+            }
         }
     }
 }

@@ -531,3 +531,56 @@ fn gc_removes_every_attachment_the_runtime_no_longer_lists() {
         1
     );
 }
+
+#[test]
+fn anycast_routes_follow_pod_readiness() {
+    let node = start();
+    let any = "203.0.113.77";
+    let ann = [("flock.fritzlab.net/anycast", any)];
+    let a = add(&node, "any-a", &ann);
+    let b = add(&node, "any-b", &ann);
+    let route = || node.node.ip_output(&["route", "show", any]);
+    let wait = |what: &str, ok: &dyn Fn(&str) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = route();
+            if ok(&r) {
+                return r;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Both Ready: one multipath route with both pods.
+    let r = wait("two nexthops", &|r| r.matches("nexthop via").count() == 2);
+    assert!(
+        r.contains(&a.ip(true).to_string()) && r.contains(&b.ip(true).to_string()),
+        "{r}"
+    );
+    // a turns NotReady: only b is left, as a plain route.
+    node.put_pod("any-a", &ann, false);
+    let r = wait("one nexthop", &|r| {
+        r.contains(&format!("via {}", b.ip(true))) && !r.contains("nexthop")
+    });
+    assert!(!r.contains(&a.ip(true).to_string()), "{r}");
+    // b deleted: no Ready pod holds it, so no route.
+    assert!(
+        node.cni("DEL", &b.id, Some(&b.ns.path()), &b.name, CONF)
+            .status
+            .success()
+    );
+    wait("no route", &|r| r.trim().is_empty());
+    // Traffic: a Ready again, and a peer reaches the anycast IP on a's lo.
+    node.put_pod("any-a", &ann, true);
+    wait("back", &|r| r.contains(&format!("via {}", a.ip(true))));
+    let peer = add(&node, "peer", &[]);
+    let _echo = flock_testkit::udp_echo_on(
+        &a.ns.netns(),
+        SocketAddr::new(any.parse().expect("ip"), ECHO_PORT),
+    );
+    let to = SocketAddr::new(any.parse().expect("ip"), ECHO_PORT);
+    assert!(
+        udp_probe(&peer.ns.netns(), to, Duration::from_secs(2)).is_some(),
+        "anycast reaches the Ready pod"
+    );
+}

@@ -1,5 +1,185 @@
 //! flock-anycast: keeps anycast and `addresses` IPs of Ready pods routed.
 //!
-//! It will own the pure resolver from allocations and pod readiness to the
-//! desired nexthop sets, and the reconciler that diffs them against the
-//! installed multipath routes and changes only what differs.
+//! [`resolve`] is pure: from the committed allocations and pod readiness it
+//! computes, per IP, the sorted nexthops (each Ready pod's own address of
+//! the same family, through its host veth). [`reconcile`] compares that with
+//! the routes flock has installed and changes only what differs, so a quiet
+//! pass touches nothing and an agent restart adopts the routes it finds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use flock_model::host_iface_name;
+use flock_netlink::{Dataplane, Nexthop, RouteKind};
+use flock_store::{AllocState, Allocation};
+use ipnet::IpNet;
+
+/// Desired routes: IP → its nexthops, sorted.
+pub type Targets = BTreeMap<IpAddr, Vec<Nexthop>>;
+
+/// The routes anycast and `addresses` IPs should have. `ready(namespace,
+/// pod)` says whether a pod is Ready. An IP whose family the pod has no
+/// address of is skipped with a warning.
+pub fn resolve<'a>(
+    allocations: impl IntoIterator<Item = &'a Allocation>,
+    ready: impl Fn(&str, &str) -> bool,
+) -> (Targets, Vec<String>) {
+    let mut targets: Targets = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for a in allocations {
+        if a.state != AllocState::Committed || !ready(&a.namespace, &a.pod) {
+            continue;
+        }
+        for &ip in a.anycast.iter().chain(&a.addresses) {
+            let via = match ip {
+                IpAddr::V4(_) => a.ip4.map(IpAddr::V4),
+                IpAddr::V6(_) => a.ip6.map(IpAddr::V6),
+            };
+            let Some(via) = via else {
+                warnings.push(format!(
+                    "pod {}/{}: {ip} skipped: the pod has no address of its family to route it through",
+                    a.namespace, a.pod
+                ));
+                continue;
+            };
+            targets.entry(ip).or_default().push(Nexthop {
+                via,
+                dev: host_iface_name(&a.container_id),
+            });
+        }
+    }
+    for hops in targets.values_mut() {
+        hops.sort();
+        hops.dedup();
+    }
+    (targets, warnings)
+}
+
+/// What one reconcile pass changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Routes installed or replaced.
+    pub replaced: usize,
+    /// Routes removed.
+    pub removed: usize,
+}
+
+/// Makes the installed anycast routes equal `targets`, touching only what
+/// differs. Routes are told apart from the pods' own host routes by having
+/// a gateway.
+pub async fn reconcile(dataplane: &Dataplane, targets: &Targets) -> flock_netlink::Result<Changes> {
+    let indices: HashMap<String, u32> = dataplane.flock_links().await?.into_iter().collect();
+    let installed: BTreeMap<IpNet, Vec<(Option<IpAddr>, u32)>> = dataplane
+        .flock_routes()
+        .await?
+        .into_iter()
+        .filter(|r| r.kind == RouteKind::Unicast && r.nexthops.iter().all(|(via, _)| via.is_some()))
+        .map(|r| (r.dst, r.nexthops))
+        .collect();
+    let mut changes = Changes::default();
+    for (ip, hops) in targets {
+        let mut want: Vec<(Option<IpAddr>, u32)> = hops
+            .iter()
+            .filter_map(|h| indices.get(&h.dev).map(|&i| (Some(h.via), i)))
+            .collect();
+        want.sort();
+        if installed.get(&IpNet::from(*ip)) != Some(&want) {
+            dataplane.replace_anycast(*ip, hops).await?;
+            changes.replaced += 1;
+        }
+    }
+    for dst in installed.keys() {
+        if dst.prefix_len() == dst.max_prefix_len() && !targets.contains_key(&dst.addr()) {
+            dataplane.remove_route(*dst).await?;
+            changes.removed += 1;
+        }
+    }
+    Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    fn alloc(
+        id: &str,
+        pod: &str,
+        ip4: Option<&str>,
+        ip6: Option<&str>,
+        anycast: &[&str],
+    ) -> Allocation {
+        Allocation {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            namespace: "ns".into(),
+            pod: pod.into(),
+            pod_uid: String::new(),
+            ip6: ip6.map(|s| s.parse().expect("v6")),
+            ip4: ip4.map(|s| s.parse().expect("v4")),
+            anycast: anycast.iter().map(|s| s.parse().expect("ip")).collect(),
+            addresses: vec![],
+            netns: String::new(),
+            mtu: None,
+            state: AllocState::Committed,
+            allocated_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn ready_pods_sharing_an_ip_become_sorted_nexthops() {
+        let a = alloc(
+            "c2",
+            "b",
+            Some("198.18.0.3"),
+            Some("2001:db8::3"),
+            &["203.0.113.1", "2001:db8:ffff::1"],
+        );
+        let b = alloc(
+            "c1",
+            "a",
+            Some("198.18.0.2"),
+            Some("2001:db8::2"),
+            &["203.0.113.1"],
+        );
+        let (t, w) = resolve([&a, &b], |_, _| true);
+        assert!(w.is_empty());
+        let v4 = &t[&"203.0.113.1".parse::<IpAddr>().expect("ip")];
+        assert_eq!(
+            v4.iter().map(|h| h.via.to_string()).collect::<Vec<_>>(),
+            ["198.18.0.2", "198.18.0.3"]
+        );
+        assert_eq!(
+            t[&"2001:db8:ffff::1".parse::<IpAddr>().expect("ip")].len(),
+            1
+        );
+        let (again, _) = resolve([&b, &a], |_, _| true);
+        assert_eq!(again, t, "order of input does not matter");
+    }
+
+    #[test]
+    fn not_ready_pending_and_familyless_pods_contribute_nothing() {
+        let ready = alloc(
+            "c1",
+            "ready",
+            Some("198.18.0.2"),
+            None,
+            &["203.0.113.1", "2001:db8:ffff::1"],
+        );
+        let not_ready = alloc("c2", "sleepy", Some("198.18.0.3"), None, &["203.0.113.1"]);
+        let mut pending = alloc("c3", "new", Some("198.18.0.4"), None, &["203.0.113.1"]);
+        pending.state = AllocState::Pending;
+        let (t, w) = resolve([&ready, &not_ready, &pending], |_, pod| pod != "sleepy");
+        assert_eq!(
+            t.len(),
+            1,
+            "the IPv6 anycast has no IPv6 pod address to go through"
+        );
+        assert_eq!(t[&"203.0.113.1".parse::<IpAddr>().expect("ip")].len(), 1);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("2001:db8:ffff::1"), "{w:?}");
+        let (none, _) = resolve([&ready], |_, _| false);
+        assert!(none.is_empty(), "no Ready pod, no route");
+    }
+}
