@@ -4,8 +4,12 @@
 //! `addresses` IPs currently announced and the node's own interface
 //! addresses into a `bird.conf`: deterministic (sorted), built only from
 //! typed values (addresses, prefixes, numbers), so nothing an operator
-//! writes can inject BIRD syntax. The debounced writer and reloader that
-//! installs it will live here too.
+//! writes can inject BIRD syntax. [`Writer`] installs it and has BIRD
+//! reload, at most once per 500 ms, retrying failures.
+
+mod writer;
+
+pub use writer::{Birdc, RELOAD_INTERVAL, Reload, Writer, WriterStatus};
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
