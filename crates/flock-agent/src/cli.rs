@@ -36,6 +36,14 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9602")]
     pub metrics_addr: SocketAddr,
 
+    /// Where the rendered BIRD configuration is written.
+    #[arg(long, value_name = "PATH", default_value = "/etc/flock/bird/bird.conf")]
+    pub bird_config: PathBuf,
+
+    /// BIRD's control socket, for `birdc configure`.
+    #[arg(long, value_name = "PATH", default_value = "/run/flock/bird.ctl")]
+    pub bird_socket: PathBuf,
+
     /// Seconds to wait at startup for this node's NodeConfig before giving up.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub nodeconfig_timeout: u64,

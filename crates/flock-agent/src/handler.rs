@@ -20,6 +20,11 @@ pub trait Handler: Send + Sync + 'static {
     fn readiness(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// Problems that do not stop ADD but an operator should see (`/readyz`).
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The handler in force; swapped when the node runtime becomes ready (or

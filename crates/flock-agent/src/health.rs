@@ -46,8 +46,16 @@ pub async fn serve(
 }
 
 async fn readyz(State(slot): State<HandlerSlot>) -> (StatusCode, String) {
-    match slot.current().readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".into()),
+    let handler = slot.current();
+    match handler.readiness() {
+        Ok(()) => {
+            let mut body = String::from("ready\n");
+            for warning in handler.warnings() {
+                body.push_str(&warning);
+                body.push('\n');
+            }
+            (StatusCode::OK, body)
+        }
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),

@@ -78,6 +78,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         state_dir: cli.state_dir.clone(),
         datastore: cli.datastore.clone(),
         nodeconfig_timeout: std::time::Duration::from_secs(cli.nodeconfig_timeout),
+        bird_config: cli.bird_config.clone(),
+        bird_socket: cli.bird_socket.clone(),
     };
     let (fatal_tx, mut fatal) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let starting = {

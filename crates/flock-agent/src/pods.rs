@@ -76,6 +76,10 @@ pub(crate) struct Shared {
     pub locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Wakes the anycast reconciler after an ADD or DEL.
     pub anycast: tokio::sync::Notify,
+    /// The IPs announced because a Ready pod holds them (anycast → BIRD).
+    pub announced: tokio::sync::watch::Sender<std::collections::BTreeSet<IpAddr>>,
+    /// Installs bird.conf and has BIRD reload it.
+    pub bird: flock_bird::Writer,
 }
 
 /// The handler swapped in once the node runtime is ready.
@@ -93,6 +97,20 @@ fn internal(what: &str, e: impl std::fmt::Display) -> CniError {
 }
 
 impl Handler for PodHandler {
+    fn warnings(&self) -> Vec<String> {
+        let status = self.shared.bird.status();
+        status
+            .last_error
+            .map(|e| {
+                format!(
+                    "bird: last reload failed ({} failures so far): {e}",
+                    status.failures
+                )
+            })
+            .into_iter()
+            .collect()
+    }
+
     fn handle(&self, request: Request) -> HandlerFuture {
         let this = self.clone();
         Box::pin(async move {

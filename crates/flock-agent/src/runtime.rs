@@ -29,6 +29,10 @@ pub struct RuntimeConfig {
     pub datastore: DatastoreSpec,
     /// How long to wait for this node's NodeConfig.
     pub nodeconfig_timeout: Duration,
+    /// Where bird.conf is written.
+    pub bird_config: PathBuf,
+    /// BIRD's control socket.
+    pub bird_socket: PathBuf,
 }
 
 /// Keeps the datastore source running while held.
@@ -117,7 +121,14 @@ pub async fn start(cfg: &RuntimeConfig, metrics: Metrics) -> anyhow::Result<Runt
         metrics: metrics.clone(),
         locks: Mutex::default(),
         anycast: tokio::sync::Notify::new(),
+        announced: tokio::sync::watch::Sender::new(Default::default()),
+        bird: flock_bird::Writer::start(
+            cfg.bird_config.clone(),
+            cfg.bird_socket.clone(),
+            flock_bird::Birdc,
+        ),
     });
+    tokio::spawn(keep_bird_config(shared.clone()));
     tokio::spawn(watch_node_config(cache.clone(), dataplane));
     tokio::spawn(keep_anycast_routed(shared.clone()));
     Ok(Runtime {
@@ -254,6 +265,13 @@ async fn keep_anycast_routed(shared: Arc<Shared>) {
                 warn!(%warning, "anycast address skipped");
             }
         }
+        shared.announced.send_if_modified(|announced| {
+            let now: std::collections::BTreeSet<std::net::IpAddr> =
+                targets.keys().copied().collect();
+            let changed = *announced != now;
+            *announced = now;
+            changed
+        });
         match flock_anycast::reconcile(&shared.dataplane, &targets).await {
             Ok(changes) => {
                 for _ in 0..changes.replaced {
@@ -266,6 +284,64 @@ async fn keep_anycast_routed(shared: Arc<Shared>) {
             Err(e) => {
                 shared.metrics.error("anycast");
                 warn!(error = %e, "reconciling anycast routes failed");
+            }
+        }
+    }
+}
+
+/// How often bird.conf is rendered again without a trigger.
+pub const BIRD_TICK: Duration = Duration::from_secs(15);
+
+/// Renders bird.conf from the NodeConfig, the announced IPs and the node's
+/// addresses, on every change of the announced set or the NodeConfig and
+/// every 15 s; the writer skips unchanged text. An invalid NodeConfig keeps
+/// the last good configuration.
+async fn keep_bird_config(shared: Arc<Shared>) {
+    let mut announced = shared.announced.subscribe();
+    let mut events = shared.cache.subscribe();
+    let mut tick = tokio::time::interval(BIRD_TICK);
+    let mut last_problem = None;
+    loop {
+        tokio::select! {
+            changed = announced.changed() => if changed.is_err() { return },
+            event = events.recv() => match event {
+                Ok(Event::NodeConfig) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {}
+        }
+        let rendered = async {
+            let nc = shared
+                .cache
+                .node_config()
+                .ok_or("the NodeConfig is gone; keeping the last configuration")?;
+            let settings = nc.settings().map_err(|e| e.to_string())?;
+            let interfaces = shared
+                .dataplane
+                .addresses()
+                .await
+                .map_err(|e| e.to_string())?;
+            let ips = announced.borrow().clone();
+            flock_bird::render(&flock_bird::BirdInput {
+                settings: &settings,
+                announced: &ips,
+                interfaces: &interfaces,
+            })
+            .map_err(|e| e.to_string())
+        }
+        .await;
+        match rendered {
+            Ok(text) => {
+                last_problem = None;
+                shared.bird.submit(text);
+            }
+            Err(problem) => {
+                if last_problem.as_ref() != Some(&problem) {
+                    shared.metrics.error("bird_render");
+                    warn!(%problem, "bird.conf not rendered; BIRD keeps its last configuration");
+                }
+                last_problem = Some(problem);
             }
         }
     }

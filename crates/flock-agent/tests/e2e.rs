@@ -551,8 +551,26 @@ fn anycast_routes_follow_pod_readiness() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    // Both Ready: one multipath route with both pods.
+    // Both Ready: one multipath route with both pods, and BIRD told to announce it.
     let r = wait("two nexthops", &|r| r.matches("nexthop via").count() == 2);
+    let bird = |want: bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let conf = std::fs::read_to_string(node.bird_config()).unwrap_or_default();
+            if conf.contains(&format!("route {any}/32 blackhole;")) == want
+                && conf.contains("198.18.0.0/24")
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bird.conf announces {any}: {want}\n{conf}\n{}",
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    bird(true);
     assert!(
         r.contains(&a.ip(true).to_string()) && r.contains(&b.ip(true).to_string()),
         "{r}"
@@ -570,6 +588,7 @@ fn anycast_routes_follow_pod_readiness() {
             .success()
     );
     wait("no route", &|r| r.trim().is_empty());
+    bird(false);
     // Traffic: a Ready again, and a peer reaches the anycast IP on a's lo.
     node.put_pod("any-a", &ann, true);
     wait("back", &|r| r.contains(&format!("via {}", a.ip(true))));

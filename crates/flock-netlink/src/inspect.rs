@@ -127,6 +127,7 @@ impl Dataplane {
             return Ok(drifts);
         };
         check_link(&mut drifts, &spec.host_iface, &host, spec.mtu);
+        let turn = self.dump_turn().await;
         let host_addrs = addresses_of(self.handle(), host.index, &spec.host_iface).await?;
         let gw6 = IpNet::new(IpAddr::V6(GATEWAY_V6), 128)
             .map_err(|e| NetlinkError::Conflict(e.to_string()))?;
@@ -137,6 +138,7 @@ impl Dataplane {
             });
         }
         let host_routes = dump(self.handle(), &node).await?;
+        drop(turn);
         for ip in spec
             .ip6
             .map(IpAddr::V6)

@@ -95,6 +95,9 @@ pub struct Dataplane {
     node: Netns,
     handle: Handle,
     reaper: Reaper,
+    /// The kernel runs one dump at a time per netlink socket (EBUSY
+    /// otherwise); dumps on the node socket take turns here.
+    dumping: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A route to `dst/len` in the main table, tagged with flock's protocol:
@@ -187,6 +190,7 @@ impl Dataplane {
             node,
             handle,
             reaper,
+            dumping: Default::default(),
         })
     }
 
@@ -197,6 +201,11 @@ impl Dataplane {
 
     pub(crate) fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// Held while dumping over the node socket.
+    pub(crate) async fn dump_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.dumping.lock().await
     }
 
     /// Turns on forwarding in the node (IPv4 and IPv6), which routing pods needs.

@@ -236,6 +236,7 @@ impl Dataplane {
 
     /// Every route in the main table carrying flock's protocol number.
     pub async fn flock_routes(&self) -> Result<Vec<InstalledRoute>> {
+        let _turn = self.dump_turn().await;
         Ok(dump(self.handle(), &self.node().to_string())
             .await?
             .into_iter()
@@ -249,6 +250,7 @@ impl Dataplane {
     /// hex digits, with their indices.
     pub async fn flock_links(&self) -> Result<Vec<(String, u32)>> {
         let mut out = Vec::new();
+        let _turn = self.dump_turn().await;
         let mut links = self.handle().link().get().execute();
         while let Some(m) = links
             .try_next()
@@ -273,7 +275,10 @@ impl Dataplane {
     /// The MTU of the interface holding the node's default route (IPv4
     /// first, then IPv6), if there is one.
     pub async fn default_route_mtu(&self) -> Result<Option<u32>> {
-        let routes = dump(self.handle(), &self.node().to_string()).await?;
+        let routes = {
+            let _turn = self.dump_turn().await;
+            dump(self.handle(), &self.node().to_string()).await?
+        };
         let Some(oif) = routes
             .iter()
             .filter(|r| r.dst.prefix_len() == 0 && r.kind == RouteKind::Unicast)
@@ -303,4 +308,33 @@ pub fn is_flock_iface(name: &str) -> bool {
         && name[5..]
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Dataplane {
+    /// Every address on the node's interfaces, with its prefix length (for
+    /// choosing a BGP `local` address on each peer's subnet).
+    pub async fn addresses(&self) -> Result<Vec<IpNet>> {
+        let mut out = Vec::new();
+        let _turn = self.dump_turn().await;
+        let mut stream = self.handle().address().get().execute();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(NetlinkError::netlink(format!(
+                "list addresses in {}",
+                self.node()
+            )))?
+        {
+            for attr in &m.attributes {
+                if let rtnetlink::packet_route::address::AddressAttribute::Address(ip) = attr
+                    && let Ok(net) = IpNet::new(*ip, m.header.prefix_len)
+                {
+                    out.push(net);
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
 }

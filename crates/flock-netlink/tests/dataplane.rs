@@ -420,6 +420,27 @@ async fn multipath_anycast_routes_grow_and_shrink_in_place() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_dumps_on_the_node_socket_take_turns() {
+    let node = node().await;
+    let pod = NetnsGuard::new("p");
+    let s = spec(&pod, 2);
+    node.dp.setup(&s).await.expect("setup");
+    // The kernel refuses a second dump on a socket with EBUSY; these all share one.
+    for _ in 0..20 {
+        let (routes, links, addrs, drift) = tokio::join!(
+            node.dp.flock_routes(),
+            node.dp.flock_links(),
+            node.dp.addresses(),
+            node.dp.inspect(&s)
+        );
+        routes.expect("routes");
+        links.expect("links");
+        addrs.expect("addresses");
+        assert_eq!(drift.expect("inspect"), vec![]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_blackholes_and_multipath_hash_policy() {
     let node = node().await;
     for cidr in ["2001:db8:0:1::/64", "198.18.0.0/24"] {

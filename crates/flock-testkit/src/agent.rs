@@ -70,6 +70,11 @@ impl AgentNode {
         self.dir.path().join("state")
     }
 
+    /// Where the agent writes bird.conf.
+    pub fn bird_config(&self) -> PathBuf {
+        self.dir.path().join("bird/bird.conf")
+    }
+
     /// The manifest directory.
     pub fn manifests(&self) -> PathBuf {
         self.dir.path().join("manifests")
@@ -105,6 +110,11 @@ impl AgentNode {
             .arg("--datastore")
             .arg(format!("dir:{}", self.manifests().display()))
             .args(["--metrics-addr", "127.0.0.1:9602"])
+            // Never the host's /etc/flock or /run/flock.
+            .arg("--bird-config")
+            .arg(self.bird_config())
+            .arg("--bird-socket")
+            .arg(self.dir.path().join("bird.ctl"))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
