@@ -44,8 +44,11 @@ pub fn run(var: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Outcom
 }
 
 fn invoke(var: &dyn Fn(&str) -> Option<String>, stdin: &mut dyn Read) -> Result<Vec<u8>, CniError> {
+    // stdin first, whatever the command: a runtime writing the config to a
+    // plugin that already exited would see a broken pipe.
+    let input = read_stdin(stdin);
     let command = Invocation::command(var)?;
-    let input = read_stdin(stdin)?;
+    let input = input?;
     let Command::Forward(op) = command else {
         return Ok(version_answer(&input));
     };
