@@ -56,7 +56,7 @@ pub fn run(iterations: usize, baseline_iterations: usize, cni_dir: &Path) -> any
         .enable_all()
         .build()?;
     let samples = runtime.block_on(measure_flock(iterations))?;
-    let baseline = ptp::baseline(baseline_iterations, 1, cni_dir, ptp::Timed::AddDel46);
+    let baseline = ptp::sequential(baseline_iterations, true, true, cni_dir);
 
     let both = Summary::of(samples.both.clone());
     println!(

@@ -83,22 +83,6 @@ enum Bench {
         #[arg(long)]
         pods: String,
     },
-    /// Internal: ptp + host-local timings, run inside the node namespace.
-    #[command(hide = true)]
-    PtpInside {
-        #[arg(long)]
-        iterations: usize,
-        #[arg(long)]
-        warmup: usize,
-        #[arg(long)]
-        cni_dir: PathBuf,
-        #[arg(long)]
-        pod_netns: PathBuf,
-        #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long, value_enum)]
-        timed: ptp::Timed,
-    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -126,13 +110,5 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             pods,
         } => ptp::phases_inside(concurrency, dual_stack, &cni_dir, &data_dir, &pods),
-        Bench::PtpInside {
-            iterations,
-            warmup,
-            cni_dir,
-            pod_netns,
-            data_dir,
-            timed,
-        } => ptp::inside(iterations, warmup, &cni_dir, &pod_netns, &data_dir, timed),
     }
 }

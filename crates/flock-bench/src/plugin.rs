@@ -99,7 +99,7 @@ pub fn run(iterations: usize, plugin: Option<PathBuf>, cni_dir: &Path) -> anyhow
     })?;
 
     let ptp_version = ptp::version_exec(iterations, cni_dir);
-    let ptp_add = ptp::baseline(iterations, WARMUP, cni_dir, ptp::Timed::Add4);
+    let ptp_add = ptp::sequential(iterations, false, false, cni_dir);
 
     println!("flock-bench plugin: {iterations} runs each after {WARMUP} warm-up runs");
     println!("plugin: {}", plugin.display());

@@ -1,11 +1,10 @@
 //! The baseline: Debian's ptp + host-local, run the way a runtime runs them,
 //! in network namespaces this benchmark creates and deletes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use flock_testkit::NetnsGuard;
 
 use crate::measure::{Summary, exec_plugin, measure};
@@ -32,13 +31,20 @@ pub fn version_exec(iterations: usize, cni_dir: &Path) -> Result<Summary, String
     .map_err(|e| format!("{e:#}"))
 }
 
-/// Which ptp operation is timed.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Timed {
-    /// IPv4-only ADD; DEL untimed.
-    Add4,
-    /// Dual-stack ADD followed by DEL, both timed.
-    AddDel46,
+/// A sequential baseline over `pods` pods: each pod's ADD, or its ADD + DEL.
+pub fn sequential(
+    pods: usize,
+    dual_stack: bool,
+    with_del: bool,
+    cni_dir: &Path,
+) -> Result<Summary, String> {
+    let p = phases(pods, 1, dual_stack, cni_dir)?;
+    let micros = p
+        .add
+        .iter()
+        .zip(&p.del)
+        .map(|(add, del)| if with_del { add + del } else { *add });
+    Ok(Summary::of(micros.map(Duration::from_micros).collect()))
 }
 
 /// ADD then DEL timings of many pods at a given concurrency.
@@ -168,105 +174,5 @@ fn can_run(cni_dir: &Path) -> Result<(), String> {
     if !is_root() {
         return Err("needs root for network namespaces".into());
     }
-    Ok(())
-}
-
-/// ptp + host-local timings, inside a node namespace of our own (so ptp's
-/// host veths never touch the machine's namespace).
-pub fn baseline(
-    iterations: usize,
-    warmup: usize,
-    cni_dir: &Path,
-    timed: Timed,
-) -> Result<Summary, String> {
-    can_run(cni_dir)?;
-    run_in_namespaces(iterations, warmup, cni_dir, timed).map_err(|e| format!("{e:#}"))
-}
-
-fn run_in_namespaces(
-    iterations: usize,
-    warmup: usize,
-    cni_dir: &Path,
-    timed: Timed,
-) -> anyhow::Result<Summary> {
-    let node = NetnsGuard::new("bnode");
-    let pod = NetnsGuard::new("bpod");
-    let data = tempfile::tempdir()?;
-    let out = Command::new("ip")
-        .args(["netns", "exec", node.name()])
-        .arg(std::env::current_exe()?)
-        .args(["ptp-inside", "--iterations", &iterations.to_string()])
-        .args(["--warmup", &warmup.to_string()])
-        .arg("--cni-dir")
-        .arg(cni_dir)
-        .arg("--pod-netns")
-        .arg(pod.path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .arg("--timed")
-        .arg(match timed {
-            Timed::Add4 => "add4",
-            Timed::AddDel46 => "add-del46",
-        })
-        .output()
-        .context("running the baseline inside the node namespace")?;
-    if !out.status.success() {
-        bail!("baseline failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let micros: Vec<u64> = serde_json::from_slice(&out.stdout).context("baseline output")?;
-    Ok(Summary::of(
-        micros.into_iter().map(Duration::from_micros).collect(),
-    ))
-}
-
-/// Runs inside the node namespace: prints the timings in microseconds as JSON.
-pub fn inside(
-    iterations: usize,
-    warmup: usize,
-    cni_dir: &Path,
-    pod_netns: &Path,
-    data_dir: &Path,
-    timed: Timed,
-) -> anyhow::Result<()> {
-    let ptp: PathBuf = cni_dir.join("ptp");
-    let ranges = match timed {
-        Timed::Add4 => serde_json::json!([[{"subnet": "198.18.0.0/24"}]]),
-        Timed::AddDel46 => {
-            serde_json::json!([[{"subnet": "198.18.0.0/24"}], [{"subnet": "2001:db8:0:1::/64"}]])
-        }
-    };
-    let config = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "flockbench",
-        "type": "ptp",
-        "ipam": { "type": "host-local", "ranges": ranges, "dataDir": data_dir },
-    })
-    .to_string();
-    let cni_path = cni_dir.to_string_lossy();
-    let netns = pod_netns.to_string_lossy();
-    let env = |command| {
-        [
-            ("CNI_COMMAND", command),
-            ("CNI_CONTAINERID", "flockbench"),
-            ("CNI_NETNS", netns.as_ref()),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", cni_path.as_ref()),
-        ]
-    };
-    let mut micros = Vec::with_capacity(iterations);
-    for i in 0..warmup + iterations {
-        let started = Instant::now();
-        exec_plugin(&ptp, &env("ADD"), config.as_bytes())?;
-        let add = started.elapsed();
-        exec_plugin(&ptp, &env("DEL"), config.as_bytes())?;
-        let took = match timed {
-            Timed::Add4 => add,
-            Timed::AddDel46 => started.elapsed(),
-        };
-        if i >= warmup {
-            micros.push(took.as_micros() as u64);
-        }
-    }
-    println!("{}", serde_json::to_string(&micros)?);
     Ok(())
 }

@@ -82,13 +82,18 @@ fn check_link(drifts: &mut Vec<Drift>, name: &str, state: &LinkState, mtu: u32) 
     }
 }
 
-async fn addresses_of(handle: &Handle, index: u32, what: &str) -> Result<HashSet<IpNet>> {
+/// The addresses on link `index` (every link when `None`), with their prefix lengths.
+pub(crate) async fn addresses_of(
+    handle: &Handle,
+    index: Option<u32>,
+    what: &str,
+) -> Result<HashSet<IpNet>> {
     let mut out = HashSet::new();
-    let mut stream = handle
-        .address()
-        .get()
-        .set_link_index_filter(index)
-        .execute();
+    let mut request = handle.address().get();
+    if let Some(index) = index {
+        request = request.set_link_index_filter(index);
+    }
+    let mut stream = request.execute();
     while let Some(m) = stream
         .try_next()
         .await
@@ -128,7 +133,7 @@ impl Dataplane {
         };
         check_link(&mut drifts, &spec.host_iface, &host, spec.mtu);
         let turn = self.dump_turn().await;
-        let host_addrs = addresses_of(self.handle(), host.index, &spec.host_iface).await?;
+        let host_addrs = addresses_of(self.handle(), Some(host.index), &spec.host_iface).await?;
         let gw6 = IpNet::new(IpAddr::V6(GATEWAY_V6), 128)
             .map_err(|e| NetlinkError::Conflict(e.to_string()))?;
         if !host_addrs.contains(&gw6) {
@@ -171,7 +176,7 @@ impl Dataplane {
             )));
         }
         check_link(&mut drifts, &pod_name, &peer, spec.mtu);
-        let pod_addrs = addresses_of(&pod, peer.index, &pod_name).await?;
+        let pod_addrs = addresses_of(&pod, Some(peer.index), &pod_name).await?;
         let unicast = spec
             .ip6
             .map(IpAddr::V6)
@@ -190,7 +195,7 @@ impl Dataplane {
             match link::find(&pod, "lo", &lo_name).await? {
                 None => drifts.push(Drift::MissingPodLink(lo_name)),
                 Some(lo) => {
-                    let lo_addrs = addresses_of(&pod, lo.index, &lo_name).await?;
+                    let lo_addrs = addresses_of(&pod, Some(lo.index), &lo_name).await?;
                     for &ip in &spec.anycast {
                         if !lo_addrs.contains(&host_net(ip)) {
                             drifts.push(Drift::MissingAddress {

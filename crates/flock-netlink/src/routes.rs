@@ -314,27 +314,11 @@ impl Dataplane {
     /// Every address on the node's interfaces, with its prefix length (for
     /// choosing a BGP `local` address on each peer's subnet).
     pub async fn addresses(&self) -> Result<Vec<IpNet>> {
-        let mut out = Vec::new();
         let _turn = self.dump_turn().await;
-        let mut stream = self.handle().address().get().execute();
-        while let Some(m) = stream
-            .try_next()
-            .await
-            .map_err(NetlinkError::netlink(format!(
-                "list addresses in {}",
-                self.node()
-            )))?
-        {
-            for attr in &m.attributes {
-                if let rtnetlink::packet_route::address::AddressAttribute::Address(ip) = attr
-                    && let Ok(net) = IpNet::new(*ip, m.header.prefix_len)
-                {
-                    out.push(net);
-                }
-            }
-        }
+        let all =
+            crate::inspect::addresses_of(self.handle(), None, &self.node().to_string()).await?;
+        let mut out: Vec<IpNet> = all.into_iter().collect();
         out.sort();
-        out.dedup();
         Ok(out)
     }
 }
