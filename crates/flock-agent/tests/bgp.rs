@@ -4,37 +4,13 @@
 //! it is Ready.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flock_testkit::NetnsGuard;
 use flock_testkit::agent::{AgentNode, node_config};
+use flock_testkit::{Bird, NetnsGuard};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
 const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
-
-/// A BIRD process of the test's own, stopped by PID on drop.
-struct Bird(Child);
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn bird(ns: &str, config: &Path, socket: &Path) -> Bird {
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns, "bird", "-f", "-c"])
-        .arg(config)
-        .arg("-s")
-        .arg(socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start bird (apt-get install bird2)");
-    Bird(child)
-}
 
 fn until(what: &str, within: Duration, mut ok: impl FnMut() -> Option<String>) -> String {
     let deadline = Instant::now() + within;
@@ -99,9 +75,9 @@ fn the_tor_learns_node_prefixes_and_anycast_only_while_ready() {
 
     let tor_conf = dir.path().join("tor.conf");
     std::fs::write(&tor_conf, TOR_CONF).expect("tor conf");
-    let _tor_bird = bird(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
+    let _tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
     let node_socket = node.bird_config().with_file_name("../bird.ctl");
-    let _node_bird = bird(node.node.name(), &node.bird_config(), &node_socket);
+    let _node_bird = Bird::start(node.node.name(), &node.bird_config(), &node_socket);
 
     let tor_routes = || tor.ip_output(&["route"]) + &tor.ip_output(&["-6", "route"]);
     until(

@@ -2,12 +2,12 @@
 //! text, retries; and the real BIRD reloading what it wrote.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flock_bird::{Birdc, RELOAD_INTERVAL, Reload, Writer};
-use flock_testkit::NetnsGuard;
+use flock_testkit::{Bird, NetnsGuard};
 use tokio::time::Instant;
 
 #[derive(Clone, Default)]
@@ -128,19 +128,6 @@ async fn a_failed_reload_is_retried_and_reported_until_it_succeeds() {
     assert_eq!(rec.texts(), ["x\n"]);
 }
 
-/// BIRD in a namespace of the test's own, stopped by PID on drop.
-struct Bird {
-    child: Child,
-    _ns: NetnsGuard,
-}
-
-impl Drop for Bird {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn birdc(socket: &Path, args: &[&str]) -> String {
     let out = Command::new("birdc")
         .arg("-s")
@@ -162,15 +149,7 @@ async fn real_bird_loads_what_the_writer_installs() {
         "log stderr all;\nrouter id 198.18.255.1;\nprotocol device {}\n",
     )
     .expect("bootstrap");
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns.name(), "bird", "-f", "-c"])
-        .arg(&config)
-        .arg("-s")
-        .arg(&socket)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start bird (apt-get install bird2)");
-    let bird = Bird { child, _ns: ns };
+    let bird = Bird::start(ns.name(), &config, &socket);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !birdc(&socket, &["show", "status"]).contains("Daemon is up") {
         assert!(std::time::Instant::now() < deadline, "bird never answered");
@@ -208,4 +187,5 @@ async fn real_bird_loads_what_the_writer_installs() {
         "the last good config stays loaded"
     );
     drop(bird);
+    drop(ns);
 }

@@ -226,3 +226,31 @@ pub fn udp_probe_since(
     });
     probe.join().expect("probe thread").expect("probe")
 }
+
+/// A BIRD daemon started in a namespace of the test's own, stopped by PID
+/// on drop.
+#[derive(Debug)]
+pub struct Bird(std::process::Child);
+
+impl Bird {
+    /// Starts `bird -f -c config -s socket` inside `ns` (apt-get install bird2).
+    pub fn start(ns: &str, config: &std::path::Path, socket: &std::path::Path) -> Bird {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "bird", "-f", "-c"])
+            .arg(config)
+            .arg("-s")
+            .arg(socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start bird (apt-get install bird2)");
+        Bird(child)
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
