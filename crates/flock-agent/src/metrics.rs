@@ -47,6 +47,15 @@ pub struct Metrics {
     pub reconciles: Family<KindLabels, Counter>,
     /// Errors outside any RPC (teardown completion, reconcile failures, …).
     pub errors: Family<KindLabels, Counter>,
+    /// `birdc configure` runs by result (`ok` or `error`).
+    pub bird_reloads: Family<ResultLabels, Counter>,
+}
+
+/// Labels naming an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: String,
 }
 
 impl Default for Metrics {
@@ -94,6 +103,12 @@ impl Metrics {
         );
         let errors = Family::<KindLabels, Counter>::default();
         registry.register("errors", "Errors outside RPCs, by kind", errors.clone());
+        let bird_reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "bird_reloads",
+            "BIRD configuration reloads (write + birdc configure), by result",
+            bird_reloads.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
             rpc,
@@ -101,7 +116,17 @@ impl Metrics {
             pool_capacity,
             reconciles,
             errors,
+            bird_reloads,
         }
+    }
+
+    /// Counts one BIRD reload attempt.
+    pub fn bird_reloaded(&self, ok: bool) {
+        self.bird_reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" }.to_owned(),
+            })
+            .inc();
     }
 
     /// Records one RPC.

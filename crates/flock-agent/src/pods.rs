@@ -76,8 +76,10 @@ pub(crate) struct Shared {
     pub locks: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Wakes the anycast reconciler after an ADD or DEL.
     pub anycast: tokio::sync::Notify,
-    /// The IPs announced because a Ready pod holds them (anycast → BIRD).
-    pub announced: tokio::sync::watch::Sender<std::collections::BTreeSet<IpAddr>>,
+    /// The IPs announced because a Ready pod holds them (anycast → BIRD);
+    /// `None` until the first pass after start, so nothing is withdrawn
+    /// before the pods are known.
+    pub announced: tokio::sync::watch::Sender<Option<std::collections::BTreeSet<IpAddr>>>,
     /// Installs bird.conf and has BIRD reload it.
     pub bird: flock_bird::Writer,
 }

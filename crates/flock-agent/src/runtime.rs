@@ -122,11 +122,15 @@ pub async fn start(cfg: &RuntimeConfig, metrics: Metrics) -> anyhow::Result<Runt
         locks: Mutex::default(),
         anycast: tokio::sync::Notify::new(),
         announced: tokio::sync::watch::Sender::new(Default::default()),
-        bird: flock_bird::Writer::start(
-            cfg.bird_config.clone(),
-            cfg.bird_socket.clone(),
-            flock_bird::Birdc,
-        ),
+        bird: {
+            let metrics = metrics.clone();
+            flock_bird::Writer::start_observed(
+                cfg.bird_config.clone(),
+                cfg.bird_socket.clone(),
+                flock_bird::Birdc,
+                move |outcome| metrics.bird_reloaded(outcome.is_ok()),
+            )
+        },
     });
     tokio::spawn(keep_bird_config(shared.clone()));
     tokio::spawn(watch_node_config(cache.clone(), dataplane));
@@ -236,10 +240,22 @@ async fn watch_node_config(cache: Cache, dataplane: Dataplane) {
 /// How often anycast routes are reconciled without a trigger.
 pub const ANYCAST_TICK: Duration = Duration::from_secs(2);
 
+/// How long the anycast reconciler waits for the first list of this
+/// node's pods after a start before it treats missing pods as gone.
+pub const LOCAL_PODS_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Keeps the routes of anycast and `addresses` IPs equal to their Ready
 /// pods: after every ADD and DEL, on pod readiness changes, and every 2 s.
+/// After a restart nothing is touched until this node's pods are listed:
+/// the routes installed before stay (adopted, not flapped).
 async fn keep_anycast_routed(shared: Arc<Shared>) {
     let mut events = shared.cache.subscribe();
+    if !shared.cache.wait_for_local_pods(LOCAL_PODS_TIMEOUT).await {
+        warn!(
+            timeout_s = LOCAL_PODS_TIMEOUT.as_secs(),
+            "this node's pods were not listed in time; reconciling anycast routes with what is known"
+        );
+    }
     let mut tick = tokio::time::interval(ANYCAST_TICK);
     // Each skipped address is logged once, not every pass.
     let mut warned = HashSet::new();
@@ -268,8 +284,8 @@ async fn keep_anycast_routed(shared: Arc<Shared>) {
         shared.announced.send_if_modified(|announced| {
             let now: std::collections::BTreeSet<std::net::IpAddr> =
                 targets.keys().copied().collect();
-            let changed = *announced != now;
-            *announced = now;
+            let changed = announced.as_ref() != Some(&now);
+            *announced = Some(now);
             changed
         });
         match flock_anycast::reconcile(&shared.dataplane, &targets).await {
@@ -322,17 +338,23 @@ async fn keep_bird_config(shared: Arc<Shared>) {
                 .addresses()
                 .await
                 .map_err(|e| e.to_string())?;
-            let ips = announced.borrow().clone();
+            let Some(ips) = announced.borrow().clone() else {
+                // The first anycast pass has not run: rendering now would
+                // withdraw every anycast IP until it does.
+                return Ok(None);
+            };
             flock_bird::render(&flock_bird::BirdInput {
                 settings: &settings,
                 announced: &ips,
                 interfaces: &interfaces,
             })
+            .map(Some)
             .map_err(|e| e.to_string())
         }
         .await;
         match rendered {
-            Ok(text) => {
+            Ok(None) => {}
+            Ok(Some(text)) => {
                 last_problem = None;
                 shared.bird.submit(text);
             }

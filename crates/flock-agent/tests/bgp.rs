@@ -1,8 +1,10 @@
-//! BGP against a real peer: a ToR namespace running BIRD, peered over a
-//! veth with a node namespace running BIRD and the real agent. The ToR
-//! learns the node's prefixes, and an anycast IP only while a pod holding
-//! it is Ready.
+//! BGP against a real peer: a ToR namespace running BIRD, peered over
+//! veths with node namespaces each running BIRD and the real agent. The
+//! ToR learns the nodes' prefixes, and an anycast IP only while a pod
+//! holding it is Ready; pods reach each other through it; one anycast IP
+//! on two nodes is ECMP on the ToR; restarts withdraw nothing.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -76,8 +78,7 @@ fn the_tor_learns_node_prefixes_and_anycast_only_while_ready() {
     let tor_conf = dir.path().join("tor.conf");
     std::fs::write(&tor_conf, TOR_CONF).expect("tor conf");
     let _tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
-    let node_socket = node.bird_config().with_file_name("../bird.ctl");
-    let _node_bird = Bird::start(node.node.name(), &node.bird_config(), &node_socket);
+    let _node_bird = Bird::start(node.node.name(), &node.bird_config(), &node.bird_socket());
 
     let tor_routes = || tor.ip_output(&["route"]) + &tor.ip_output(&["-6", "route"]);
     until(
@@ -113,5 +114,452 @@ fn the_tor_learns_node_prefixes_and_anycast_only_while_ready() {
     assert!(
         tor_routes().contains("198.18.0.0/24 via 198.18.255.1"),
         "the node's prefix stays"
+    );
+}
+
+/// One node of a two-node fabric: the agent, its BIRD, and its uplink.
+struct FabricNode {
+    node: AgentNode,
+    /// The node's uplink addresses (v4, v6).
+    uplink: (&'static str, &'static str),
+    bird: Option<Bird>,
+}
+
+/// Wires `node`'s `up0` to the ToR's `tor_if` on 198.19.`n`.0/24 and
+/// 2001:db8:ff:`n`::/64 (ToR .254 / ::fe, node .1 / ::1), with the node's
+/// default routes pointing at the ToR, as on a routed bare-metal rack.
+fn uplink(tor: &NetnsGuard, node: &AgentNode, tor_if: &str, n: u8) {
+    tor.ip(&[
+        "link",
+        "add",
+        tor_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "up0",
+        "netns",
+        node.node.name(),
+    ]);
+    tor.ip(&["addr", "add", &format!("198.19.{n}.254/24"), "dev", tor_if]);
+    tor.ip(&[
+        "addr",
+        "add",
+        &format!("2001:db8:ff:{n}::fe/64"),
+        "dev",
+        tor_if,
+        "nodad",
+    ]);
+    tor.ip(&["link", "set", tor_if, "up"]);
+    let ns = &node.node;
+    ns.ip(&["addr", "add", &format!("198.19.{n}.1/24"), "dev", "up0"]);
+    ns.ip(&[
+        "addr",
+        "add",
+        &format!("2001:db8:ff:{n}::1/64"),
+        "dev",
+        "up0",
+        "nodad",
+    ]);
+    ns.ip(&["link", "set", "up0", "up"]);
+    ns.ip(&["route", "add", "default", "via", &format!("198.19.{n}.254")]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("2001:db8:ff:{n}::fe"),
+    ]);
+}
+
+const FABRIC_TOR_CONF: &str = "log stderr all;
+router id 198.19.255.254;
+protocol device { scan time 10; }
+protocol kernel { merge paths on; ipv4 { export where source = RTS_BGP; }; }
+protocol kernel { merge paths on; ipv6 { export where source = RTS_BGP; }; }
+protocol bgp a4 { local 198.19.1.254 as 65000; neighbor 198.19.1.1 as 65001; ipv4 { import all; export none; }; }
+protocol bgp a6 { local 2001:db8:ff:1::fe as 65000; neighbor 2001:db8:ff:1::1 as 65001; ipv6 { import all; export none; }; }
+protocol bgp b4 { local 198.19.2.254 as 65000; neighbor 198.19.2.1 as 65002; ipv4 { import all; export none; }; }
+protocol bgp b6 { local 2001:db8:ff:2::fe as 65000; neighbor 2001:db8:ff:2::1 as 65002; ipv6 { import all; export none; }; }
+";
+
+fn fabric_node(tor: &NetnsGuard, name: &str, n: u8, asn: u32) -> FabricNode {
+    let plugin: PathBuf = Path::new(AGENT).with_file_name("flock");
+    let spec = format!(
+        "  cidr6: 2001:db8:0:{n}::/64\n  cidr4: 198.18.{n}.0/24\n  bgp:\n    asn: {asn}\n    routerId: 198.19.{n}.1\n    peers:\n    - {{address: 198.19.{n}.254, asn: 65000}}\n    - {{address: '2001:db8:ff:{n}::fe', asn: 65000}}"
+    );
+    let config = flock_testkit::agent::node_config_for(name, &spec, "");
+    let mut node = AgentNode::start_named(Path::new(AGENT), &plugin, name, &config);
+    uplink(tor, &node, &format!("tor{n}"), n);
+    // Render again now that the uplink address (BIRD's `local`) exists.
+    node.kill();
+    node.spawn();
+    let want = format!("local 198.19.{n}.1 as {asn};");
+    until(
+        "bird.conf with the uplink's local address",
+        Duration::from_secs(10),
+        || {
+            let c = std::fs::read_to_string(node.bird_config()).ok()?;
+            c.contains(&want).then_some(c)
+        },
+    );
+    // As the DaemonSet's sidecar: always in graceful restart recovery, so
+    // a restarted BIRD tells its peers to keep its routes.
+    let bird = Bird::start_with(
+        node.node.name(),
+        &node.bird_config(),
+        &node.bird_socket(),
+        &["-R"],
+    );
+    let uplink = match n {
+        1 => ("198.19.1.1", "2001:db8:ff:1::1"),
+        _ => ("198.19.2.1", "2001:db8:ff:2::1"),
+    };
+    FabricNode {
+        node,
+        uplink,
+        bird: Some(bird),
+    }
+}
+
+/// Every UDP flow from a fresh source port of the ToR to `to`; returns
+/// once each echo server has answered at least once, or panics.
+fn spread_until_all_answer(
+    tor: &NetnsGuard,
+    to: SocketAddr,
+    echoes: &[(&str, &flock_testkit::Echo)],
+) {
+    for _ in 0..400 {
+        let answered = flock_testkit::udp_probe(&tor.netns(), to, Duration::from_millis(500));
+        assert!(answered.is_some(), "no answer from {to}");
+        if echoes.iter().all(|(_, e)| e.hits() > 0) {
+            return;
+        }
+    }
+    let hits: Vec<String> = echoes
+        .iter()
+        .map(|(n, e)| format!("{n}={}", e.hits()))
+        .collect();
+    panic!(
+        "400 flows to {to} did not reach every pod: {}",
+        hits.join(" ")
+    );
+}
+
+#[test]
+fn two_nodes_route_pods_anycast_and_addresses_through_the_tor() {
+    let tor = NetnsGuard::new("tor");
+    // The ToR routes between its ports, and spreads flows to one anycast
+    // IP over the nodes by ports, too.
+    let status = std::process::Command::new("ip")
+        .args(["netns", "exec", tor.name(), "sysctl", "-qw"])
+        .args([
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
+        ])
+        .status()
+        .expect("sysctl");
+    assert!(status.success(), "setting the ToR's multipath hash policy");
+    let a = fabric_node(&tor, "node-a", 1, 65001);
+    let b = fabric_node(&tor, "node-b", 2, 65002);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tor_conf = dir.path().join("tor.conf");
+    std::fs::write(&tor_conf, FABRIC_TOR_CONF).expect("tor conf");
+    let _tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
+    let tor_routes = || tor.ip_output(&["route"]) + &tor.ip_output(&["-6", "route"]);
+
+    // Each node's prefixes, both families, via that node.
+    until(
+        "the ToR learns both nodes' prefixes",
+        Duration::from_secs(30),
+        || {
+            let r = tor_routes();
+            [
+                "198.18.1.0/24 via 198.19.1.1",
+                "198.18.2.0/24 via 198.19.2.1",
+                "2001:db8:0:1::/64 via 2001:db8:ff:1::1",
+                "2001:db8:0:2::/64 via 2001:db8:ff:2::1",
+            ]
+            .iter()
+            .all(|p| r.contains(p))
+            .then_some(r)
+        },
+    );
+
+    // Two Ready pods with one anycast IP on node a, a third on node b, and
+    // a pod on node a with an extra `addresses` IP.
+    let any4 = "203.0.113.10";
+    let any6 = "2001:db8:aa::10";
+    let anycast = format!("{any4},{any6}");
+    let ann = [("flock.fritzlab.net/anycast", anycast.as_str())];
+    let a1 = a.node.add_pod("a1", &ann, CONF);
+    let a2 = a.node.add_pod("a2", &ann, CONF);
+    let b1 = b.node.add_pod("b1", &ann, CONF);
+    let extra = "203.0.113.20";
+    let a3 = a
+        .node
+        .add_pod("a3", &[("flock.fritzlab.net/addresses", extra)], CONF);
+
+    // Pods on different nodes reach each other through the ToR.
+    let _b1_echo = flock_testkit::udp_echo(&b1.ns.netns(), 7100);
+    for v4 in [true, false] {
+        let to = SocketAddr::new(b1.ip(v4), 7100);
+        assert!(
+            flock_testkit::udp_probe(&a1.ns.netns(), to, Duration::from_secs(5)).is_some(),
+            "a1 on node-a cannot reach b1 on node-b at {to}\nToR routes:\n{}",
+            tor_routes()
+        );
+    }
+
+    // On node a: one route with two nexthops (a1, a2).
+    let node_route = a.node.node.ip_output(&["route", "show", any4]);
+    assert_eq!(node_route.matches("nexthop via").count(), 2, "{node_route}");
+    // On the ToR: ECMP over both nodes, for both families.
+    let ecmp = until(
+        "ECMP on the ToR for the anycast IPs",
+        Duration::from_secs(30),
+        || {
+            let v4 = tor.ip_output(&["route", "show", any4]);
+            let v6 = tor.ip_output(&["-6", "route", "show", any6]);
+            (v4.contains(&format!("nexthop via {}", a.uplink.0))
+                && v4.contains(&format!("nexthop via {}", b.uplink.0))
+                && v6.contains(&format!("nexthop via {}", a.uplink.1))
+                && v6.contains(&format!("nexthop via {}", b.uplink.1)))
+            .then_some(v4 + &v6)
+        },
+    );
+
+    // Traffic from the ToR reaches all three pods holding the anycast IP.
+    for any in [any4, any6] {
+        let ip: std::net::IpAddr = any.parse().expect("ip");
+        let echoes = [
+            (
+                "a1",
+                flock_testkit::udp_echo_on(&a1.ns.netns(), SocketAddr::new(ip, 7200)),
+            ),
+            (
+                "a2",
+                flock_testkit::udp_echo_on(&a2.ns.netns(), SocketAddr::new(ip, 7200)),
+            ),
+            (
+                "b1",
+                flock_testkit::udp_echo_on(&b1.ns.netns(), SocketAddr::new(ip, 7200)),
+            ),
+        ];
+        let refs: Vec<(&str, &flock_testkit::Echo)> = echoes.iter().map(|(n, e)| (*n, e)).collect();
+        spread_until_all_answer(&tor, SocketAddr::new(ip, 7200), &refs);
+    }
+
+    // The `addresses` IP is announced and answers on a3's eth0.
+    until(
+        "the addresses IP reaches the ToR",
+        Duration::from_secs(30),
+        || {
+            tor_routes()
+                .contains(&format!("{extra} via {}", a.uplink.0))
+                .then_some(String::new())
+        },
+    );
+    let to = SocketAddr::new(extra.parse().expect("ip"), 7300);
+    // Bound to the IP, so the answer leaves from it.
+    let _a3_echo = flock_testkit::udp_echo_on(&a3.ns.netns(), to);
+    assert!(
+        flock_testkit::udp_probe(&tor.netns(), to, Duration::from_secs(5)).is_some(),
+        "the ToR cannot reach {to} on a3"
+    );
+    assert!(
+        a3.ns
+            .ip_output(&["addr", "show", "dev", "eth0"])
+            .contains(extra),
+        "{extra} is on a3's eth0"
+    );
+
+    // Restarts withdraw nothing: watch every route change on the ToR while
+    // node a's agent is stopped (SIGTERM) and started, then killed
+    // (SIGKILL) and started; then while node a's BIRD is killed and
+    // started again (BGP graceful restart keeps its routes on the ToR).
+    let mut a = a;
+    let monitor = RouteMonitor::start(&tor);
+    a.node.stop();
+    a.node.spawn();
+    a.node.kill();
+    a.node.spawn();
+    // Past the anycast tick and a bird.conf render.
+    std::thread::sleep(flock_agent::runtime::ANYCAST_TICK + Duration::from_secs(1));
+    assert_withdrew_nothing("restarting the agent", &monitor.stop());
+
+    let monitor = RouteMonitor::start(&tor);
+    drop(a.bird.take());
+    a.bird = Some(Bird::start_with(
+        a.node.node.name(),
+        &a.node.bird_config(),
+        &a.node.bird_socket(),
+        &["-R"],
+    ));
+    until(
+        "node a's BGP sessions are back",
+        Duration::from_secs(30),
+        || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", a.node.node.name(), "birdc", "-s"])
+                .arg(a.node.bird_socket())
+                .args(["show", "protocols"])
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (text.matches("Established").count() == 2).then_some(text)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_withdrew_nothing("restarting node a's BIRD", &monitor.stop());
+    let after =
+        tor.ip_output(&["route", "show", any4]) + &tor.ip_output(&["-6", "route", "show", any6]);
+    assert_eq!(
+        after.matches("nexthop via").count(),
+        4,
+        "ECMP after the restarts:\n{after}\nbefore:\n{ecmp}"
+    );
+
+    // Deleting b1 leaves only node a announcing the anycast IP.
+    assert!(
+        b.node
+            .cni("DEL", &b1.id, Some(&b1.ns.path()), &b1.name, CONF)
+            .status
+            .success()
+    );
+    until(
+        "b1's anycast withdrawn on the ToR",
+        Duration::from_secs(30),
+        || {
+            let r = tor.ip_output(&["route", "show", any4]);
+            (r.contains(&format!("{any4} via {}", a.uplink.0)) && !r.contains(b.uplink.0))
+                .then_some(r)
+        },
+    );
+    drop(a2);
+}
+
+/// Fails when `changes` (`ip monitor route` output) withdrew a route to a
+/// pod prefix, an anycast or an `addresses` IP.
+fn assert_withdrew_nothing(during: &str, changes: &str) {
+    let withdrawn = changes.lines().any(|l| {
+        l.starts_with("Deleted")
+            && (l.contains("198.18.")
+                || l.contains("203.0.113.")
+                || l.contains("2001:db8:0:")
+                || l.contains("2001:db8:aa::"))
+    });
+    assert!(
+        !withdrawn,
+        "{during} withdrew routes on the ToR:\n{changes}"
+    );
+}
+
+/// `ip monitor route` in a namespace, collecting what it prints; killed
+/// by PID on drop.
+struct RouteMonitor(Option<std::process::Child>);
+
+impl RouteMonitor {
+    fn start(ns: &NetnsGuard) -> RouteMonitor {
+        let child = std::process::Command::new("ip")
+            .args(["-n", ns.name(), "monitor", "route"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip monitor");
+        // Give it a moment to subscribe before anything happens.
+        std::thread::sleep(Duration::from_millis(200));
+        RouteMonitor(Some(child))
+    }
+
+    fn stop(mut self) -> String {
+        let mut child = self.0.take().expect("running");
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("ip monitor output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RouteMonitor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_nodeconfig_with_injection_attempts_is_refused_and_the_last_good_bird_conf_stays() {
+    let plugin: PathBuf = Path::new(AGENT).with_file_name("flock");
+    let good = "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {address: 198.18.255.254, asn: 65000}";
+    let mut node = AgentNode::start(Path::new(AGENT), &plugin, &node_config(good, ""));
+    // An address on the peer's subnet, for `local`; restart to render at once.
+    node.node
+        .ip(&["addr", "add", "198.18.255.1/24", "dev", "lo"]);
+    node.kill();
+    node.spawn();
+    let last_good = until("bird.conf rendered", Duration::from_secs(10), || {
+        std::fs::read_to_string(node.bird_config())
+            .ok()
+            .filter(|c| c.contains("neighbor 198.18.255.254 as 65000;"))
+    });
+    let manifest = node.manifests().join("nodeconfig.yaml");
+    let attempts = [
+        // Each names what the agent's log must point at.
+        (
+            "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {address: '10.0.0.1; }', asn: 65000}",
+            "spec.bgp.peers[0].address",
+        ),
+        (
+            "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: '65000 }'\n    routerId: 198.18.255.1\n    peers:\n    - {address: 198.18.255.254, asn: 65000}",
+            "nodeconfig.yaml",
+        ),
+        (
+            "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: '1.2.3.4; protocol static { }'\n    peers:\n    - {address: 198.18.255.254, asn: 65000}",
+            "spec.bgp.routerId",
+        ),
+        (
+            "  cidr4: '198.18.0.0/24 blackhole; }'\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {address: 198.18.255.254, asn: 65000}",
+            "spec.cidr4",
+        ),
+    ];
+    for (spec, named) in attempts {
+        let before = node.log().matches(named).count();
+        let tmp = manifest.with_extension("tmp");
+        std::fs::write(&tmp, node_config(spec, "")).expect("write");
+        std::fs::rename(&tmp, &manifest).expect("rename");
+        let log = until(
+            &format!("the agent refuses the NodeConfig naming {named}"),
+            Duration::from_secs(10),
+            || {
+                let log = node.log();
+                (log.matches(named).count() > before).then_some(log)
+            },
+        );
+        assert!(log.contains("problem"), "{log}");
+        // Past a scan and a render pass: nothing changed.
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            std::fs::read_to_string(node.bird_config()).expect("bird.conf"),
+            last_good,
+            "bird.conf changed after a NodeConfig with {named}"
+        );
+    }
+    // A good change still goes through afterwards.
+    let changed = good.replace("198.18.255.254, asn: 65000", "198.18.255.253, asn: 65002");
+    let tmp = manifest.with_extension("tmp");
+    std::fs::write(&tmp, node_config(&changed, "")).expect("write");
+    std::fs::rename(&tmp, &manifest).expect("rename");
+    until(
+        "the good change is rendered",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(node.bird_config())
+                .ok()
+                .filter(|c| c.contains("neighbor 198.18.255.253 as 65002;"))
+        },
     );
 }

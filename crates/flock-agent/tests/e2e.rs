@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use flock_ipam::{Identity, IpAlgo};
-use flock_testkit::agent::{AgentNode, default_node_config};
+use flock_testkit::agent::{AgentNode, Pod, default_node_config};
 use flock_testkit::{NetnsGuard, udp_echo, udp_probe};
 use serde_json::Value;
 
@@ -50,53 +50,8 @@ fn error_code(out: &Output) -> u64 {
     v["code"].as_u64().expect("code")
 }
 
-/// A pod: its namespace, manifest and a successful ADD.
-struct Pod {
-    ns: NetnsGuard,
-    name: String,
-    id: String,
-    result: Value,
-}
-
-impl Pod {
-    fn ips(&self) -> Vec<IpAddr> {
-        self.result["ips"]
-            .as_array()
-            .expect("ips")
-            .iter()
-            .map(|ip| {
-                ip["address"]
-                    .as_str()
-                    .expect("address")
-                    .split('/')
-                    .next()
-                    .expect("ip")
-                    .parse()
-                    .expect("ip")
-            })
-            .collect()
-    }
-
-    fn ip(&self, v4: bool) -> IpAddr {
-        *self
-            .ips()
-            .iter()
-            .find(|ip| ip.is_ipv4() == v4)
-            .expect("address of the family")
-    }
-}
-
 fn add(node: &AgentNode, name: &str, annotations: &[(&str, &str)]) -> Pod {
-    node.put_pod(name, annotations, true);
-    let ns = NetnsGuard::new("pod");
-    let id = format!("c0ffee{name}");
-    let result = json(&node.cni("ADD", &id, Some(&ns.path()), name, CONF));
-    Pod {
-        ns,
-        name: name.to_owned(),
-        id,
-        result,
-    }
+    node.add_pod(name, annotations, CONF)
 }
 
 #[test]

@@ -73,9 +73,27 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer task for `config` and `socket`.
     pub fn start(config: PathBuf, socket: PathBuf, reload: impl Reload) -> Writer {
+        Writer::start_observed(config, socket, reload, |_| {})
+    }
+
+    /// Like [`Writer::start`], and `observe` sees the outcome of every
+    /// reload attempt (for metrics).
+    pub fn start_observed(
+        config: PathBuf,
+        socket: PathBuf,
+        reload: impl Reload,
+        observe: impl Fn(&Result<(), String>) + Send + Sync + 'static,
+    ) -> Writer {
         let (tx, rx) = watch::channel(None);
         let status = Arc::new(Mutex::new(WriterStatus::default()));
-        tokio::spawn(run(config, socket, Arc::new(reload), rx, status.clone()));
+        let task = Task {
+            config,
+            socket,
+            reload: Arc::new(reload),
+            observe: Box::new(observe),
+            status: status.clone(),
+        };
+        tokio::spawn(run(task, rx));
         Writer {
             tx: Arc::new(tx),
             status,
@@ -102,13 +120,26 @@ impl Writer {
     }
 }
 
-async fn run(
+/// Sees the outcome of every reload attempt.
+type Observer = dyn Fn(&Result<(), String>) + Send + Sync;
+
+/// What the writer task works with.
+struct Task {
     config: PathBuf,
     socket: PathBuf,
     reload: Arc<dyn Reload>,
-    mut rx: watch::Receiver<Option<String>>,
+    observe: Box<Observer>,
     status: Arc<Mutex<WriterStatus>>,
-) {
+}
+
+async fn run(task: Task, mut rx: watch::Receiver<Option<String>>) {
+    let Task {
+        config,
+        socket,
+        reload,
+        observe,
+        status,
+    } = task;
     // What BIRD has loaded: nothing known at start, so the first text is
     // always written (when it differs from the file) and loaded.
     let mut loaded: Option<String> = None;
@@ -140,6 +171,7 @@ async fn run(
             .await
             .unwrap_or_else(|e| Err(format!("reload task: {e}")))
         };
+        observe(&outcome);
         {
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
             match &outcome {

@@ -52,6 +52,8 @@ struct State {
     pods: BTreeMap<Key, PodInfo>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     policies: BTreeMap<Key, NetworkPolicy>,
+    /// Whether this node's pods have been listed once.
+    local_pods_synced: bool,
 }
 
 /// The objects of one node's world, shared by the sources that fill it and
@@ -179,6 +181,23 @@ impl Cache {
         self.wait_until(timeout, Cache::node_config).await
     }
 
+    /// Waits up to `timeout` until this node's pods have been listed once
+    /// (so a pod missing from the cache is really gone); returns whether
+    /// they have.
+    pub async fn wait_for_local_pods(&self, timeout: Duration) -> bool {
+        self.wait_until(timeout, |c| c.read().local_pods_synced.then_some(()))
+            .await
+            .is_some()
+    }
+
+    /// Records that the source has listed this node's pods once.
+    pub fn mark_local_pods_synced(&self) {
+        let first = !std::mem::replace(&mut self.write().local_pods_synced, true);
+        if first {
+            self.generation.send_modify(|g| *g += 1);
+        }
+    }
+
     /// Sets (or clears) this node's NodeConfig.
     pub fn set_node_config(&self, config: Option<NodeConfig>) {
         let changed = {
@@ -267,6 +286,7 @@ impl Cache {
             events
         };
         self.emit(events);
+        self.mark_local_pods_synced();
     }
 
     /// Replaces the namespaces and their labels.

@@ -1,7 +1,10 @@
 //! `dir:PATH`: objects from a directory of ordinary manifests, rescanned
-//! when files are created, modified or deleted.
+//! when files are created, modified or deleted: at once through inotify,
+//! and every [`SCAN_INTERVAL`] in any case (a directory that was replaced,
+//! or a filesystem without inotify).
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,12 +14,14 @@ use flock_model::NodeConfig;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use serde::Deserialize;
 use tracing::{debug, warn};
 
 use crate::{Cache, PodInfo};
 
-/// How often the directory is checked for changes.
+/// How often the directory is checked for changes without an inotify event.
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default, Clone)]
@@ -163,23 +168,26 @@ impl DirSource {
         }
         self.cache.set_node_config(node_config);
         self.cache.replace_pods(pods.into_values().collect());
+        self.cache.mark_local_pods_synced();
         self.cache.replace_namespaces(namespaces);
         self.cache.replace_policies(policies);
     }
 
-    /// Scans now, then every [`SCAN_INTERVAL`] on a thread of its own until
-    /// the returned handle is dropped.
+    /// Scans now, then on every change of the directory (and at least
+    /// every [`SCAN_INTERVAL`]) on a thread of its own until the returned
+    /// handle is dropped.
     pub fn start(mut self) -> DirWatch {
         for problem in self.scan() {
             warn!(%problem, "skipping manifest");
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let notify = watch_directory(&self.dir);
         let thread = std::thread::Builder::new()
             .name("flock-dir-source".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(SCAN_INTERVAL);
+                    wait_for_change(notify.as_ref());
                     for problem in self.scan() {
                         warn!(%problem, "skipping manifest");
                     }
@@ -187,6 +195,43 @@ impl DirSource {
             })
             .ok();
         DirWatch { stop, thread }
+    }
+}
+
+/// An inotify watch on `dir`, or `None` (then only the periodic scan runs).
+fn watch_directory(dir: &Path) -> Option<Inotify> {
+    let watch = || -> nix::Result<Inotify> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        inotify.add_watch(
+            dir,
+            AddWatchFlags::IN_CLOSE_WRITE
+                | AddWatchFlags::IN_MOVED_TO
+                | AddWatchFlags::IN_MOVED_FROM
+                | AddWatchFlags::IN_DELETE
+                | AddWatchFlags::IN_CREATE
+                | AddWatchFlags::IN_MODIFY,
+        )?;
+        Ok(inotify)
+    };
+    watch()
+        .inspect_err(|e| {
+            warn!(dir = %dir.display(), error = %e, "no inotify watch; scanning every 200 ms only");
+        })
+        .ok()
+}
+
+/// Returns after an event on `notify` (all pending events consumed) or
+/// after [`SCAN_INTERVAL`], whichever comes first.
+fn wait_for_change(notify: Option<&Inotify>) {
+    let Some(notify) = notify else {
+        std::thread::sleep(SCAN_INTERVAL);
+        return;
+    };
+    let timeout = PollTimeout::try_from(SCAN_INTERVAL).unwrap_or(PollTimeout::NONE);
+    let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
+    if matches!(poll(&mut fds, timeout), Ok(n) if n > 0) {
+        // Drain: one scan answers every event so far.
+        while notify.read_events().is_ok_and(|events| !events.is_empty()) {}
     }
 }
 

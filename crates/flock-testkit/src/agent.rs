@@ -3,6 +3,7 @@
 //! the real `flock` plugin the way a kubelet runtime calls it.
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,8 +15,13 @@ pub const NODE: &str = "node-a";
 
 /// A NodeConfig for [`NODE`] with the given spec lines (YAML, indented by 2).
 pub fn node_config(spec: &str, annotations: &str) -> String {
+    node_config_for(NODE, spec, annotations)
+}
+
+/// A NodeConfig for node `name` with the given spec lines.
+pub fn node_config_for(name: &str, spec: &str, annotations: &str) -> String {
     format!(
-        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: NodeConfig\nmetadata:\n  name: {NODE}\n  annotations: {{{annotations}}}\nspec:\n{spec}\n"
+        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: NodeConfig\nmetadata:\n  name: {name}\n  annotations: {{{annotations}}}\nspec:\n{spec}\n"
     )
 }
 
@@ -32,6 +38,7 @@ pub fn default_node_config() -> String {
 pub struct AgentNode {
     /// The node namespace.
     pub node: NetnsGuard,
+    name: String,
     dir: tempfile::TempDir,
     agent_bin: PathBuf,
     plugin_bin: PathBuf,
@@ -42,6 +49,17 @@ impl AgentNode {
     /// Creates the node namespace, writes `node_config` into the manifest
     /// directory and starts the agent; returns once it is ready for ADD.
     pub fn start(agent_bin: &Path, plugin_bin: &Path, node_config: &str) -> AgentNode {
+        AgentNode::start_named(agent_bin, plugin_bin, NODE, node_config)
+    }
+
+    /// [`AgentNode::start`] for a node called `name` (its NodeConfig must
+    /// carry that name; pods put on it name it in `spec.nodeName`).
+    pub fn start_named(
+        agent_bin: &Path,
+        plugin_bin: &Path,
+        name: &str,
+        node_config: &str,
+    ) -> AgentNode {
         let node = NetnsGuard::new("node");
         // Proxy ARP needs a route to 169.254.1.1 through another device.
         node.ip(&["route", "add", "169.254.1.1/32", "dev", "lo"]);
@@ -51,6 +69,7 @@ impl AgentNode {
             .expect("nodeconfig");
         let mut n = AgentNode {
             node,
+            name: name.to_owned(),
             dir,
             agent_bin: agent_bin.to_owned(),
             plugin_bin: plugin_bin.to_owned(),
@@ -80,6 +99,16 @@ impl AgentNode {
         self.dir.path().join("manifests")
     }
 
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// BIRD's control socket for this node (the agent's `--bird-socket`).
+    pub fn bird_socket(&self) -> PathBuf {
+        self.dir.path().join("bird.ctl")
+    }
+
     /// The agent's log file.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
@@ -99,14 +128,8 @@ impl AgentNode {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
-            .args([
-                "--node",
-                NODE,
-                "--log-format",
-                "json",
-                "--nodeconfig-timeout",
-                "10",
-            ])
+            .args(["--node", &self.name])
+            .args(["--log-format", "json", "--nodeconfig-timeout", "10"])
             .arg("--datastore")
             .arg(format!("dir:{}", self.manifests().display()))
             .args(["--metrics-addr", "127.0.0.1:9602"])
@@ -114,7 +137,7 @@ impl AgentNode {
             .arg("--bird-config")
             .arg(self.bird_config())
             .arg("--bird-socket")
-            .arg(self.dir.path().join("bird.ctl"))
+            .arg(self.bird_socket())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -173,8 +196,9 @@ impl AgentNode {
             .map(|(k, v)| format!("{k:?}: {v:?}"))
             .collect();
         let manifest = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: uid-{name}\n  labels: {{app: {name}}}\n  annotations: {{{}}}\nspec:\n  nodeName: {NODE}\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  conditions: [{{type: Ready, status: '{}'}}]\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: uid-{name}\n  labels: {{app: {name}}}\n  annotations: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  conditions: [{{type: Ready, status: '{}'}}]\n",
             annotations.join(", "),
+            self.name,
             if ready { "True" } else { "False" }
         );
         let tmp = self.manifests().join(format!(".{name}.tmp"));
@@ -219,6 +243,73 @@ impl AgentNode {
             .write_all(config.as_bytes())
             .expect("stdin");
         child.wait_with_output().expect("flock")
+    }
+}
+
+/// A pod added through the plugin: its namespace, and the ADD result.
+#[derive(Debug)]
+pub struct Pod {
+    /// The pod's network namespace.
+    pub ns: NetnsGuard,
+    /// The pod's name (namespace `default`).
+    pub name: String,
+    /// Its container id.
+    pub id: String,
+    /// The ADD result as the plugin printed it.
+    pub result: serde_json::Value,
+}
+
+impl Pod {
+    /// The pod's addresses from the ADD result.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        self.result["ips"]
+            .as_array()
+            .expect("ips")
+            .iter()
+            .map(|ip| {
+                ip["address"]
+                    .as_str()
+                    .expect("address")
+                    .split('/')
+                    .next()
+                    .expect("ip")
+                    .parse()
+                    .expect("ip")
+            })
+            .collect()
+    }
+
+    /// The pod's IPv4 (`v4`) or IPv6 address.
+    pub fn ip(&self, v4: bool) -> IpAddr {
+        *self
+            .ips()
+            .iter()
+            .find(|ip| ip.is_ipv4() == v4)
+            .expect("address of the family")
+    }
+}
+
+impl AgentNode {
+    /// Writes a Ready pod manifest, creates its namespace and ADDs it with
+    /// `config`; panics naming the plugin's answer when the ADD fails.
+    pub fn add_pod(&self, name: &str, annotations: &[(&str, &str)], config: &str) -> Pod {
+        self.put_pod(name, annotations, true);
+        let ns = NetnsGuard::new("pod");
+        let id = format!("c0ffee{name}");
+        let out = self.cni("ADD", &id, Some(&ns.path()), name, config);
+        assert!(
+            out.status.success(),
+            "ADD {name} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result = serde_json::from_slice(&out.stdout).expect("result JSON");
+        Pod {
+            ns,
+            name: name.to_owned(),
+            id,
+            result,
+        }
     }
 }
 

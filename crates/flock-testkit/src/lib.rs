@@ -131,6 +131,7 @@ fn run(cmd: &str, args: &[&str]) {
 #[derive(Debug)]
 pub struct Echo {
     stop: Arc<AtomicBool>,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
     thread: Option<std::thread::JoinHandle<flock_netlink::Result<()>>>,
 }
 
@@ -148,6 +149,8 @@ pub fn udp_echo(ns: &Netns, port: u16) -> Echo {
 pub fn udp_echo_on(ns: &Netns, addr: SocketAddr) -> Echo {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = ns.spawn(move || {
         let socket = UdpSocket::bind(addr).map_err(io("bind echo socket"))?;
@@ -158,6 +161,7 @@ pub fn udp_echo_on(ns: &Netns, addr: SocketAddr) -> Echo {
         let mut buf = [0u8; 1500];
         while !flag.load(Ordering::Relaxed) {
             if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                counter.fetch_add(1, Ordering::Relaxed);
                 let _ = socket.send_to(&buf[..n], from);
             }
         }
@@ -168,7 +172,15 @@ pub fn udp_echo_on(ns: &Netns, addr: SocketAddr) -> Echo {
         .expect("echo server started");
     Echo {
         stop,
+        hits,
         thread: Some(thread),
+    }
+}
+
+impl Echo {
+    /// Datagrams this server has answered.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
     }
 }
 
@@ -235,8 +247,21 @@ pub struct Bird(std::process::Child);
 impl Bird {
     /// Starts `bird -f -c config -s socket` inside `ns` (apt-get install bird2).
     pub fn start(ns: &str, config: &std::path::Path, socket: &std::path::Path) -> Bird {
+        Bird::start_with(ns, config, socket, &[])
+    }
+
+    /// [`Bird::start`] with extra arguments (`-R`: start in graceful
+    /// restart recovery, as flock's BIRD sidecar does).
+    pub fn start_with(
+        ns: &str,
+        config: &std::path::Path,
+        socket: &std::path::Path,
+        extra: &[&str],
+    ) -> Bird {
         let child = Command::new("ip")
-            .args(["netns", "exec", ns, "bird", "-f", "-c"])
+            .args(["netns", "exec", ns, "bird", "-f"])
+            .args(extra)
+            .arg("-c")
             .arg(config)
             .arg("-s")
             .arg(socket)
