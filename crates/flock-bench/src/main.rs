@@ -2,6 +2,7 @@
 //! both, with the ratio. Build in release mode first:
 //! `cargo build --release --workspace && target/release/flock-bench plugin`.
 
+mod bgp;
 mod cni;
 mod dataplane;
 mod measure;
@@ -69,6 +70,17 @@ enum Bench {
         #[arg(long)]
         update_doc: Option<PathBuf>,
     },
+    /// BGP and anycast: a Ready transition to the kernel route and to
+    /// `birdc configure`; BIRD reloads caused by 1,000 Ready flips in 2 s;
+    /// rendering 1,000 anycast prefixes. Needs root and bird2.
+    Bgp {
+        /// Ready transitions timed.
+        #[arg(long, default_value_t = 30)]
+        trials: usize,
+        /// Readiness flips within 2 s.
+        #[arg(long, default_value_t = 1000)]
+        flips: usize,
+    },
     /// Internal: ptp + host-local phases, run inside the node namespace.
     #[command(hide = true)]
     PtpPhases {
@@ -103,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             cni_dir,
             update_doc,
         } => cni::run(pods, ptp_dual_pods, &cni_dir, update_doc),
+        Bench::Bgp { trials, flips } => bgp::run(trials, flips),
         Bench::PtpPhases {
             concurrency,
             dual_stack,
