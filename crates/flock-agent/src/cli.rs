@@ -44,6 +44,10 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = "/run/flock/bird.ctl")]
     pub bird_socket: PathBuf,
 
+    /// The `nft` program that loads the NetworkPolicy ruleset.
+    #[arg(long, value_name = "PATH", default_value = "nft")]
+    pub nft: String,
+
     /// Seconds to wait at startup for this node's NodeConfig before giving up.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub nodeconfig_timeout: u64,

@@ -12,5 +12,6 @@ pub mod health;
 pub mod logging;
 pub mod metrics;
 pub mod pods;
+pub mod policy;
 pub mod runtime;
 pub mod server;

@@ -80,6 +80,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         nodeconfig_timeout: std::time::Duration::from_secs(cli.nodeconfig_timeout),
         bird_config: cli.bird_config.clone(),
         bird_socket: cli.bird_socket.clone(),
+        nft: cli.nft.clone(),
     };
     let (fatal_tx, mut fatal) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let starting = {

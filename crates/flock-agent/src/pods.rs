@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     pub announced: tokio::sync::watch::Sender<Option<std::collections::BTreeSet<IpAddr>>>,
     /// Installs bird.conf and has BIRD reload it.
     pub bird: flock_bird::Writer,
+    /// NetworkPolicy enforcement.
+    pub policy: crate::policy::Policy,
 }
 
 /// The handler swapped in once the node runtime is ready.
@@ -101,6 +103,7 @@ fn internal(what: &str, e: impl std::fmt::Display) -> CniError {
 impl Handler for PodHandler {
     fn warnings(&self) -> Vec<String> {
         let status = self.shared.bird.status();
+        let policy = self.shared.policy.status();
         status
             .last_error
             .map(|e| {
@@ -110,6 +113,17 @@ impl Handler for PodHandler {
                 )
             })
             .into_iter()
+            .chain(
+                policy
+                    .last_error
+                    .map(|e| format!("networkpolicy: last load failed: {e}")),
+            )
+            .chain(
+                policy
+                    .warnings
+                    .into_iter()
+                    .map(|w| format!("networkpolicy: {w}")),
+            )
             .collect()
     }
 
@@ -213,6 +227,16 @@ impl PodHandler {
             .upsert(committed.clone())
             .map_err(|e| internal("recording the committed allocation failed", e))?;
         self.shared.anycast.notify_one();
+        let host_iface = host_iface_name(&committed.container_id);
+        if let Err(e) =
+            crate::policy::enforce_for_new_pod(&self.shared, &namespace, &host_iface).await
+        {
+            // Isolation could not be installed: the pod must not start open.
+            return Err(internal(
+                &format!("enforcing NetworkPolicy for pod {namespace}/{name} failed"),
+                e,
+            ));
+        }
         info!(
             pod = %format!("{namespace}/{name}"),
             ip6 = ?committed.ip6,
@@ -363,6 +387,7 @@ impl PodHandler {
             return Ok(());
         };
         self.shared.anycast.notify_one();
+        self.shared.policy.trigger.notify_one();
         // The addresses go back to the pool only once the kernel holds no
         // route or address of this pod any more.
         let shared = self.shared.clone();

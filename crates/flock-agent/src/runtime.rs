@@ -33,6 +33,8 @@ pub struct RuntimeConfig {
     pub bird_config: PathBuf,
     /// BIRD's control socket.
     pub bird_socket: PathBuf,
+    /// The `nft` program.
+    pub nft: String,
 }
 
 /// Keeps the datastore source running while held.
@@ -131,8 +133,10 @@ pub async fn start(cfg: &RuntimeConfig, metrics: Metrics) -> anyhow::Result<Runt
                 move |outcome| metrics.bird_reloaded(outcome.is_ok()),
             )
         },
+        policy: crate::policy::Policy::new(&cfg.nft),
     });
     tokio::spawn(keep_bird_config(shared.clone()));
+    tokio::spawn(crate::policy::keep_policy_enforced(shared.clone()));
     tokio::spawn(watch_node_config(cache.clone(), dataplane));
     tokio::spawn(keep_anycast_routed(shared.clone()));
     Ok(Runtime {

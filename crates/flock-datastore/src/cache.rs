@@ -54,6 +54,11 @@ struct State {
     policies: BTreeMap<Key, NetworkPolicy>,
     /// Whether this node's pods have been listed once.
     local_pods_synced: bool,
+    /// Whether the cluster's pods, namespaces and policies have been
+    /// listed once each.
+    pods_synced: bool,
+    namespaces_synced: bool,
+    policies_synced: bool,
 }
 
 /// The objects of one node's world, shared by the sources that fill it and
@@ -190,6 +195,27 @@ impl Cache {
             .is_some()
     }
 
+    /// Whether any NetworkPolicy lives in `namespace`.
+    pub fn has_policies_in(&self, namespace: &str) -> bool {
+        self.read()
+            .policies
+            .range((namespace.to_owned(), String::new())..)
+            .next()
+            .is_some_and(|((ns, _), _)| ns == namespace)
+    }
+
+    /// Waits up to `timeout` until the cluster's pods, namespaces and
+    /// NetworkPolicies have each been listed once (a policy missing then
+    /// is really absent); returns whether they have.
+    pub async fn wait_for_policy_inputs(&self, timeout: Duration) -> bool {
+        self.wait_until(timeout, |c| {
+            let s = c.read();
+            (s.pods_synced && s.namespaces_synced && s.policies_synced).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
     /// Records that the source has listed this node's pods once.
     pub fn mark_local_pods_synced(&self) {
         let first = !std::mem::replace(&mut self.write().local_pods_synced, true);
@@ -252,9 +278,11 @@ impl Cache {
                 events.extend(pod_events(s.pods.get(k), Some(pod)));
             }
             s.pods = new;
+            s.pods_synced = true;
             events
         };
         self.emit(events);
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Replaces the pods of this node only (a relist of the node-scoped
@@ -295,11 +323,13 @@ impl Cache {
             let mut s = self.write();
             let changed = s.namespaces != namespaces;
             s.namespaces = namespaces;
+            s.namespaces_synced = true;
             changed
         };
         if changed {
             self.emit(vec![Event::Namespaces]);
         }
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Replaces the NetworkPolicies.
@@ -321,11 +351,13 @@ impl Cache {
                 .collect();
             let changed = s.policies != new;
             s.policies = new;
+            s.policies_synced = true;
             changed
         };
         if changed {
             self.emit(vec![Event::Policies]);
         }
+        self.generation.send_modify(|g| *g += 1);
     }
 }
 

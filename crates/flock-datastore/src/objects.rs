@@ -32,6 +32,9 @@ pub struct PodInfo {
     pub ips: Vec<IpAddr>,
     /// Container ports: name, number, protocol (named ports for NetworkPolicy).
     pub ports: Vec<ContainerPort>,
+    /// `status.phase` is Succeeded or Failed: its IPs may belong to
+    /// another pod already, so NetworkPolicy ignores it.
+    pub terminated: bool,
 }
 
 /// One declared container port.
@@ -84,6 +87,9 @@ impl PodInfo {
             ready,
             ips,
             ports,
+            terminated: status
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|p| p == "Succeeded" || p == "Failed"),
         }
     }
 

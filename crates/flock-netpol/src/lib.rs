@@ -1,6 +1,22 @@
-//! flock-netpol: NetworkPolicy enforced with nftables.
+//! flock-netpol: `networking.k8s.io/v1` NetworkPolicy enforced with
+//! nftables.
 //!
-//! It will own the pure translation of pods, namespaces and
-//! `networking.k8s.io/v1` NetworkPolicies into per-pod rules, the pure
-//! rendering of one `table inet flock` script with verdict-map dispatch and
-//! named sets, and its atomic application with `nft -f -`.
+//! Three steps: [`translate`] (pure) turns the cluster's pods, namespaces
+//! and policies into per-pod allow lists for the pods on this node;
+//! [`render`] (pure) writes them as one `table inet flock` script, with
+//! verdict maps dispatching on the pod's veth and every peer and port in a
+//! named set; [`Applier`] loads it with one atomic `nft -f -` and heals the
+//! table when someone else changes it.
+
+mod apply;
+mod render;
+mod selector;
+mod translate;
+
+pub use apply::{Applied, Applier, ApplyError};
+pub use render::{RenderError, TABLE, render};
+pub use selector::selects;
+pub use translate::{
+    AddrRanges, Allow, ClusterPod, Direction, Input, LocalPod, NamedPort, PodRules, PortSpec,
+    Protocol, Ruleset, translate,
+};

@@ -206,8 +206,22 @@ impl AgentNode {
         std::fs::rename(&tmp, self.manifests().join(format!("{name}.yaml"))).expect("rename");
     }
 
+    /// Writes (atomically) manifest `<stem>.yaml` into the datastore
+    /// directory; an empty `yaml` removes it.
+    pub fn put_manifest(&self, stem: &str, yaml: &str) {
+        let path = self.manifests().join(format!("{stem}.yaml"));
+        if yaml.is_empty() {
+            let _ = std::fs::remove_file(path);
+            return;
+        }
+        let tmp = self.manifests().join(format!(".{stem}.tmp"));
+        std::fs::write(&tmp, yaml).expect("manifest");
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+
     /// Runs the real plugin like a kubelet runtime: `command` with
-    /// kubelet-style CNI_ARGS for `pod`, `config` on stdin.
+    /// kubelet-style CNI_ARGS for `pod` (namespace `default`), `config` on
+    /// stdin.
     pub fn cni(
         &self,
         command: &str,
@@ -216,8 +230,21 @@ impl AgentNode {
         pod: &str,
         config: &str,
     ) -> Output {
+        self.cni_in("default", command, container_id, netns, pod, config)
+    }
+
+    /// [`AgentNode::cni`] for a pod of `namespace`.
+    pub fn cni_in(
+        &self,
+        namespace: &str,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        pod: &str,
+        config: &str,
+    ) -> Output {
         let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{pod}"
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{pod}"
         );
         let mut child = Command::new(&self.plugin_bin)
             .env_clear()
@@ -294,9 +321,14 @@ impl AgentNode {
     /// `config`; panics naming the plugin's answer when the ADD fails.
     pub fn add_pod(&self, name: &str, annotations: &[(&str, &str)], config: &str) -> Pod {
         self.put_pod(name, annotations, true);
+        self.add_pod_in("default", name, config)
+    }
+
+    /// ADDs pod `namespace/name`, whose manifest is already in place.
+    pub fn add_pod_in(&self, namespace: &str, name: &str, config: &str) -> Pod {
         let ns = NetnsGuard::new("pod");
-        let id = format!("c0ffee{name}");
-        let out = self.cni("ADD", &id, Some(&ns.path()), name, config);
+        let id = format!("c0ffee{namespace}{name}");
+        let out = self.cni_in(namespace, "ADD", &id, Some(&ns.path()), name, config);
         assert!(
             out.status.success(),
             "ADD {name} failed: {}{}",

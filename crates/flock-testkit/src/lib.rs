@@ -239,6 +239,61 @@ pub fn udp_probe_since(
     probe.join().expect("probe thread").expect("probe")
 }
 
+/// A TCP server inside a namespace that accepts and closes every
+/// connection, stopped on drop.
+#[derive(Debug)]
+pub struct TcpServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<flock_netlink::Result<()>>>,
+}
+
+/// Listens on `[::]:port` (both families) inside `ns`.
+pub fn tcp_listen(ns: &Netns, port: u16) -> TcpServer {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = ns.spawn(move || {
+        let addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        let listener = std::net::TcpListener::bind(addr).map_err(io("bind TCP listener"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("set nonblocking"))?;
+        let _ = ready_tx.send(());
+        while !flag.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((conn, _)) => drop(conn),
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        Ok(())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("TCP server started");
+    TcpServer {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether a TCP connection from inside `ns` to `to` is established
+/// within `timeout`.
+pub fn tcp_connects(ns: &Netns, to: SocketAddr, timeout: Duration) -> bool {
+    ns.spawn(move || Ok(std::net::TcpStream::connect_timeout(&to, timeout).is_ok()))
+        .join()
+        .expect("connect thread")
+        .expect("connect")
+}
+
 /// A BIRD daemon started in a namespace of the test's own, stopped by PID
 /// on drop.
 #[derive(Debug)]
