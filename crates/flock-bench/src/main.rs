@@ -6,6 +6,7 @@ mod bgp;
 mod cni;
 mod dataplane;
 mod measure;
+mod netpol;
 mod plugin;
 mod ptp;
 
@@ -81,6 +82,21 @@ enum Bench {
         #[arg(long, default_value_t = 1000)]
         flips: usize,
     },
+    /// NetworkPolicy: translate + render for 10,000 pods and 1,000
+    /// policies, loading the ruleset, policy change → enforcement, and
+    /// iperf3 throughput and TCP connection rate with 0 and 500 policies.
+    /// Needs root, nftables and iperf3.
+    Netpol {
+        /// Allow/deny flips timed.
+        #[arg(long, default_value_t = 10)]
+        flips: usize,
+        /// Rounds of (no policies, 500 policies) for throughput and rate.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Only one part: `translate`, `enforce` or `dataplane`.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Internal: ptp + host-local phases, run inside the node namespace.
     #[command(hide = true)]
     PtpPhases {
@@ -116,6 +132,11 @@ fn main() -> anyhow::Result<()> {
             update_doc,
         } => cni::run(pods, ptp_dual_pods, &cni_dir, update_doc),
         Bench::Bgp { trials, flips } => bgp::run(trials, flips),
+        Bench::Netpol {
+            flips,
+            rounds,
+            only,
+        } => netpol::run(flips, rounds, only.as_deref()),
         Bench::PtpPhases {
             concurrency,
             dual_stack,

@@ -10,10 +10,12 @@
 //! traffic to its pods leaves through `output`, never `forward`, so it is
 //! never blocked.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
-use crate::translate::{Allow, Direction, PodRules, Ruleset};
+use crate::translate::{AddrRanges, Allow, Direction, PodRules, Protocol, Ruleset};
 
 /// The nft table flock owns (family `inet`).
 pub const TABLE: &str = "flock";
@@ -47,12 +49,35 @@ fn check_iface(p: &PodRules) -> Result<(), RenderError> {
 }
 
 /// Renders the whole table: deleting and recreating it in one transaction.
-/// Same rules, same text.
+/// Same rules, same text. Sets are named after their contents, so pods
+/// that one rule applies to share its sets.
 pub fn render(rules: &Ruleset) -> Result<String, RenderError> {
     for p in &rules.pods {
         check_iface(p)?;
     }
-    let mut out = String::with_capacity(256 + rules.pods.len() * 512);
+    let mut sets = Sets::default();
+    let mut chains = String::new();
+    for p in &rules.pods {
+        if let Some(d) = &p.egress {
+            pod_chain(
+                &mut chains,
+                &mut sets,
+                &format!("out_{}", p.iface),
+                d,
+                "daddr",
+            );
+        }
+        if let Some(d) = &p.ingress {
+            pod_chain(
+                &mut chains,
+                &mut sets,
+                &format!("in_{}", p.iface),
+                d,
+                "saddr",
+            );
+        }
+    }
+    let mut out = String::with_capacity(1024 + chains.len() + sets.len());
     out.push_str(
         "# flock NetworkPolicy ruleset, rendered by flock-agent; changes are overwritten.\n",
     );
@@ -87,16 +112,118 @@ pub fn render(rules: &Ruleset) -> Result<String, RenderError> {
     out.push_str(
         "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tct state established,related accept\n\t\tiifname vmap @egress_pods\n\t\toifname vmap @ingress_pods\n\t}\n",
     );
-    for p in &rules.pods {
-        if let Some(d) = &p.egress {
-            pod_chain(&mut out, &format!("out_{}", p.iface), d, "daddr");
-        }
-        if let Some(d) = &p.ingress {
-            pod_chain(&mut out, &format!("in_{}", p.iface), d, "saddr");
-        }
+    for decl in sets.decls.values() {
+        out.push_str(decl);
     }
+    out.push_str(&chains);
     out.push_str("}\n");
     Ok(out)
+}
+
+/// Named sets, declared once each, named after their type and contents.
+#[derive(Default)]
+struct Sets {
+    decls: BTreeMap<String, String>,
+    /// Set names already made for a shared value (by its address).
+    peers: HashMap<usize, (Option<String>, Option<String>)>,
+    pairs: HashMap<usize, (Option<String>, Option<String>)>,
+}
+
+impl Sets {
+    fn len(&self) -> usize {
+        self.decls.values().map(String::len).sum()
+    }
+
+    /// Declares a set (unless an identical one exists); returns its name.
+    fn add(&mut self, prefix: &str, ty: &str, interval: bool, elements: &[String]) -> String {
+        let joined = elements.join(",\n\t\t\t     ");
+        let name = format!(
+            "{prefix}_{:016x}",
+            fnv64(&[ty.as_bytes(), joined.as_bytes()])
+        );
+        self.decls.entry(name.clone()).or_insert_with(|| {
+            format!(
+                "\tset {name} {{\n\t\ttype {ty}\n{}\t\telements = {{ {joined} }}\n\t}}\n",
+                if interval { "\t\tflags interval\n" } else { "" }
+            )
+        });
+        name
+    }
+
+    /// The v4 and v6 peer sets of `peers`.
+    fn peers(&mut self, peers: &Arc<AddrRanges>) -> (Option<String>, Option<String>) {
+        let key = Arc::as_ptr(peers) as usize;
+        if let Some(names) = self.peers.get(&key) {
+            return names.clone();
+        }
+        let v4: Vec<String> = peers
+            .v4
+            .iter()
+            .map(|&(lo, hi)| range(Ipv4Addr::from(lo), Ipv4Addr::from(hi), lo == hi))
+            .collect();
+        let v6: Vec<String> = peers
+            .v6
+            .iter()
+            .map(|&(lo, hi)| range(Ipv6Addr::from(lo), Ipv6Addr::from(hi), lo == hi))
+            .collect();
+        let names = (
+            (!v4.is_empty()).then(|| self.add("peers4", "ipv4_addr", true, &v4)),
+            (!v6.is_empty()).then(|| self.add("peers6", "ipv6_addr", true, &v6)),
+        );
+        self.peers.insert(key, names.clone());
+        names
+    }
+
+    /// The v4 and v6 (address . protocol . port) sets of `pairs`.
+    fn pairs(
+        &mut self,
+        pairs: &Arc<Vec<(IpAddr, Protocol, u16)>>,
+    ) -> (Option<String>, Option<String>) {
+        let key = Arc::as_ptr(pairs) as usize;
+        if let Some(names) = self.pairs.get(&key) {
+            return names.clone();
+        }
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for (ip, proto, port) in pairs.iter() {
+            let e = format!("{ip} . {} . {port}", proto.nft());
+            if ip.is_ipv4() { v4.push(e) } else { v6.push(e) }
+        }
+        let names = (
+            (!v4.is_empty()).then(|| {
+                self.add(
+                    "named4",
+                    "ipv4_addr . inet_proto . inet_service",
+                    false,
+                    &v4,
+                )
+            }),
+            (!v6.is_empty()).then(|| {
+                self.add(
+                    "named6",
+                    "ipv6_addr . inet_proto . inet_service",
+                    false,
+                    &v6,
+                )
+            }),
+        );
+        self.pairs.insert(key, names.clone());
+        names
+    }
+}
+
+/// FNV-1a, 64 bits, over `parts`.
+fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 fn egress(p: &PodRules) -> Option<&Direction> {
@@ -107,65 +234,28 @@ fn ingress(p: &PodRules) -> Option<&Direction> {
     p.ingress.as_ref()
 }
 
-/// The sets of one pod chain, then the chain.
-fn pod_chain(out: &mut String, chain: &str, d: &Direction, addr: &str) {
-    let mut lines = Vec::new();
-    for (k, allow) in d.allows.iter().enumerate() {
-        allow_rules(out, &mut lines, &format!("{chain}_{k}"), allow, addr);
-    }
-    let v4: Vec<String> = d
-        .pairs
-        .iter()
-        .filter_map(|(ip, proto, port)| match ip {
-            IpAddr::V4(a) => Some(format!("{a} . {} . {port}", proto.nft())),
-            IpAddr::V6(_) => None,
-        })
-        .collect();
-    let v6: Vec<String> = d
-        .pairs
-        .iter()
-        .filter_map(|(ip, proto, port)| match ip {
-            IpAddr::V6(a) => Some(format!("{a} . {} . {port}", proto.nft())),
-            IpAddr::V4(_) => None,
-        })
-        .collect();
-    for (family, ty, elements) in [("ip", "ipv4_addr", v4), ("ip6", "ipv6_addr", v6)] {
-        if elements.is_empty() {
-            continue;
-        }
-        let set = format!("{chain}_named{}", if family == "ip" { "4" } else { "6" });
-        set_decl(
-            out,
-            &set,
-            &format!("{ty} . inet_proto . inet_service"),
-            false,
-            &elements,
-        );
-        lines.push(format!(
-            "{family} {addr} . meta l4proto . th dport @{set} return"
-        ));
-    }
+/// One pod chain (its sets go to `sets`).
+fn pod_chain(out: &mut String, sets: &mut Sets, chain: &str, d: &Direction, addr: &str) {
     let _ = writeln!(out, "\tchain {chain} {{");
-    for line in lines {
-        let _ = writeln!(out, "\t\t{line}");
+    for allow in &d.allows {
+        allow_rules(out, sets, allow, addr);
+    }
+    for pairs in &d.pairs {
+        let (v4, v6) = sets.pairs(pairs);
+        for (family, set) in [("ip", v4), ("ip6", v6)] {
+            if let Some(set) = set {
+                let _ = writeln!(
+                    out,
+                    "\t\t{family} {addr} . meta l4proto . th dport @{set} return"
+                );
+            }
+        }
     }
     out.push_str("\t\tdrop\n\t}\n");
 }
 
-fn set_decl(out: &mut String, name: &str, ty: &str, interval: bool, elements: &[String]) {
-    let _ = writeln!(out, "\tset {name} {{\n\t\ttype {ty}");
-    if interval {
-        out.push_str("\t\tflags interval\n");
-    }
-    let _ = writeln!(
-        out,
-        "\t\telements = {{ {} }}\n\t}}",
-        elements.join(",\n\t\t\t     ")
-    );
-}
-
-/// The rules (and their sets) of one allow.
-fn allow_rules(out: &mut String, lines: &mut Vec<String>, base: &str, allow: &Allow, addr: &str) {
+/// The rules of one allow.
+fn allow_rules(out: &mut String, sets: &mut Sets, allow: &Allow, addr: &str) {
     let ports = match &allow.ports {
         None => String::new(),
         Some(list) if list.is_empty() => return,
@@ -180,34 +270,19 @@ fn allow_rules(out: &mut String, lines: &mut Vec<String>, base: &str, allow: &Al
                     }
                 })
                 .collect();
-            let set = format!("{base}_ports");
-            set_decl(out, &set, "inet_proto . inet_service", true, &elements);
+            let set = sets.add("ports", "inet_proto . inet_service", true, &elements);
             format!(" meta l4proto . th dport @{set}")
         }
     };
     let Some(peers) = &allow.peers else {
-        lines.push(format!("{ports} return").trim_start().to_owned());
+        let _ = writeln!(out, "\t\t{}", format!("{ports} return").trim_start());
         return;
     };
-    if !peers.v4.is_empty() {
-        let elements: Vec<String> = peers
-            .v4
-            .iter()
-            .map(|&(lo, hi)| range(Ipv4Addr::from(lo), Ipv4Addr::from(hi), lo == hi))
-            .collect();
-        let set = format!("{base}_peers4");
-        set_decl(out, &set, "ipv4_addr", true, &elements);
-        lines.push(format!("ip {addr} @{set}{ports} return"));
-    }
-    if !peers.v6.is_empty() {
-        let elements: Vec<String> = peers
-            .v6
-            .iter()
-            .map(|&(lo, hi)| range(Ipv6Addr::from(lo), Ipv6Addr::from(hi), lo == hi))
-            .collect();
-        let set = format!("{base}_peers6");
-        set_decl(out, &set, "ipv6_addr", true, &elements);
-        lines.push(format!("ip6 {addr} @{set}{ports} return"));
+    let (v4, v6) = sets.peers(peers);
+    for (family, set) in [("ip", v4), ("ip6", v6)] {
+        if let Some(set) = set {
+            let _ = writeln!(out, "\t\t{family} {addr} @{set}{ports} return");
+        }
     }
 }
 

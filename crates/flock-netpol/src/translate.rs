@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::api::networking::v1::{
@@ -224,8 +225,8 @@ pub struct PortSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allow {
     /// The peer addresses (source for ingress, destination for egress);
-    /// `None`: any address.
-    pub peers: Option<AddrRanges>,
+    /// `None`: any address. Shared by every pod the same rule applies to.
+    pub peers: Option<Arc<AddrRanges>>,
     /// The destination ports; `None`: any protocol and port.
     pub ports: Option<Vec<PortSpec>>,
 }
@@ -235,8 +236,9 @@ pub struct Allow {
 pub struct Direction {
     /// Allow rules (their union).
     pub allows: Vec<Allow>,
-    /// Egress to named ports: (peer address, protocol, that pod's port).
-    pub pairs: Vec<(IpAddr, Protocol, u16)>,
+    /// Egress to named ports: lists of (peer address, protocol, that
+    /// pod's port), one per rule, shared by the pods the rule applies to.
+    pub pairs: Vec<Arc<Vec<(IpAddr, Protocol, u16)>>>,
     /// The policies isolating the pod in this direction (`ns/name`).
     pub policies: Vec<String>,
 }
@@ -293,13 +295,13 @@ fn policy_types(spec: &NetworkPolicySpec) -> (bool, bool) {
 #[derive(Debug, Clone, Default)]
 struct CompiledRule {
     /// `None`: any peer.
-    peers: Option<AddrRanges>,
+    peers: Option<Arc<AddrRanges>>,
     /// Numeric port entries; `None`: any port.
     ports: Option<Vec<PortSpec>>,
     /// Named port entries (resolved per destination pod).
     named: Vec<(String, Protocol)>,
     /// Egress named ports resolved on the peer pods.
-    pairs: Vec<(IpAddr, Protocol, u16)>,
+    pairs: Arc<Vec<(IpAddr, Protocol, u16)>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -427,7 +429,7 @@ pub fn translate(input: &Input<'_>) -> Ruleset {
                         }));
                     }
                     let empty_ports = ports.as_ref().is_some_and(Vec::is_empty);
-                    let empty_peers = rule.peers.as_ref().is_some_and(AddrRanges::is_empty);
+                    let empty_peers = rule.peers.as_ref().is_some_and(|p| p.is_empty());
                     if !empty_ports && !empty_peers {
                         if let Some(list) = ports.as_mut() {
                             list.sort_unstable();
@@ -438,8 +440,8 @@ pub fn translate(input: &Input<'_>) -> Ruleset {
                             ports,
                         });
                     }
-                    if !ingress {
-                        d.pairs.extend_from_slice(&rule.pairs);
+                    if !ingress && !rule.pairs.is_empty() {
+                        d.pairs.push(rule.pairs.clone());
                     }
                 }
             }
@@ -565,7 +567,7 @@ fn compile_rule(
         ranges.extend(&blocks);
         ranges.normalize();
         blocks.normalize();
-        rule.peers = Some(ranges);
+        rule.peers = Some(Arc::new(ranges));
     }
     // Ports: absent or empty is every port of every protocol.
     let Some(ports) = ports.filter(|p| !p.is_empty()) else {
@@ -616,12 +618,16 @@ fn compile_rule(
         // every pod of the cluster; an ipBlock covers the pods inside it.
         let candidates: Vec<(&ClusterPod, bool)> = match peers {
             None => index.input.pods.iter().map(|p| (p, true)).collect(),
-            Some(_) => peer_pods
-                .iter()
-                .map(|p| (*p, true))
-                .chain(index.input.pods.iter().map(|p| (p, false)))
-                .collect(),
+            Some(_) => {
+                let in_blocks = index.input.pods.iter().filter(|_| !blocks.is_empty());
+                peer_pods
+                    .iter()
+                    .map(|p| (*p, true))
+                    .chain(in_blocks.map(|p| (p, false)))
+                    .collect()
+            }
         };
+        let mut pairs = Vec::new();
         for (pod, selected) in candidates {
             for cp in &pod.ports {
                 if !rule
@@ -633,11 +639,14 @@ fn compile_rule(
                 }
                 for ip in &pod.ips {
                     if selected || blocks.contains(*ip) {
-                        rule.pairs.push((*ip, cp.protocol, cp.port));
+                        pairs.push((*ip, cp.protocol, cp.port));
                     }
                 }
             }
         }
+        pairs.sort_unstable();
+        pairs.dedup();
+        rule.pairs = Arc::new(pairs);
     }
     rule
 }

@@ -121,7 +121,7 @@ fn allowed(
                     ps.iter()
                         .any(|s| s.protocol == proto && s.from <= port && port <= s.to)
                 })
-        }) || (egress && d.pairs.contains(&(peer, proto, port)))
+        }) || (egress && d.pairs.iter().any(|p| p.contains(&(peer, proto, port))))
     };
     let out_ok = r
         .pod(&iface(from.0, from.1))

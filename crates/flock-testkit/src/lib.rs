@@ -239,8 +239,8 @@ pub fn udp_probe_since(
     probe.join().expect("probe thread").expect("probe")
 }
 
-/// A TCP server inside a namespace that accepts and closes every
-/// connection, stopped on drop.
+/// A TCP server inside a namespace that accepts every connection and
+/// closes it after the client does, stopped on drop.
 #[derive(Debug)]
 pub struct TcpServer {
     stop: Arc<AtomicBool>,
@@ -259,10 +259,27 @@ pub fn tcp_listen(ns: &Netns, port: u16) -> TcpServer {
             .set_nonblocking(true)
             .map_err(io("set nonblocking"))?;
         let _ = ready_tx.send(());
+        // Each connection is closed once the client has closed it: the
+        // client's side keeps the TIME_WAIT, so a fast client reusing
+        // ports never meets a server socket still waiting.
+        let mut open: Vec<std::net::TcpStream> = Vec::new();
         while !flag.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((conn, _)) => drop(conn),
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            let mut idle = true;
+            while let Ok((conn, _)) = listener.accept() {
+                idle = false;
+                if conn.set_nonblocking(true).is_ok() {
+                    open.push(conn);
+                }
+            }
+            open.retain_mut(|c| {
+                let mut buf = [0u8; 64];
+                match std::io::Read::read(c, &mut buf) {
+                    Ok(n) => n > 0,
+                    Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                }
+            });
+            if idle {
+                std::thread::sleep(Duration::from_micros(200));
             }
         }
         Ok(())
