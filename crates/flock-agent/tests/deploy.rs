@@ -1,0 +1,285 @@
+//! The Kubernetes manifests and the Dockerfile against the code: binary
+//! names, flags, paths and ports must be the ones the binaries use; RBAC
+//! grants exactly what the agent needs; the examples parse.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Container, Volume};
+use k8s_openapi::api::rbac::v1::ClusterRole;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn docs(rel: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(&read(rel))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{rel}: {e}")))
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
+fn daemonset() -> DaemonSet {
+    let all = docs("deploy/daemonset.yaml");
+    serde_json::from_value(all[0].clone()).expect("deploy/daemonset.yaml is a DaemonSet")
+}
+
+fn container<'a>(list: &'a [Container], name: &str) -> &'a Container {
+    list.iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("container {name}"))
+}
+
+/// The host path behind the volume mounted at a path that `path` is under.
+fn host_path(c: &Container, volumes: &[Volume], path: &str) -> String {
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| Path::new(path).starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .unwrap_or_else(|| panic!("{}: nothing mounted over {path}", c.name));
+    let volume = volumes
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| panic!("volume {}", mount.name));
+    let host = volume
+        .host_path
+        .as_ref()
+        .unwrap_or_else(|| panic!("volume {} is not a hostPath", mount.name));
+    let rest = Path::new(path)
+        .strip_prefix(&mount.mount_path)
+        .expect("under the mount");
+    if rest.as_os_str().is_empty() {
+        return host.path.clone();
+    }
+    Path::new(&host.path).join(rest).display().to_string()
+}
+
+#[test]
+fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
+    let ds = daemonset();
+    let pod = ds.spec.expect("spec").template.spec.expect("pod spec");
+    let volumes = pod.volumes.clone().expect("volumes");
+    let dockerfile = read("Dockerfile");
+    assert_eq!(pod.host_network, Some(true));
+
+    // The agent: its flags parse with the agent's own command line.
+    let agent = container(&pod.containers, "agent");
+    let command = agent.command.clone().expect("agent command");
+    assert_eq!(command[0], "/usr/local/bin/flock-agent");
+    assert!(dockerfile.contains("/src/target/release/flock-agent /usr/local/bin/flock-agent"));
+    let mut argv = command.clone();
+    argv.extend(["--node".to_owned(), "n".to_owned()]);
+    let cli = flock_agent::cli::Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("the DaemonSet's agent flags: {e}"));
+    let node_env = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(node_env.as_deref(), Some("spec.nodeName"));
+    assert_eq!(
+        agent.security_context.as_ref().and_then(|s| s.privileged),
+        Some(true)
+    );
+    // Probes on the metrics port, on the paths the agent serves.
+    let port = cli.metrics_addr.port();
+    for (probe, path) in [
+        (agent.liveness_probe.as_ref(), "/healthz"),
+        (agent.readiness_probe.as_ref(), "/readyz"),
+    ] {
+        let get = probe
+            .and_then(|p| p.http_get.as_ref())
+            .expect("httpGet probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i32::from(port))
+        );
+    }
+    assert!(read("crates/flock-agent/src/health.rs").contains("\"/readyz\""));
+    // The plugin finds the agent's socket on the host where the conflist says.
+    let socket_on_host = host_path(agent, &volumes, &cli.socket.display().to_string());
+    let install = pod
+        .init_containers
+        .as_deref()
+        .map(|cs| container(cs, "install-cni"))
+        .expect("install-cni init container");
+    let install_cmd = install.command.clone().expect("install command");
+    assert_eq!(install_cmd[0], "/usr/local/bin/flock-install");
+    assert!(dockerfile.contains("/src/target/release/flock-install /usr/local/bin/flock-install"));
+    let icli = flock_installer::cli::Cli::try_parse_from(&install_cmd)
+        .unwrap_or_else(|e| panic!("the DaemonSet's install-cni flags: {e}"));
+    assert_eq!(
+        icli.agent_socket, socket_on_host,
+        "conflist agentSocket vs the agent's socket on the host"
+    );
+    assert_eq!(
+        icli.agent_socket, "/run/flock/flock.sock",
+        "the plugin's default socket"
+    );
+    assert_eq!(
+        host_path(install, &volumes, &icli.cni_bin_dir.display().to_string()),
+        "/opt/cni/bin"
+    );
+    assert_eq!(
+        host_path(install, &volumes, &icli.cni_conf_dir.display().to_string()),
+        "/etc/cni/net.d"
+    );
+    assert!(dockerfile.contains(&format!(
+        "/src/target/release/flock {}",
+        icli.plugin.display()
+    )));
+
+    // BIRD: the same config file and control socket as the agent, through
+    // the same host directories; graceful restart recovery; NET_ADMIN and
+    // NET_RAW added, not privileged.
+    let bird = container(&pod.containers, "bird");
+    let script = bird.command.clone().expect("bird command").join(" ");
+    let config = cli.bird_config.display().to_string();
+    let bird_socket = cli.bird_socket.display().to_string();
+    assert!(
+        script.contains(&format!("bird -f -R -c {config} -s {bird_socket}")),
+        "{script}"
+    );
+    assert_eq!(
+        host_path(bird, &volumes, &config),
+        host_path(agent, &volumes, &config)
+    );
+    assert_eq!(
+        host_path(bird, &volumes, &bird_socket),
+        host_path(agent, &volumes, &bird_socket)
+    );
+    let sc = bird
+        .security_context
+        .as_ref()
+        .expect("bird securityContext");
+    assert_ne!(sc.privileged, Some(true));
+    let added = sc
+        .capabilities
+        .as_ref()
+        .and_then(|c| c.add.clone())
+        .unwrap_or_default();
+    assert_eq!(added, ["NET_ADMIN", "NET_RAW"]);
+    // The bootstrap config BIRD starts with parses.
+    let bootstrap = docs("deploy/bird-bootstrap.yaml");
+    let text = bootstrap[0]["data"]["bird.conf"]
+        .as_str()
+        .expect("bird.conf in the ConfigMap");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("bird.conf"), text).expect("write");
+    let out = std::process::Command::new("bird")
+        .args(["-p", "-c"])
+        .arg(dir.path().join("bird.conf"))
+        .output()
+        .expect("bird -p (apt-get install bird2)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(script.contains("/etc/flock/bootstrap/bird.conf"));
+    // Scheduled on not-ready and network-unavailable nodes.
+    let tolerations = pod.tolerations.clone().unwrap_or_default();
+    for key in [
+        "node.kubernetes.io/not-ready",
+        "node.kubernetes.io/network-unavailable",
+    ] {
+        assert!(
+            tolerations
+                .iter()
+                .any(|t| t.operator.as_deref() == Some("Exists")
+                    && (t.key.as_deref() == Some(key) || t.key.is_none())),
+            "{key} not tolerated"
+        );
+    }
+    // The image has what the agent and BIRD run.
+    for pkg in ["iproute2", "bird2", "nftables"] {
+        assert!(dockerfile.contains(pkg), "Dockerfile lacks {pkg}");
+    }
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_agent_uses() {
+    let all = docs("deploy/rbac.yaml");
+    let role: ClusterRole = all
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .map(|d| serde_json::from_value(d.clone()).expect("ClusterRole"))
+        .expect("a ClusterRole");
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for rule in role.rules.iter().flatten() {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                let mut verbs = rule.verbs.clone();
+                verbs.sort();
+                got.insert(format!("{group}/{resource}"), verbs);
+            }
+        }
+    }
+    let read_only = vec!["get".to_owned(), "list".to_owned(), "watch".to_owned()];
+    let want: BTreeMap<String, Vec<String>> = BTreeMap::from([
+        ("/pods".to_owned(), read_only.clone()),
+        ("/namespaces".to_owned(), read_only.clone()),
+        (
+            "networking.k8s.io/networkpolicies".to_owned(),
+            read_only.clone(),
+        ),
+        ("flock.fritzlab.net/nodeconfigs".to_owned(), read_only),
+        ("/nodes/status".to_owned(), vec!["patch".to_owned()]),
+    ]);
+    assert_eq!(got, want);
+    let binding = all
+        .iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .expect("binding");
+    let sa = all
+        .iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .expect("service account");
+    assert_eq!(binding["subjects"][0]["name"], sa["metadata"]["name"]);
+    let ds = daemonset();
+    assert_eq!(
+        ds.spec
+            .and_then(|s| s.template.spec)
+            .and_then(|p| p.service_account_name),
+        sa["metadata"]["name"].as_str().map(str::to_owned)
+    );
+}
+
+#[test]
+fn the_examples_are_valid() {
+    for nc in docs("deploy/examples/nodeconfig.yaml") {
+        let nc: flock_model::NodeConfig = serde_json::from_value(nc).expect("NodeConfig");
+        nc.settings()
+            .unwrap_or_else(|e| panic!("example NodeConfig: {e}"));
+    }
+    let mut policies = 0;
+    for doc in docs("deploy/examples/pods.yaml") {
+        let annotations: BTreeMap<String, String> = serde_json::from_value(
+            doc.pointer("/spec/template/metadata/annotations")
+                .or_else(|| doc.pointer("/metadata/annotations"))
+                .cloned()
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        flock_model::parse_pod_annotations("example", &annotations, Default::default())
+            .unwrap_or_else(|e| panic!("example annotations {annotations:?}: {e}"));
+        if doc["kind"] == "NetworkPolicy" {
+            let _: k8s_openapi::api::networking::v1::NetworkPolicy =
+                serde_json::from_value(doc).expect("NetworkPolicy");
+            policies += 1;
+        }
+    }
+    assert_eq!(policies, 1);
+}
