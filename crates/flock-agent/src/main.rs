@@ -53,7 +53,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     )));
     let metrics = Metrics::new();
     // The TCP port first: a failure there must not leave a socket behind.
-    let listener = tokio::net::TcpListener::bind(cli.metrics_addr)
+    let listener = bind_metrics(cli.metrics_addr)
         .await
         .with_context(|| format!("binding --metrics-addr {}", cli.metrics_addr))?;
     let server = Server::bind(&cli.socket, slot.clone(), Limits::default())
@@ -125,4 +125,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Binds the metrics address, waiting up to 5 s while it is in use: a
+/// previous agent that was just killed may still hold it for a moment.
+async fn bind_metrics(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
 }

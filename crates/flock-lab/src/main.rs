@@ -1,0 +1,862 @@
+//! `flock lab`: a small routed cluster in network namespaces on this
+//! machine, for trying flock without Kubernetes. A ToR runs BIRD; two
+//! nodes each run the real `flock-agent` (with a `dir:` datastore shared
+//! by the cluster) and BIRD; pods are added through the real `flock`
+//! plugin — dual-stack, an anycast service on both nodes, a NetworkPolicy —
+//! and a report shows pods, the ToR's BGP routes, a connectivity matrix
+//! and the anycast ECMP nexthops. Everything stays up until
+//! `flock lab down`, which removes everything the lab made (its network
+//! namespaces are named `flock-lab-*`; its processes are the PIDs it
+//! recorded).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use flock_netlink::Netns;
+
+/// Where the lab keeps its files (manifests, state, logs, PIDs).
+const ROOT: &str = "/run/flock-lab";
+/// Every namespace of the lab starts with this.
+const PREFIX: &str = "flock-lab-";
+const TOR: &str = "flock-lab-tor";
+const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
+const ANYCAST4: &str = "203.0.113.53";
+const ANYCAST6: &str = "2001:db8:aa::53";
+
+struct NodeSpec {
+    name: &'static str,
+    n: u8,
+    asn: u32,
+}
+
+const NODES: [NodeSpec; 2] = [
+    NodeSpec {
+        name: "node-a",
+        n: 1,
+        asn: 65001,
+    },
+    NodeSpec {
+        name: "node-b",
+        n: 2,
+        asn: 65002,
+    },
+];
+
+struct PodSpec {
+    namespace: &'static str,
+    name: &'static str,
+    node: usize,
+    labels: &'static [(&'static str, &'static str)],
+    anycast: bool,
+    port: u16,
+}
+
+const PODS: [PodSpec; 6] = [
+    PodSpec {
+        namespace: "web",
+        name: "frontend-a",
+        node: 0,
+        labels: &[("app", "frontend"), ("role", "frontend")],
+        anycast: false,
+        port: 80,
+    },
+    PodSpec {
+        namespace: "web",
+        name: "dns-a",
+        node: 0,
+        labels: &[("app", "dns")],
+        anycast: true,
+        port: 53,
+    },
+    PodSpec {
+        namespace: "db",
+        name: "postgres",
+        node: 0,
+        labels: &[("app", "postgres")],
+        anycast: false,
+        port: 5432,
+    },
+    PodSpec {
+        namespace: "web",
+        name: "frontend-b",
+        node: 1,
+        labels: &[("app", "frontend"), ("role", "frontend")],
+        anycast: false,
+        port: 80,
+    },
+    PodSpec {
+        namespace: "web",
+        name: "dns-b",
+        node: 1,
+        labels: &[("app", "dns")],
+        anycast: true,
+        port: 53,
+    },
+    PodSpec {
+        namespace: "web",
+        name: "batch",
+        node: 1,
+        labels: &[("app", "batch")],
+        anycast: false,
+        port: 80,
+    },
+];
+
+const POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: postgres-from-frontends, namespace: db}
+spec:
+  podSelector: {matchLabels: {app: postgres}}
+  ingress:
+  - from: [{namespaceSelector: {}, podSelector: {matchLabels: {role: frontend}}}]
+    ports: [{port: 5432}]
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.first().map(String::as_str) {
+        None | Some("up") => up(),
+        Some("down") => down(true),
+        Some("-h" | "--help" | "help") => {
+            println!(
+                "usage: flock lab [up|down]\n\n  up    build the lab (taking down an earlier one) and print its report\n  down  remove everything the lab made"
+            );
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!(
+            "unknown lab command {other:?} (use up or down)"
+        )),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flock lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(ROOT)
+}
+
+fn run(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["-n", ns];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["netns", "exec", ns];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+fn node_ns(n: &NodeSpec) -> String {
+    format!("{PREFIX}{}", n.name)
+}
+
+fn pod_ns(p: &PodSpec) -> String {
+    format!("{PREFIX}pod-{}-{}", p.namespace, p.name)
+}
+
+fn netns(name: &str) -> Netns {
+    Netns::Path(PathBuf::from("/var/run/netns").join(name))
+}
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(cmd).is_file()))
+}
+
+/// Installs the Debian packages the lab runs, when missing.
+fn ensure_packages() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = Vec::new();
+    for (cmd, pkg) in [
+        ("bird", "bird2"),
+        ("birdc", "bird2"),
+        ("nft", "nftables"),
+        ("ip", "iproute2"),
+    ] {
+        if !on_path(cmd) && !missing.contains(&pkg) {
+            missing.push(pkg);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("installing {} (apt-get)…", missing.join(" "));
+    run("apt-get", &["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(missing);
+    run("apt-get", &args).map(|_| ())
+}
+
+fn require_root() -> anyhow::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1));
+    ensure!(
+        euid == Some("0"),
+        "the lab creates network namespaces: run it as root"
+    );
+    Ok(())
+}
+
+/// The lab's programs, beside this one.
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.with_file_name(name);
+    ensure!(
+        path.exists(),
+        "{} is missing: build everything first (cargo build --release)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Starts `argv` inside `ns` in a process group of its own (it outlives
+/// the lab command), logging to `log`; records its PID for `down`.
+fn daemon(ns: &str, argv: &[&str], log: &Path, what: &str) -> anyhow::Result<u32> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let pid = child.id();
+    let mut pids = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root().join("pids"))?;
+    writeln!(pids, "{pid} {what}")?;
+    Ok(pid)
+}
+
+fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn manifest(name: &str, text: &str) -> anyhow::Result<()> {
+    let dir = root().join("manifests");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join(format!("{name}.yaml")))?;
+    Ok(())
+}
+
+fn pod_manifest(p: &PodSpec, ips: &[IpAddr]) -> String {
+    let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    let annotations = if p.anycast {
+        format!("flock.fritzlab.net/anycast: '{ANYCAST4},{ANYCAST6}'")
+    } else {
+        String::new()
+    };
+    let pod_ips: Vec<String> = ips.iter().map(|ip| format!("{{ip: '{ip}'}}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: lab-{}-{}\n  labels: {{{}}}\n  annotations: {{{annotations}}}\nspec:\n  nodeName: {}\n  containers:\n  - {{name: main, image: 'busybox:1.36', ports: [{{name: service, containerPort: {}}}]}}\nstatus:\n  phase: Running\n  conditions: [{{type: Ready, status: 'True'}}]\n  podIPs: [{}]\n",
+        p.name,
+        p.namespace,
+        p.namespace,
+        p.name,
+        labels.join(", "),
+        NODES[p.node].name,
+        p.port,
+        pod_ips.join(", ")
+    )
+}
+
+/// Runs the plugin for `p` like a kubelet runtime does.
+fn cni(plugin: &Path, p: &PodSpec, command: &str) -> anyhow::Result<serde_json::Value> {
+    let node = &NODES[p.node];
+    let mut child = Command::new(plugin)
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", format!("lab-{}-{}", p.namespace, p.name))
+        .env("CNI_NETNS", format!("/var/run/netns/{}", pod_ns(p)))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env(
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=lab-{}-{}",
+                p.namespace, p.name, p.namespace, p.name
+            ),
+        )
+        .env("FLOCK_AGENT_SOCKET", root().join(node.name).join("flock.sock"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running the flock plugin")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(CONF.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{command} {}/{}: {text}",
+        p.namespace,
+        p.name
+    );
+    Ok(serde_json::from_str(&text).unwrap_or_default())
+}
+
+fn result_ips(result: &serde_json::Value) -> Vec<IpAddr> {
+    result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
+        .collect()
+}
+
+fn up() -> anyhow::Result<()> {
+    require_root()?;
+    ensure_packages()?;
+    if root().exists() || !lab_namespaces()?.is_empty() {
+        println!("a lab is already up: taking it down first");
+        down(false)?;
+    }
+    let agent = sibling("flock-agent")?;
+    let plugin = sibling("flock")?;
+    std::fs::create_dir_all(root().join("manifests"))?;
+    let started = Instant::now();
+
+    // Objects every agent reads: namespaces and both NodeConfigs.
+    manifest(
+        "namespaces",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: web, labels: {team: web}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: db, labels: {team: data}}\n",
+    )?;
+    let mut configs = String::new();
+    for n in &NODES {
+        configs += &format!(
+            "apiVersion: flock.fritzlab.net/v1alpha1\nkind: NodeConfig\nmetadata: {{name: {name}}}\nspec:\n  cidr6: 2001:db8:0:{n}::/64\n  cidr4: 198.18.{n}.0/24\n  bgp:\n    asn: {asn}\n    routerId: 198.19.{n}.1\n    peers:\n    - {{address: 198.19.{n}.254, asn: 65000}}\n    - {{address: '2001:db8:ff:{n}::fe', asn: 65000}}\n---\n",
+            name = n.name,
+            n = n.n,
+            asn = n.asn
+        );
+    }
+    manifest("nodeconfigs", &configs)?;
+
+    // The ToR, and each node wired to it.
+    run("ip", &["netns", "add", TOR])?;
+    ip(TOR, &["link", "set", "lo", "up"])?;
+    in_ns(
+        TOR,
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
+        ],
+    )?;
+    let mut tor_conf = String::from(
+        "log stderr all;\nrouter id 198.19.255.254;\nprotocol device { scan time 10; }\nprotocol kernel { merge paths on; ipv4 { export where source = RTS_BGP; }; }\nprotocol kernel { merge paths on; ipv6 { export where source = RTS_BGP; }; }\n",
+    );
+    for node in &NODES {
+        let ns = node_ns(node);
+        let n = node.n;
+        run("ip", &["netns", "add", &ns])?;
+        ip(&ns, &["link", "set", "lo", "up"])?;
+        let tor_if = format!("tor{n}");
+        ip(
+            TOR,
+            &[
+                "link", "add", &tor_if, "type", "veth", "peer", "name", "up0", "netns", &ns,
+            ],
+        )?;
+        ip(
+            TOR,
+            &["addr", "add", &format!("198.19.{n}.254/24"), "dev", &tor_if],
+        )?;
+        ip(
+            TOR,
+            &[
+                "addr",
+                "add",
+                &format!("2001:db8:ff:{n}::fe/64"),
+                "dev",
+                &tor_if,
+                "nodad",
+            ],
+        )?;
+        ip(TOR, &["link", "set", &tor_if, "up"])?;
+        ip(
+            &ns,
+            &["addr", "add", &format!("198.19.{n}.1/24"), "dev", "up0"],
+        )?;
+        ip(
+            &ns,
+            &[
+                "addr",
+                "add",
+                &format!("2001:db8:ff:{n}::1/64"),
+                "dev",
+                "up0",
+                "nodad",
+            ],
+        )?;
+        ip(&ns, &["link", "set", "up0", "up"])?;
+        ip(
+            &ns,
+            &["route", "add", "default", "via", &format!("198.19.{n}.254")],
+        )?;
+        ip(
+            &ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("2001:db8:ff:{n}::fe"),
+            ],
+        )?;
+        tor_conf += &format!(
+            "protocol bgp {name}_4 {{ local 198.19.{n}.254 as 65000; neighbor 198.19.{n}.1 as {asn}; ipv4 {{ import all; export none; }}; }}\nprotocol bgp {name}_6 {{ local 2001:db8:ff:{n}::fe as 65000; neighbor 2001:db8:ff:{n}::1 as {asn}; ipv6 {{ import all; export none; }}; }}\n",
+            name = node.name.replace('-', "_"),
+            asn = node.asn
+        );
+        // The agent, then BIRD once the agent has rendered its config.
+        let dir = root().join(node.name);
+        std::fs::create_dir_all(dir.join("bird"))?;
+        let s = |p: &str| dir.join(p).display().to_string();
+        let datastore = format!("dir:{}", root().join("manifests").display());
+        daemon(
+            &ns,
+            &[
+                &agent.display().to_string(),
+                "--node",
+                node.name,
+                "--datastore",
+                &datastore,
+                "--socket",
+                &s("flock.sock"),
+                "--state-dir",
+                &s("state"),
+                "--bird-config",
+                &s("bird/bird.conf"),
+                "--bird-socket",
+                &s("bird.ctl"),
+                "--metrics-addr",
+                "127.0.0.1:9602",
+                "--log-format",
+                "json",
+            ],
+            &dir.join("agent.log"),
+            &format!("flock-agent {}", node.name),
+        )?;
+    }
+    let tor_dir = root().join("tor");
+    std::fs::create_dir_all(&tor_dir)?;
+    std::fs::write(tor_dir.join("bird.conf"), &tor_conf)?;
+    let tor_conf_path = tor_dir.join("bird.conf").display().to_string();
+    let tor_ctl = tor_dir.join("bird.ctl").display().to_string();
+    daemon(
+        TOR,
+        &["bird", "-f", "-c", &tor_conf_path, "-s", &tor_ctl],
+        &tor_dir.join("bird.log"),
+        "bird tor",
+    )?;
+    for node in &NODES {
+        let dir = root().join(node.name);
+        let conf = dir.join("bird/bird.conf");
+        wait_for(
+            &format!("{}'s agent to render bird.conf", node.name),
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&conf).is_ok_and(|c| c.contains("protocol bgp")),
+        )
+        .with_context(|| format!("see {}", dir.join("agent.log").display()))?;
+        daemon(
+            &node_ns(node),
+            &[
+                "bird",
+                "-f",
+                "-R",
+                "-c",
+                &conf.display().to_string(),
+                "-s",
+                &dir.join("bird.ctl").display().to_string(),
+            ],
+            &dir.join("bird.log"),
+            &format!("bird {}", node.name),
+        )?;
+    }
+
+    // Pods, through the real plugin; then their manifests carry their IPs
+    // (as the kubelet's status update would), for policies on other nodes.
+    let mut ips: Vec<Vec<IpAddr>> = Vec::new();
+    for p in &PODS {
+        manifest(
+            &format!("pod-{}-{}", p.namespace, p.name),
+            &pod_manifest(p, &[]),
+        )?;
+    }
+    for p in &PODS {
+        run("ip", &["netns", "add", &pod_ns(p)])?;
+        let result = cni(&plugin, p, "ADD")?;
+        let got = result_ips(&result);
+        manifest(
+            &format!("pod-{}-{}", p.namespace, p.name),
+            &pod_manifest(p, &got),
+        )?;
+        ips.push(got);
+    }
+    manifest("policy", POLICY)?;
+
+    wait_for(
+        "the ToR to learn both nodes' prefixes and the anycast IP from both",
+        Duration::from_secs(30),
+        || {
+            let routes = ip(TOR, &["route"]).unwrap_or_default();
+            let any = ip(TOR, &["route", "show", ANYCAST4]).unwrap_or_default();
+            routes.contains("198.18.1.0/24")
+                && routes.contains("198.18.2.0/24")
+                && any.matches("nexthop").count() == 2
+        },
+    )?;
+    println!(
+        "flock lab is up ({:.1} s)\n",
+        started.elapsed().as_secs_f64()
+    );
+    report(&ips)
+}
+
+fn lab_namespaces() -> anyhow::Result<Vec<String>> {
+    Ok(run("ip", &["netns", "list"])?
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+        .map(str::to_owned)
+        .collect())
+}
+
+fn report(ips: &[Vec<IpAddr>]) -> anyhow::Result<()> {
+    let family = |v: &[IpAddr], v4: bool| {
+        v.iter()
+            .find(|i| i.is_ipv4() == v4)
+            .map_or("-".to_owned(), ToString::to_string)
+    };
+    println!(
+        "A ToR ({TOR}) running BIRD, peered over eBGP with two nodes ({PREFIX}node-a, {PREFIX}node-b),\neach running flock-agent and BIRD. Pods are network namespaces {PREFIX}pod-<namespace>-<name>.\n"
+    );
+    println!("PODS");
+    println!(
+        "  {:<8} {:<16} {:<14} {:<34} anycast",
+        "node", "pod", "IPv4", "IPv6"
+    );
+    for (p, got) in PODS.iter().zip(ips) {
+        println!(
+            "  {:<8} {:<16} {:<14} {:<34} {}",
+            NODES[p.node].name,
+            format!("{}/{}", p.namespace, p.name),
+            family(got, true),
+            family(got, false),
+            if p.anycast {
+                format!("{ANYCAST4}, {ANYCAST6}")
+            } else {
+                String::new()
+            }
+        );
+    }
+
+    let via_node = |line: &str| {
+        NODES
+            .iter()
+            .find(|n| {
+                line.contains(&format!("198.19.{}.1 ", n.n))
+                    || line.contains(&format!("2001:db8:ff:{}::1 ", n.n))
+            })
+            .map_or("", |n| n.name)
+    };
+    println!("\nTHE TOR'S BGP ROUTES (ip -n {TOR} route; proto bird)");
+    for family in [&["route"][..], &["-6", "route"][..]] {
+        let mut args = family.to_vec();
+        args.extend(["show", "proto", "bird"]);
+        let text = ip(TOR, &args)?;
+        let mut lines = text.lines().peekable();
+        while let Some(line) = lines.next() {
+            let mut hops = Vec::new();
+            while let Some(next) = lines.peek().filter(|l| l.starts_with(char::is_whitespace)) {
+                hops.push(via_node(next).to_owned());
+                lines.next();
+            }
+            let dst = line.split_whitespace().next().unwrap_or_default();
+            if hops.is_empty() {
+                println!("  {dst:<24} → {}", via_node(line));
+            } else {
+                println!("  {dst:<24} → ECMP {}", hops.join(" + "));
+            }
+        }
+    }
+
+    println!("\nANYCAST {ANYCAST4} / {ANYCAST6}");
+    for (family, addr) in [("", ANYCAST4), ("-6", ANYCAST6)] {
+        let mut args: Vec<&str> = if family.is_empty() {
+            vec![]
+        } else {
+            vec![family]
+        };
+        args.extend(["route", "show", addr]);
+        let hops: Vec<String> = ip(TOR, &args)?
+            .lines()
+            .filter(|l| l.contains("nexthop"))
+            .map(|l| l.split_whitespace().nth(2).unwrap_or_default().to_owned())
+            .collect();
+        println!("  ToR nexthops for {addr}: {}", hops.join(", "));
+    }
+    // Which replicas answer: UDP flows from the ToR, one source port each.
+    let echoes: Vec<(&PodSpec, flock_testkit::Echo)> = PODS
+        .iter()
+        .filter(|p| p.anycast)
+        .map(|p| {
+            let addr = SocketAddr::new(ANYCAST4.parse().expect("anycast"), 5353);
+            (p, flock_testkit::udp_echo_on(&netns(&pod_ns(p)), addr))
+        })
+        .collect();
+    let tor = netns(TOR);
+    let flows = 32;
+    let mut answered = 0;
+    for _ in 0..flows {
+        let to = SocketAddr::new(ANYCAST4.parse().expect("anycast"), 5353);
+        if flock_testkit::udp_probe(&tor, to, Duration::from_millis(500)).is_some() {
+            answered += 1;
+        }
+    }
+    let split: Vec<String> = echoes
+        .iter()
+        .map(|(p, e)| format!("{}/{} {}", p.namespace, p.name, e.hits()))
+        .collect();
+    println!(
+        "  {flows} UDP flows from the ToR to {ANYCAST4}: {answered} answered — {}",
+        split.join(", ")
+    );
+    drop(echoes);
+
+    connectivity(ips)?;
+    println!("\nLook around: ip netns exec {TOR} birdc -s {ROOT}/tor/bird.ctl show route");
+    println!("             ip netns exec {PREFIX}node-a nft list table inet flock");
+    println!(
+        "             logs: {ROOT}/<node>/agent.log, {ROOT}/<node>/bird.log; manifests: {ROOT}/manifests"
+    );
+    println!("Remove everything: flock lab down");
+    Ok(())
+}
+
+/// TCP from every pod to every other pod's port, over IPv4 and IPv6, with
+/// the policy that decided where one applies.
+fn connectivity(ips: &[Vec<IpAddr>]) -> anyhow::Result<()> {
+    let servers: Vec<flock_testkit::TcpServer> = PODS
+        .iter()
+        .map(|p| flock_testkit::tcp_listen(&netns(&pod_ns(p)), p.port))
+        .collect();
+    let rules = policy_view(ips)?;
+    println!(
+        "\nCONNECTIVITY (TCP from each pod to each pod's port over IPv4 and IPv6; ✓ connects, ✗ does not;"
+    );
+    println!("              [n]: the NetworkPolicy that decided, listed below)");
+    let mut legend: Vec<String> = Vec::new();
+    let marks: Vec<Option<usize>> = (0..PODS.len())
+        .map(|j| {
+            rules.get(&j).map(|policy| {
+                let text = format!(
+                    "{policy} (isolates {}/{} for ingress)",
+                    PODS[j].namespace, PODS[j].name
+                );
+                legend.iter().position(|l| *l == text).unwrap_or_else(|| {
+                    legend.push(text);
+                    legend.len() - 1
+                })
+            })
+        })
+        .collect();
+    print!("  {:<16}", "from \\ to");
+    for p in &PODS {
+        print!(" {:<15}", format!("{}:{}", p.name, p.port));
+    }
+    println!();
+    for (i, from) in PODS.iter().enumerate() {
+        print!("  {:<16}", format!("{}/{}", from.namespace, from.name));
+        let results: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = PODS
+                .iter()
+                .enumerate()
+                .map(|(j, to)| {
+                    let marks = &marks;
+                    s.spawn(move || {
+                        if i == j {
+                            return "·".to_owned();
+                        }
+                        let ns = netns(&pod_ns(from));
+                        let ok: Vec<bool> = ips[j]
+                            .iter()
+                            .map(|ip| {
+                                flock_testkit::tcp_connects(
+                                    &ns,
+                                    SocketAddr::new(*ip, to.port),
+                                    Duration::from_millis(300),
+                                )
+                            })
+                            .collect();
+                        let mark = if ok.iter().all(|b| *b) {
+                            "✓"
+                        } else if ok.iter().any(|b| *b) {
+                            "? (one family)"
+                        } else {
+                            "✗"
+                        };
+                        match marks[j] {
+                            Some(n) => format!("{mark} [{}]", n + 1),
+                            None => mark.to_owned(),
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        for r in results {
+            print!(" {r:<15}");
+        }
+        println!();
+    }
+    for (n, l) in legend.iter().enumerate() {
+        println!("  [{}] {l}", n + 1);
+    }
+    drop(servers);
+    Ok(())
+}
+
+/// Which policies isolate each pod's ingress (by pod index), from the
+/// same translation the agents run.
+fn policy_view(ips: &[Vec<IpAddr>]) -> anyhow::Result<BTreeMap<usize, String>> {
+    let pods: Vec<flock_netpol::ClusterPod> = PODS
+        .iter()
+        .zip(ips)
+        .map(|(p, got)| flock_netpol::ClusterPod {
+            namespace: p.namespace.into(),
+            name: p.name.into(),
+            labels: p
+                .labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ips: got.clone(),
+            ports: Vec::new(),
+        })
+        .collect();
+    let local: Vec<flock_netpol::LocalPod> = PODS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| flock_netpol::LocalPod {
+            namespace: p.namespace.into(),
+            name: p.name.into(),
+            iface: format!("pod{i}"),
+        })
+        .collect();
+    let namespaces = BTreeMap::from([
+        (
+            "web".to_owned(),
+            BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "web".to_owned())]),
+        ),
+        (
+            "db".to_owned(),
+            BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "db".to_owned())]),
+        ),
+    ]);
+    let policy: k8s_openapi::api::networking::v1::NetworkPolicy = serde_yaml::from_str(POLICY)?;
+    let rules = flock_netpol::translate(&flock_netpol::Input {
+        pods: &pods,
+        local: &local,
+        namespaces: &namespaces,
+        policies: std::slice::from_ref(&policy),
+    });
+    Ok((0..PODS.len())
+        .filter_map(|i| {
+            let d = rules.pod(&format!("pod{i}"))?.ingress.as_ref()?;
+            Some((i, d.policies.join(",")))
+        })
+        .collect())
+}
+
+/// Stops the lab's processes (only the PIDs it recorded, and only when
+/// they still are what it started), deletes its namespaces and files.
+fn down(verbose: bool) -> anyhow::Result<()> {
+    require_root()?;
+    let pids = std::fs::read_to_string(root().join("pids")).unwrap_or_default();
+    let mut stopped = 0;
+    for line in pids.lines() {
+        let Some((pid, what)) = line.split_once(' ') else {
+            continue;
+        };
+        let program = what.split_whitespace().next().unwrap_or_default();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(program) {
+            continue; // gone, or the PID now belongs to someone else
+        }
+        let _ = Command::new("kill").args(["-TERM", pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        stopped += 1;
+    }
+    let namespaces = lab_namespaces()?;
+    for ns in &namespaces {
+        let _ = run("ip", &["netns", "del", ns]);
+    }
+    if root().exists() {
+        std::fs::remove_dir_all(root()).with_context(|| format!("removing {ROOT}"))?;
+    }
+    if verbose {
+        println!(
+            "flock lab is down: {stopped} processes stopped, {} namespaces and {ROOT} removed",
+            namespaces.len()
+        );
+    }
+    Ok(())
+}
