@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flock_testkit::agent::{AgentNode, node_config};
-use flock_testkit::{Bird, NetnsGuard};
+use flock_testkit::{Bird, NetnsGuard, fabric};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
 const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
@@ -125,73 +125,12 @@ struct FabricNode {
     bird: Option<Bird>,
 }
 
-/// Wires `node`'s `up0` to the ToR's `tor_if` on 198.19.`n`.0/24 and
-/// 2001:db8:ff:`n`::/64 (ToR .254 / ::fe, node .1 / ::1), with the node's
-/// default routes pointing at the ToR, as on a routed bare-metal rack.
-fn uplink(tor: &NetnsGuard, node: &AgentNode, tor_if: &str, n: u8) {
-    tor.ip(&[
-        "link",
-        "add",
-        tor_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "up0",
-        "netns",
-        node.node.name(),
-    ]);
-    tor.ip(&["addr", "add", &format!("198.19.{n}.254/24"), "dev", tor_if]);
-    tor.ip(&[
-        "addr",
-        "add",
-        &format!("2001:db8:ff:{n}::fe/64"),
-        "dev",
-        tor_if,
-        "nodad",
-    ]);
-    tor.ip(&["link", "set", tor_if, "up"]);
-    let ns = &node.node;
-    ns.ip(&["addr", "add", &format!("198.19.{n}.1/24"), "dev", "up0"]);
-    ns.ip(&[
-        "addr",
-        "add",
-        &format!("2001:db8:ff:{n}::1/64"),
-        "dev",
-        "up0",
-        "nodad",
-    ]);
-    ns.ip(&["link", "set", "up0", "up"]);
-    ns.ip(&["route", "add", "default", "via", &format!("198.19.{n}.254")]);
-    ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "default",
-        "via",
-        &format!("2001:db8:ff:{n}::fe"),
-    ]);
-}
-
-const FABRIC_TOR_CONF: &str = "log stderr all;
-router id 198.19.255.254;
-protocol device { scan time 10; }
-protocol kernel { merge paths on; ipv4 { export where source = RTS_BGP; }; }
-protocol kernel { merge paths on; ipv6 { export where source = RTS_BGP; }; }
-protocol bgp a4 { local 198.19.1.254 as 65000; neighbor 198.19.1.1 as 65001; ipv4 { import all; export none; }; }
-protocol bgp a6 { local 2001:db8:ff:1::fe as 65000; neighbor 2001:db8:ff:1::1 as 65001; ipv6 { import all; export none; }; }
-protocol bgp b4 { local 198.19.2.254 as 65000; neighbor 198.19.2.1 as 65002; ipv4 { import all; export none; }; }
-protocol bgp b6 { local 2001:db8:ff:2::fe as 65000; neighbor 2001:db8:ff:2::1 as 65002; ipv6 { import all; export none; }; }
-";
-
 fn fabric_node(tor: &NetnsGuard, name: &str, n: u8, asn: u32) -> FabricNode {
     let plugin: PathBuf = Path::new(AGENT).with_file_name("flock");
-    let spec = format!(
-        "  cidr6: 2001:db8:0:{n}::/64\n  cidr4: 198.18.{n}.0/24\n  bgp:\n    asn: {asn}\n    routerId: 198.19.{n}.1\n    peers:\n    - {{address: 198.19.{n}.254, asn: 65000}}\n    - {{address: '2001:db8:ff:{n}::fe', asn: 65000}}"
-    );
+    let spec = fabric::node_spec(n, asn);
     let config = flock_testkit::agent::node_config_for(name, &spec, "");
     let mut node = AgentNode::start_named(Path::new(AGENT), &plugin, name, &config);
-    uplink(tor, &node, &format!("tor{n}"), n);
+    fabric::uplink(tor.name(), node.node.name(), n).expect("uplink");
     // Render again now that the uplink address (BIRD's `local`) exists.
     node.kill();
     node.spawn();
@@ -252,22 +191,13 @@ fn two_nodes_route_pods_anycast_and_addresses_through_the_tor() {
     let tor = NetnsGuard::new("tor");
     // The ToR routes between its ports, and spreads flows to one anycast
     // IP over the nodes by ports, too.
-    let status = std::process::Command::new("ip")
-        .args(["netns", "exec", tor.name(), "sysctl", "-qw"])
-        .args([
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv4.fib_multipath_hash_policy=1",
-            "net.ipv6.fib_multipath_hash_policy=1",
-        ])
-        .status()
-        .expect("sysctl");
-    assert!(status.success(), "setting the ToR's multipath hash policy");
+    fabric::tor_forwarding(tor.name()).expect("ToR sysctls");
     let a = fabric_node(&tor, "node-a", 1, 65001);
     let b = fabric_node(&tor, "node-b", 2, 65002);
     let dir = tempfile::tempdir().expect("tempdir");
     let tor_conf = dir.path().join("tor.conf");
-    std::fs::write(&tor_conf, FABRIC_TOR_CONF).expect("tor conf");
+    let tor_bird = fabric::tor_bird_config(&[("a", 1, 65001), ("b", 2, 65002)]);
+    std::fs::write(&tor_conf, tor_bird).expect("tor conf");
     let _tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
     let tor_routes = || tor.ip_output(&["route"]) + &tor.ip_output(&["-6", "route"]);
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use flock_netlink::Netns;
+use flock_testkit::fabric;
 
 /// Where the lab keeps its files (manifests, state, logs, PIDs).
 const ROOT: &str = "/run/flock-lab";
@@ -166,12 +167,6 @@ fn ip(ns: &str, args: &[&str]) -> anyhow::Result<String> {
     run("ip", &all)
 }
 
-fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
-    let mut all = vec!["netns", "exec", ns];
-    all.extend_from_slice(args);
-    run("ip", &all)
-}
-
 fn node_ns(n: &NodeSpec) -> String {
     format!("{PREFIX}{}", n.name)
 }
@@ -206,10 +201,20 @@ fn ensure_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("installing {} (apt-get)…", missing.join(" "));
-    run("apt-get", &["update", "-q"])?;
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .context("running apt-get")?;
+        ensure!(status.success(), "apt-get {} failed", args.join(" "));
+        Ok(())
+    };
+    apt(&["update", "-q"])?;
     let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
     args.extend(missing);
-    run("apt-get", &args).map(|_| ())
+    apt(&args)
 }
 
 fn require_root() -> anyhow::Result<()> {
@@ -367,10 +372,9 @@ fn up() -> anyhow::Result<()> {
     let mut configs = String::new();
     for n in &NODES {
         configs += &format!(
-            "apiVersion: flock.fritzlab.net/v1alpha1\nkind: NodeConfig\nmetadata: {{name: {name}}}\nspec:\n  cidr6: 2001:db8:0:{n}::/64\n  cidr4: 198.18.{n}.0/24\n  bgp:\n    asn: {asn}\n    routerId: 198.19.{n}.1\n    peers:\n    - {{address: 198.19.{n}.254, asn: 65000}}\n    - {{address: '2001:db8:ff:{n}::fe', asn: 65000}}\n---\n",
-            name = n.name,
-            n = n.n,
-            asn = n.asn
+            "apiVersion: flock.fritzlab.net/v1alpha1\nkind: NodeConfig\nmetadata: {{name: {}}}\nspec:\n{}\n---\n",
+            n.name,
+            fabric::node_spec(n.n, n.asn)
         );
     }
     manifest("nodeconfigs", &configs)?;
@@ -378,84 +382,12 @@ fn up() -> anyhow::Result<()> {
     // The ToR, and each node wired to it.
     run("ip", &["netns", "add", TOR])?;
     ip(TOR, &["link", "set", "lo", "up"])?;
-    in_ns(
-        TOR,
-        &[
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            "net.ipv4.fib_multipath_hash_policy=1",
-            "net.ipv6.fib_multipath_hash_policy=1",
-        ],
-    )?;
-    let mut tor_conf = String::from(
-        "log stderr all;\nrouter id 198.19.255.254;\nprotocol device { scan time 10; }\nprotocol kernel { merge paths on; ipv4 { export where source = RTS_BGP; }; }\nprotocol kernel { merge paths on; ipv6 { export where source = RTS_BGP; }; }\n",
-    );
+    fabric::tor_forwarding(TOR).map_err(anyhow::Error::msg)?;
     for node in &NODES {
         let ns = node_ns(node);
-        let n = node.n;
         run("ip", &["netns", "add", &ns])?;
         ip(&ns, &["link", "set", "lo", "up"])?;
-        let tor_if = format!("tor{n}");
-        ip(
-            TOR,
-            &[
-                "link", "add", &tor_if, "type", "veth", "peer", "name", "up0", "netns", &ns,
-            ],
-        )?;
-        ip(
-            TOR,
-            &["addr", "add", &format!("198.19.{n}.254/24"), "dev", &tor_if],
-        )?;
-        ip(
-            TOR,
-            &[
-                "addr",
-                "add",
-                &format!("2001:db8:ff:{n}::fe/64"),
-                "dev",
-                &tor_if,
-                "nodad",
-            ],
-        )?;
-        ip(TOR, &["link", "set", &tor_if, "up"])?;
-        ip(
-            &ns,
-            &["addr", "add", &format!("198.19.{n}.1/24"), "dev", "up0"],
-        )?;
-        ip(
-            &ns,
-            &[
-                "addr",
-                "add",
-                &format!("2001:db8:ff:{n}::1/64"),
-                "dev",
-                "up0",
-                "nodad",
-            ],
-        )?;
-        ip(&ns, &["link", "set", "up0", "up"])?;
-        ip(
-            &ns,
-            &["route", "add", "default", "via", &format!("198.19.{n}.254")],
-        )?;
-        ip(
-            &ns,
-            &[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("2001:db8:ff:{n}::fe"),
-            ],
-        )?;
-        tor_conf += &format!(
-            "protocol bgp {name}_4 {{ local 198.19.{n}.254 as 65000; neighbor 198.19.{n}.1 as {asn}; ipv4 {{ import all; export none; }}; }}\nprotocol bgp {name}_6 {{ local 2001:db8:ff:{n}::fe as 65000; neighbor 2001:db8:ff:{n}::1 as {asn}; ipv6 {{ import all; export none; }}; }}\n",
-            name = node.name.replace('-', "_"),
-            asn = node.asn
-        );
+        fabric::uplink(TOR, &ns, node.n).map_err(anyhow::Error::msg)?;
         // The agent, then BIRD once the agent has rendered its config.
         let dir = root().join(node.name);
         std::fs::create_dir_all(dir.join("bird"))?;
@@ -488,7 +420,8 @@ fn up() -> anyhow::Result<()> {
     }
     let tor_dir = root().join("tor");
     std::fs::create_dir_all(&tor_dir)?;
-    std::fs::write(tor_dir.join("bird.conf"), &tor_conf)?;
+    let peers: Vec<(&str, u8, u32)> = NODES.iter().map(|n| (n.name, n.n, n.asn)).collect();
+    std::fs::write(tor_dir.join("bird.conf"), fabric::tor_bird_config(&peers))?;
     let tor_conf_path = tor_dir.join("bird.conf").display().to_string();
     let tor_ctl = tor_dir.join("bird.ctl").display().to_string();
     daemon(

@@ -1,0 +1,108 @@
+//! A routed rack in network namespaces: a ToR and nodes wired to it, as
+//! the BGP tests and `flock lab` build it. Node `n` (1, 2, …) sits on
+//! 198.19.`n`.0/24 and 2001:db8:ff:`n`::/64 (ToR .254 / ::fe, node .1 /
+//! ::1) and owns the pod prefixes 198.18.`n`.0/24 and 2001:db8:0:`n`::/64.
+
+use std::process::Command;
+
+/// The ToR's AS number.
+pub const TOR_ASN: u32 = 65000;
+
+fn ip(ns: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip -n {ns} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Lets the ToR route between its ports and spread flows to one anycast
+/// IP over its nexthops by ports, too.
+pub fn tor_forwarding(tor: &str) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", tor, "sysctl", "-qw"])
+        .args([
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.fib_multipath_hash_policy=1",
+            "net.ipv6.fib_multipath_hash_policy=1",
+        ])
+        .output()
+        .map_err(|e| format!("running sysctl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "sysctl in {tor}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Wires node `n`'s `up0` (in namespace `node`) to the ToR's `tor<n>`, with
+/// the node's default routes pointing at the ToR, as on a routed rack.
+pub fn uplink(tor: &str, node: &str, n: u8) -> Result<(), String> {
+    let tor_if = format!("tor{n}");
+    let (tor4, tor6) = (format!("198.19.{n}.254"), format!("2001:db8:ff:{n}::fe"));
+    let (node4, node6) = (format!("198.19.{n}.1"), format!("2001:db8:ff:{n}::1"));
+    ip(
+        tor,
+        &[
+            "link", "add", &tor_if, "type", "veth", "peer", "name", "up0", "netns", node,
+        ],
+    )?;
+    ip(tor, &["addr", "add", &format!("{tor4}/24"), "dev", &tor_if])?;
+    ip(
+        tor,
+        &[
+            "addr",
+            "add",
+            &format!("{tor6}/64"),
+            "dev",
+            &tor_if,
+            "nodad",
+        ],
+    )?;
+    ip(tor, &["link", "set", &tor_if, "up"])?;
+    ip(node, &["addr", "add", &format!("{node4}/24"), "dev", "up0"])?;
+    ip(
+        node,
+        &["addr", "add", &format!("{node6}/64"), "dev", "up0", "nodad"],
+    )?;
+    ip(node, &["link", "set", "up0", "up"])?;
+    ip(node, &["route", "add", "default", "via", &tor4])?;
+    ip(node, &["-6", "route", "add", "default", "via", &tor6])
+}
+
+/// The NodeConfig spec of node `n` (YAML lines indented by 2): its pod
+/// prefixes and one eBGP session per family to the ToR.
+pub fn node_spec(n: u8, asn: u32) -> String {
+    format!(
+        "  cidr6: 2001:db8:0:{n}::/64\n  cidr4: 198.18.{n}.0/24\n  bgp:\n    asn: {asn}\n    routerId: 198.19.{n}.1\n    peers:\n    - {{address: 198.19.{n}.254, asn: {TOR_ASN}}}\n    - {{address: '2001:db8:ff:{n}::fe', asn: {TOR_ASN}}}"
+    )
+}
+
+/// The ToR's BIRD configuration for `nodes` (name, n, AS number): one
+/// eBGP session per node and family, learned routes into the kernel with
+/// ECMP across nodes.
+pub fn tor_bird_config(nodes: &[(&str, u8, u32)]) -> String {
+    let mut conf = String::from(
+        "log stderr all;\nrouter id 198.19.255.254;\nprotocol device { scan time 10; }\nprotocol kernel { merge paths on; ipv4 { export where source = RTS_BGP; }; }\nprotocol kernel { merge paths on; ipv6 { export where source = RTS_BGP; }; }\n",
+    );
+    for (name, n, asn) in nodes {
+        let name = name.replace('-', "_");
+        conf += &format!(
+            "protocol bgp {name}_4 {{ local 198.19.{n}.254 as {TOR_ASN}; neighbor 198.19.{n}.1 as {asn}; ipv4 {{ import all; export none; }}; }}\nprotocol bgp {name}_6 {{ local 2001:db8:ff:{n}::fe as {TOR_ASN}; neighbor 2001:db8:ff:{n}::1 as {asn}; ipv6 {{ import all; export none; }}; }}\n"
+        );
+    }
+    conf
+}
