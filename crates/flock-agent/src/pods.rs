@@ -175,6 +175,32 @@ impl PodHandler {
         }
     }
 
+    /// Puts the NetworkPolicy rules of a new pod in place before its ADD
+    /// answers; a pod must not start open. Until pods, namespaces and
+    /// policies have been listed the answer is "try again later" (11).
+    async fn isolate(
+        &self,
+        namespace: &str,
+        name: &str,
+        container_id: &str,
+    ) -> Result<(), CniError> {
+        let iface = host_iface_name(container_id);
+        crate::policy::enforce_for_new_pod(&self.shared, namespace, &iface)
+            .await
+            .map_err(|e| match e {
+                crate::policy::NotEnforced::NotListed => err(
+                    ErrorCode::TRY_AGAIN_LATER,
+                    format!(
+                        "pod {namespace}/{name}: pods, namespaces or NetworkPolicies are not listed yet, so its isolation is unknown"
+                    ),
+                ),
+                crate::policy::NotEnforced::Failed(e) => internal(
+                    &format!("enforcing NetworkPolicy for pod {namespace}/{name} failed"),
+                    e,
+                ),
+            })
+    }
+
     async fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         let args = CniArgs::parse(&req.args)
             .map_err(|e| err(ErrorCode::INVALID_ENVIRONMENT, e.to_string()))?;
@@ -188,8 +214,10 @@ impl PodHandler {
         if let Some(a) = &existing
             && a.state == AllocState::Committed
         {
-            // Runtimes retry ADD after a timeout: answer with what is in place.
+            // Runtimes retry ADD after a timeout: answer with what is in place
+            // (isolation included: the first attempt may have failed there).
             info!(pod = %format!("{namespace}/{name}"), "ADD retried; returning the committed allocation");
+            self.isolate(&namespace, &name, &a.container_id).await?;
             return Ok(result(
                 a,
                 &req.netns,
@@ -227,16 +255,8 @@ impl PodHandler {
             .upsert(committed.clone())
             .map_err(|e| internal("recording the committed allocation failed", e))?;
         self.shared.anycast.notify_one();
-        let host_iface = host_iface_name(&committed.container_id);
-        if let Err(e) =
-            crate::policy::enforce_for_new_pod(&self.shared, &namespace, &host_iface).await
-        {
-            // Isolation could not be installed: the pod must not start open.
-            return Err(internal(
-                &format!("enforcing NetworkPolicy for pod {namespace}/{name} failed"),
-                e,
-            ));
-        }
+        self.isolate(&namespace, &name, &committed.container_id)
+            .await?;
         info!(
             pod = %format!("{namespace}/{name}"),
             ip6 = ?committed.ip6,

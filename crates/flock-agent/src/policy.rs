@@ -173,6 +173,15 @@ pub(crate) async fn enforce(shared: &Shared, heal: bool) -> Result<Ruleset, Stri
     }
 }
 
+/// Why a new pod's rules are not in place.
+#[derive(Debug)]
+pub(crate) enum NotEnforced {
+    /// Pods, namespaces or policies have not been listed yet.
+    NotListed,
+    /// Translating or loading failed.
+    Failed(String),
+}
+
 /// After an ADD: when a policy isolates the new pod, its rules are in the
 /// kernel before this returns (no packet passes before them); otherwise
 /// the policy task picks the pod up as a peer soon after.
@@ -180,30 +189,36 @@ pub(crate) async fn enforce_for_new_pod(
     shared: &Shared,
     namespace: &str,
     iface: &str,
-) -> Result<(), String> {
+) -> Result<(), NotEnforced> {
     if !shared.cache.wait_for_policy_inputs(SYNC_WAIT).await {
-        warn!("pods, namespaces or policies not listed yet; enforcing with what is known");
+        return Err(NotEnforced::NotListed);
     }
     // Only a policy of its own namespace can isolate a pod.
     if !shared.cache.has_policies_in(namespace) || ruleset(shared).await.pod(iface).is_none() {
         shared.policy.trigger.notify_one();
         return Ok(());
     }
-    enforce(shared, false).await.map(|_| ())
+    enforce(shared, false)
+        .await
+        .map(|_| ())
+        .map_err(NotEnforced::Failed)
 }
 
 /// Keeps the kernel's table equal to the policies: on every change of
 /// pods, namespaces or policies, after DELs, and every 30 s (then also
-/// healing outside changes). Waits for the first lists after a start, so
-/// a restart never opens what was closed.
+/// healing outside changes). Loads nothing until pods, namespaces and
+/// policies have been listed once after a start, so a restart never opens
+/// what was closed: the kernel keeps the table it has meanwhile.
 pub(crate) async fn keep_policy_enforced(shared: Arc<Shared>) {
     let mut events = shared.cache.subscribe();
-    if !shared
+    while !shared
         .cache
         .wait_for_policy_inputs(crate::runtime::LOCAL_PODS_TIMEOUT)
         .await
     {
-        warn!("pods, namespaces or policies were not listed in time; enforcing with what is known");
+        warn!(
+            "pods, namespaces or NetworkPolicies not listed yet; the kernel keeps its NetworkPolicy table until they are"
+        );
     }
     let mut tick = tokio::time::interval(POLICY_HEAL);
     loop {
