@@ -19,7 +19,7 @@ use crate::pods::Shared;
 pub const POLICY_HEAL: Duration = Duration::from_secs(30);
 
 /// How long an ADD waits for the first lists of pods, namespaces and
-/// policies after a start before it enforces with what is known.
+/// policies after a start before it answers "try again later".
 const SYNC_WAIT: Duration = Duration::from_secs(3);
 
 /// The enforcement state shared by the ADD path and the policy task.
@@ -63,6 +63,11 @@ impl Policy {
 
 /// The translation for the current state.
 async fn ruleset(shared: &Shared) -> Ruleset {
+    let policies = shared.cache.policies();
+    if policies.is_empty() {
+        // Nothing isolates anyone: no need to look at a single pod.
+        return Ruleset::default();
+    }
     let mut local = Vec::new();
     let mut local_ips: HashMap<(String, String), Vec<IpAddr>> = HashMap::new();
     {
@@ -110,7 +115,6 @@ async fn ruleset(shared: &Shared) -> Ruleset {
         })
         .collect();
     let namespaces = shared.cache.namespaces();
-    let policies = shared.cache.policies();
     flock_netpol::translate(&Input {
         pods: &pods,
         local: &local,

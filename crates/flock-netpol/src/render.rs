@@ -137,17 +137,30 @@ impl Sets {
     /// Declares a set (unless an identical one exists); returns its name.
     fn add(&mut self, prefix: &str, ty: &str, interval: bool, elements: &[String]) -> String {
         let joined = elements.join(",\n\t\t\t     ");
-        let name = format!(
-            "{prefix}_{:016x}",
-            fnv64(&[ty.as_bytes(), joined.as_bytes()])
-        );
-        self.decls.entry(name.clone()).or_insert_with(|| {
-            format!(
-                "\tset {name} {{\n\t\ttype {ty}\n{}\t\telements = {{ {joined} }}\n\t}}\n",
-                if interval { "\t\tflags interval\n" } else { "" }
-            )
-        });
-        name
+        let hash = fnv64(&[ty.as_bytes(), joined.as_bytes()]);
+        let flags = if interval { "\t\tflags interval\n" } else { "" };
+        let decl = |name: &str| {
+            format!("\tset {name} {{\n\t\ttype {ty}\n{flags}\t\telements = {{ {joined} }}\n\t}}\n")
+        };
+        // Two different contents with one hash (never seen, but possible)
+        // get distinct names rather than share a set.
+        for n in 0u32.. {
+            let name = if n == 0 {
+                format!("{prefix}_{hash:016x}")
+            } else {
+                format!("{prefix}_{hash:016x}_{n}")
+            };
+            let text = decl(&name);
+            match self.decls.get(&name) {
+                Some(existing) if *existing != text => continue,
+                Some(_) => return name,
+                None => {
+                    self.decls.insert(name.clone(), text);
+                    return name;
+                }
+            }
+        }
+        unreachable!("u32 names run out")
     }
 
     /// The v4 and v6 peer sets of `peers`.
