@@ -138,6 +138,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("flock lab: {e:#}");
+            if Path::new(ROOT).exists() {
+                eprintln!("flock lab: what was made so far stays; `flock lab down` removes it");
+            }
             ExitCode::FAILURE
         }
     }
