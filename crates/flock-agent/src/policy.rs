@@ -124,20 +124,30 @@ async fn ruleset(shared: &Shared) -> Ruleset {
 }
 
 /// Translates, renders and loads the ruleset (skipped when unchanged);
-/// `heal` also re-loads a table changed behind flock's back. Returns the
-/// translation. A failure keeps the kernel's previous table.
-pub(crate) async fn enforce(shared: &Shared, heal: bool) -> Result<Ruleset, String> {
-    let policy = &shared.policy;
-    let _turn = policy.turn.lock().await;
+/// `heal` also re-loads a table changed behind flock's back. A failure
+/// keeps the kernel's previous table.
+pub(crate) async fn enforce(shared: &Shared, heal: bool) -> Result<(), String> {
+    let _turn = shared.policy.turn.lock().await;
     let rules = ruleset(shared).await;
-    let outcome = match flock_netpol::render(&rules) {
+    load(shared, &rules, heal).await
+}
+
+/// Renders and loads `rules`; the caller holds the policy turn.
+async fn load(shared: &Shared, rules: &Ruleset, heal: bool) -> Result<(), String> {
+    let policy = &shared.policy;
+    let outcome = match flock_netpol::render(rules) {
         Err(e) => Err(e.to_string()),
         Ok(script) => {
             let applier = policy.applier.clone();
             tokio::task::spawn_blocking(move || {
                 let mut a = applier.lock().unwrap_or_else(|p| p.into_inner());
                 let loaded = a.apply(&script)?;
-                let healed = if heal { a.heal()? } else { Applied::Unchanged };
+                // A table loaded just now needs no check.
+                let healed = if heal && loaded == Applied::Unchanged {
+                    a.heal()?
+                } else {
+                    Applied::Unchanged
+                };
                 Ok::<_, flock_netpol::ApplyError>((loaded, healed))
             })
             .await
@@ -166,7 +176,7 @@ pub(crate) async fn enforce(shared: &Shared, heal: bool) -> Result<Ruleset, Stri
             if status.last_error.take().is_some() {
                 info!("NetworkPolicy ruleset loaded again after a failure");
             }
-            Ok(rules)
+            Ok(())
         }
         Err(e) => {
             shared.metrics.error("netpol");
@@ -198,14 +208,17 @@ pub(crate) async fn enforce_for_new_pod(
         return Err(NotEnforced::NotListed);
     }
     // Only a policy of its own namespace can isolate a pod.
-    if !shared.cache.has_policies_in(namespace) || ruleset(shared).await.pod(iface).is_none() {
-        shared.policy.trigger.notify_one();
-        return Ok(());
+    if shared.cache.has_policies_in(namespace) {
+        let _turn = shared.policy.turn.lock().await;
+        let rules = ruleset(shared).await;
+        if rules.pod(iface).is_some() {
+            return load(shared, &rules, false)
+                .await
+                .map_err(NotEnforced::Failed);
+        }
     }
-    enforce(shared, false)
-        .await
-        .map(|_| ())
-        .map_err(NotEnforced::Failed)
+    shared.policy.trigger.notify_one();
+    Ok(())
 }
 
 /// Keeps the kernel's table equal to the policies: on every change of

@@ -479,51 +479,40 @@ fn compile(
         };
     };
     let (ingress, egress) = policy_types(spec);
-    let mut out = CompiledPolicy::default();
-    if ingress {
-        out.ingress = Some(
-            spec.ingress
-                .iter()
-                .flatten()
+    let direction =
+        |field: &str, egress: bool, rules: Vec<Rule<'_>>, warnings: &mut Vec<String>| {
+            rules
+                .into_iter()
                 .enumerate()
-                .map(|(i, r)| {
-                    let at = format!("{name}: spec.ingress[{i}]");
-                    compile_rule(
-                        index,
-                        ns,
-                        r.from.as_deref(),
-                        r.ports.as_deref(),
-                        false,
-                        &at,
-                        warnings,
-                    )
+                .map(|(i, (peers, ports))| {
+                    let at = format!("{name}: spec.{field}[{i}]");
+                    compile_rule(index, ns, peers, ports, egress, &at, warnings)
                 })
-                .collect(),
-        );
+                .collect()
+        };
+    CompiledPolicy {
+        ingress: ingress.then(|| {
+            let rules = spec.ingress.iter().flatten();
+            let rules = rules
+                .map(|r| (r.from.as_deref(), r.ports.as_deref()))
+                .collect();
+            direction("ingress", false, rules, warnings)
+        }),
+        egress: egress.then(|| {
+            let rules = spec.egress.iter().flatten();
+            let rules = rules
+                .map(|r| (r.to.as_deref(), r.ports.as_deref()))
+                .collect();
+            direction("egress", true, rules, warnings)
+        }),
     }
-    if egress {
-        out.egress = Some(
-            spec.egress
-                .iter()
-                .flatten()
-                .enumerate()
-                .map(|(i, r)| {
-                    let at = format!("{name}: spec.egress[{i}]");
-                    compile_rule(
-                        index,
-                        ns,
-                        r.to.as_deref(),
-                        r.ports.as_deref(),
-                        true,
-                        &at,
-                        warnings,
-                    )
-                })
-                .collect(),
-        );
-    }
-    out
 }
+
+/// One rule's peers (`from` or `to`) and ports.
+type Rule<'a> = (
+    Option<&'a [NetworkPolicyPeer]>,
+    Option<&'a [NetworkPolicyPort]>,
+);
 
 fn compile_rule(
     index: &Index<'_>,

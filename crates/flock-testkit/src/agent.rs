@@ -201,9 +201,7 @@ impl AgentNode {
             self.name,
             if ready { "True" } else { "False" }
         );
-        let tmp = self.manifests().join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, manifest).expect("pod manifest");
-        std::fs::rename(&tmp, self.manifests().join(format!("{name}.yaml"))).expect("rename");
+        self.put_manifest(name, &manifest);
     }
 
     /// Writes (atomically) manifest `<stem>.yaml` into the datastore
