@@ -331,10 +331,12 @@ impl PodHandler {
             } else {
                 pod_uid
             },
+            host_iface: host_iface_name(&req.container_id),
             ip6: got.ip6,
             ip4: got.ip4,
             anycast: intent.anycast,
             addresses: intent.addresses,
+            netns_inode: None,
             netns: req.netns.clone(),
             mtu: Some(alloc.settings.mtu.unwrap_or(self.shared.default_mtu)),
             state: AllocState::Pending,
@@ -387,7 +389,7 @@ impl PodHandler {
             .lock()
             .await
             .store
-            .remove(container_id, if_name)
+            .remove(container_id, if_name, SystemTime::now())
             .map_err(|e| internal("removing the allocation failed", e))?;
         let host_iface = host_iface_name(container_id);
         let (ip6, ip4) = entry.as_ref().map_or((None, None), |a| (a.ip6, a.ip4));

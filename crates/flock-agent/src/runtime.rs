@@ -176,7 +176,11 @@ async fn recover(
         } else {
             continue;
         };
-        store.remove(&entry.container_id, &entry.ifname)?;
+        store.remove(
+            &entry.container_id,
+            &entry.ifname,
+            std::time::SystemTime::now(),
+        )?;
         metrics.reconciled(reason);
         info!(container_id = %entry.container_id, pod = %format!("{}/{}", entry.namespace, entry.pod), reason, "released allocation");
     }

@@ -14,6 +14,10 @@ pub enum AllocState {
     Pending,
     /// The pod's network is in place.
     Committed,
+    /// A DEL was accepted: the network is being torn down and the
+    /// addresses stay reserved until the kernel holds nothing of the pod.
+    /// A releasing entry found at startup is torn down before anything else.
+    Releasing,
 }
 
 /// The addresses and identity of one pod interface.
@@ -31,6 +35,10 @@ pub struct Allocation {
     /// The pod's UID, when the runtime sent it.
     #[serde(default)]
     pub pod_uid: String,
+    /// The host end of the pod's veth (empty in entries written before it
+    /// was recorded: the agent derives it from the container id then).
+    #[serde(default)]
+    pub host_iface: String,
     /// The pod's IPv6 address.
     #[serde(default)]
     pub ip6: Option<Ipv6Addr>,
@@ -46,21 +54,35 @@ pub struct Allocation {
     /// The pod's network namespace, as the runtime named it.
     #[serde(default)]
     pub netns: String,
+    /// The inode of that namespace when the network was built: a path can
+    /// name a newer namespace later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_inode: Option<u64>,
     /// The MTU the pod's interfaces were given.
     #[serde(default)]
     pub mtu: Option<u32>,
-    /// Pending or committed.
+    /// Pending, committed or releasing.
     pub state: AllocState,
     /// When the addresses were reserved.
     #[serde(serialize_with = "rfc3339", deserialize_with = "from_rfc3339")]
     pub allocated_at: SystemTime,
 }
 
-fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+impl Allocation {
+    /// The pod's own unicast addresses (IPv6 first).
+    pub fn unicast(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip6
+            .map(IpAddr::V6)
+            .into_iter()
+            .chain(self.ip4.map(IpAddr::V4))
+    }
+}
+
+pub(crate) fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
 
-fn from_rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+pub(crate) fn from_rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
 }

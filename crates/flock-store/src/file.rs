@@ -3,24 +3,37 @@
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::allocation::{from_rfc3339, rfc3339};
 use crate::{Allocation, Result, StoreError};
 
 /// The store's file name inside the state directory.
 pub const FILE_NAME: &str = "allocations.json";
 
-/// The schema this build writes and the newest it reads.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build writes and the newest it reads. Version 2 added
+/// the `releasing` state and the release history; version 1 files load.
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// When an address was last given back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Released {
+    pub ip: IpAddr,
+    #[serde(serialize_with = "rfc3339", deserialize_with = "from_rfc3339")]
+    pub at: SystemTime,
+}
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct FileOut<'a> {
     schema_version: u32,
     allocations: Vec<&'a Allocation>,
+    released: Vec<Released>,
 }
 
 #[derive(Deserialize)]
@@ -28,6 +41,15 @@ struct FileOut<'a> {
 struct FileIn {
     schema_version: u32,
     allocations: Vec<Allocation>,
+    #[serde(default)]
+    released: Vec<Released>,
+}
+
+/// What a snapshot holds.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    pub allocations: Vec<Allocation>,
+    pub released: Vec<Released>,
 }
 
 fn tmp_path(path: &Path) -> std::path::PathBuf {
@@ -36,7 +58,7 @@ fn tmp_path(path: &Path) -> std::path::PathBuf {
 
 /// Reads the store. Missing → empty; a leftover temp file (a write that
 /// never completed, so never acknowledged) is discarded.
-pub fn load(dir: &Path, path: &Path) -> Result<Vec<Allocation>> {
+pub fn load(dir: &Path, path: &Path) -> Result<Snapshot> {
     std::fs::create_dir_all(dir).map_err(|source| StoreError::Write {
         step: "create",
         path: dir.to_owned(),
@@ -47,10 +69,10 @@ pub fn load(dir: &Path, path: &Path) -> Result<Vec<Allocation>> {
 }
 
 /// Reads the snapshot without changing anything. Missing → empty.
-pub fn read(path: &Path) -> Result<Vec<Allocation>> {
+pub fn read(path: &Path) -> Result<Snapshot> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Snapshot::default()),
         Err(source) => {
             return Err(StoreError::Read {
                 path: path.to_owned(),
@@ -88,15 +110,24 @@ pub fn read(path: &Path) -> Result<Vec<Allocation>> {
             )));
         }
     }
-    Ok(file.allocations)
+    Ok(Snapshot {
+        allocations: file.allocations,
+        released: file.released,
+    })
 }
 
-/// Replaces the file with `entries`: write a temp file, fsync it, rename it
-/// over the old one, fsync the directory.
-pub fn write<'a>(path: &Path, entries: impl Iterator<Item = &'a Allocation>) -> Result<()> {
+/// Replaces the file with `entries` and the release history: write a temp
+/// file, fsync it, rename it over the old one, fsync the directory. A
+/// failure removes the temp file and leaves the old snapshot in force.
+pub fn write<'a>(
+    path: &Path,
+    entries: impl Iterator<Item = &'a Allocation>,
+    released: Vec<Released>,
+) -> Result<()> {
     let out = FileOut {
         schema_version: SCHEMA_VERSION,
         allocations: entries.collect(),
+        released,
     };
     // Allocations have only string keys; serialising cannot fail.
     let mut bytes = serde_json::to_vec_pretty(&out).expect("allocations serialise");
@@ -110,17 +141,23 @@ pub fn write<'a>(path: &Path, entries: impl Iterator<Item = &'a Allocation>) -> 
             source,
         }
     };
-    let mut file = OpenOptions::new()
+    let written = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .map_err(fail("create", &tmp))?;
-    file.write_all(&bytes).map_err(fail("write", &tmp))?;
-    file.sync_all().map_err(fail("fsync", &tmp))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(fail("rename into place", path))?;
+        .map_err(fail("create", &tmp))
+        .and_then(|mut file| {
+            file.write_all(&bytes).map_err(fail("write", &tmp))?;
+            file.sync_all().map_err(fail("fsync", &tmp))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(fail("rename into place", path)));
+    if let Err(e) = written {
+        // Never acknowledged; the space it took is given back at once.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir)
         .and_then(|d| d.sync_all())

@@ -1,32 +1,46 @@
 //! flock-store: the durable record of every allocation on this node.
 //!
 //! `allocations.json` holds one entry per pod interface, pending while its
-//! network is being built and committed once it is. Every change is durable
-//! before it is acknowledged: appended to `allocations.journal` and
-//! fdatasynced, which costs the same whatever the store's size. When the
-//! journal is as long as the store, the snapshot is rewritten atomically
-//! (temp file, fsync, rename, fsync of the directory) and the journal
-//! emptied; a crash at any instant leaves a snapshot and a journal whose
-//! replay gives every acknowledged change. A file that cannot be read or
+//! network is being built, committed once it is, and releasing while a
+//! DEL's teardown finishes. Every change is durable before it is
+//! acknowledged: appended to `allocations.journal` and fdatasynced, which
+//! costs the same whatever the store's size. [`Store::compact_if_due`]
+//! (called off the request path) rewrites the snapshot atomically (temp
+//! file, fsync, rename, fsync of the directory) and empties the journal; a
+//! crash at any instant leaves a snapshot and a journal whose replay gives
+//! every acknowledged change. A write that fails is an error and leaves no
+//! half record; when the journal cannot even be cut back, the store takes
+//! no more writes until it is opened again. A file that cannot be read or
 //! parsed is an error naming it; it is left in place for inspection and
 //! never replaced by an empty store.
+//!
+//! The store also remembers when each address was last given back, so the
+//! allocator can reuse the longest-released first (peers' policy sets and
+//! conntrack still know a just-released one as its old pod).
 
 mod allocation;
 mod file;
 mod journal;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 pub use allocation::{AllocState, Allocation};
 pub use file::{FILE_NAME, SCHEMA_VERSION};
-pub use journal::JOURNAL_NAME;
+pub use journal::{JOURNAL_NAME, Record};
 
-use journal::{Journal, Record};
+use file::Released;
+use journal::Journal;
 
 /// The journal is compacted into the snapshot once it holds this many
 /// records, or as many as the store has entries if that is more.
 const MIN_COMPACTION: usize = 128;
+
+/// How many release times are kept; the oldest are forgotten first (an
+/// address released that long ago is as good as never used).
+pub const MAX_RELEASED: usize = 65_536;
 
 /// What went wrong, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +83,15 @@ pub enum StoreError {
         /// What failed.
         source: std::io::Error,
     },
+    /// An earlier write failed in a way that leaves the file's tail
+    /// unknown; no write is taken until the store is opened again.
+    #[error("{path} takes no more writes until flock-agent restarts: {reason}")]
+    Poisoned {
+        /// The journal.
+        path: PathBuf,
+        /// What happened.
+        reason: String,
+    },
 }
 
 /// Result alias for this crate.
@@ -79,8 +102,87 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
-    entries: BTreeMap<(String, String), Allocation>,
+    state: State,
     journal: Journal,
+}
+
+/// The entries and the release history, as replayed from disk.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct State {
+    entries: BTreeMap<(String, String), Allocation>,
+    released: History,
+}
+
+/// When each address was last given back, oldest forgotten beyond
+/// [`MAX_RELEASED`].
+#[derive(Debug, Default, Clone, PartialEq)]
+struct History {
+    at: BTreeMap<IpAddr, SystemTime>,
+    by_time: BTreeSet<(SystemTime, IpAddr)>,
+}
+
+impl History {
+    fn insert(&mut self, ip: IpAddr, at: SystemTime) {
+        self.remove(ip);
+        self.at.insert(ip, at);
+        self.by_time.insert((at, ip));
+        while self.at.len() > MAX_RELEASED {
+            let Some((_, oldest)) = self.by_time.pop_first() else {
+                break;
+            };
+            self.at.remove(&oldest);
+        }
+    }
+
+    fn remove(&mut self, ip: IpAddr) {
+        if let Some(t) = self.at.remove(&ip) {
+            self.by_time.remove(&(t, ip));
+        }
+    }
+}
+
+impl State {
+    fn from_disk(snapshot: file::Snapshot, records: Vec<Record>) -> State {
+        let mut state = State::default();
+        for r in snapshot.released {
+            state.released.insert(r.ip, r.at);
+        }
+        for a in snapshot.allocations {
+            state
+                .entries
+                .insert((a.container_id.clone(), a.ifname.clone()), a);
+        }
+        for record in records {
+            state.apply(record);
+        }
+        state
+    }
+
+    /// Applies one record, returning the entry it replaced or removed.
+    fn apply(&mut self, record: Record) -> Option<Allocation> {
+        match record {
+            Record::Upsert(a) => {
+                for ip in a.unicast() {
+                    self.released.remove(ip);
+                }
+                self.entries
+                    .insert((a.container_id.clone(), a.ifname.clone()), a)
+            }
+            Record::Remove {
+                container_id,
+                ifname,
+                released,
+                at,
+            } => {
+                if let Some(at) = at {
+                    for ip in released {
+                        self.released.insert(ip, at);
+                    }
+                }
+                self.entries.remove(&(container_id, ifname))
+            }
+        }
+    }
 }
 
 impl Store {
@@ -89,17 +191,11 @@ impl Store {
     /// or corrupt one is an error.
     pub fn open(dir: &Path) -> Result<Store> {
         let path = dir.join(FILE_NAME);
-        let mut entries: BTreeMap<(String, String), Allocation> = file::load(dir, &path)?
-            .into_iter()
-            .map(|a| ((a.container_id.clone(), a.ifname.clone()), a))
-            .collect();
+        let snapshot = file::load(dir, &path)?;
         let (journal, records) = Journal::open(&dir.join(JOURNAL_NAME))?;
-        for record in records {
-            apply(&mut entries, record);
-        }
         Ok(Store {
             path,
-            entries,
+            state: State::from_disk(snapshot, records),
             journal,
         })
     }
@@ -107,15 +203,12 @@ impl Store {
     /// The entries as they are on disk in `dir`, read without changing
     /// anything (safe while an agent owns the store; for inspection and tests).
     pub fn read_only(dir: &Path) -> Result<Vec<Allocation>> {
-        let mut entries: BTreeMap<(String, String), Allocation> = file::read(&dir.join(FILE_NAME))?
-            .into_iter()
-            .map(|a| ((a.container_id.clone(), a.ifname.clone()), a))
-            .collect();
+        let snapshot = file::read(&dir.join(FILE_NAME))?;
         let (records, _, _) = journal::read(&dir.join(JOURNAL_NAME))?;
-        for record in records {
-            apply(&mut entries, record);
-        }
-        Ok(entries.into_values().collect())
+        Ok(State::from_disk(snapshot, records)
+            .entries
+            .into_values()
+            .collect())
     }
 
     /// The file this store lives in.
@@ -125,23 +218,34 @@ impl Store {
 
     /// The entry for one container interface.
     pub fn get(&self, container_id: &str, ifname: &str) -> Option<&Allocation> {
-        self.entries
+        self.state
+            .entries
             .get(&(container_id.to_owned(), ifname.to_owned()))
     }
 
     /// Every entry, ordered by container id and interface.
     pub fn iter(&self) -> impl Iterator<Item = &Allocation> {
-        self.entries.values()
+        self.state.entries.values()
+    }
+
+    /// When addresses no entry holds were last given back.
+    pub fn released(&self) -> impl Iterator<Item = (IpAddr, SystemTime)> + '_ {
+        self.state.released.at.iter().map(|(ip, at)| (*ip, *at))
     }
 
     /// How many entries there are.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.state.entries.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.state.entries.is_empty()
+    }
+
+    /// Why the store takes no more writes, if it does not.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.journal.poisoned()
     }
 
     /// Inserts or replaces an entry, durably. On error nothing changed.
@@ -150,47 +254,59 @@ impl Store {
         Ok(())
     }
 
-    /// Removes an entry, durably, returning it. Removing a missing entry
-    /// succeeds without writing.
-    pub fn remove(&mut self, container_id: &str, ifname: &str) -> Result<Option<Allocation>> {
-        if self.get(container_id, ifname).is_none() {
+    /// Removes an entry durably, recording its unicast addresses as given
+    /// back at `at`, and returns it. Removing a missing entry succeeds
+    /// without writing.
+    pub fn remove(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+        at: SystemTime,
+    ) -> Result<Option<Allocation>> {
+        let Some(entry) = self.get(container_id, ifname) else {
             return Ok(None);
-        }
+        };
+        let released = entry.unicast().collect();
         self.record(Record::Remove {
             container_id: container_id.to_owned(),
             ifname: ifname.to_owned(),
+            released,
+            at: Some(at),
         })
     }
 
-    /// Journals `record`, then applies it; compacts when the journal is long.
-    fn record(&mut self, record: Record) -> Result<Option<Allocation>> {
+    /// Journals `record`, then applies it.
+    pub fn record(&mut self, record: Record) -> Result<Option<Allocation>> {
         self.journal.append(&record)?;
-        let previous = apply(&mut self.entries, record);
-        if self.journal.records() >= MIN_COMPACTION.max(self.entries.len()) {
-            // The change is durable already; a failed compaction only
-            // leaves a longer journal, retried at the next change.
-            let _ = self.compact();
+        Ok(self.state.apply(record))
+    }
+
+    /// Compacts when the journal is as long as the store (and at least
+    /// [`MIN_COMPACTION`] records); returns whether it did. The changes are
+    /// durable already: a failed compaction only leaves a longer journal.
+    pub fn compact_if_due(&mut self) -> Result<bool> {
+        if self.journal.records() < MIN_COMPACTION.max(self.state.entries.len()) {
+            return Ok(false);
         }
-        Ok(previous)
+        self.compact().map(|()| true)
     }
 
     /// Writes the snapshot and empties the journal.
     pub fn compact(&mut self) -> Result<()> {
-        file::write(&self.path, self.entries.values())?;
+        if let Some(reason) = self.journal.poisoned() {
+            return Err(StoreError::Poisoned {
+                path: self.path.clone(),
+                reason: reason.to_owned(),
+            });
+        }
+        let released = self
+            .state
+            .released
+            .at
+            .iter()
+            .map(|(&ip, &at)| Released { ip, at })
+            .collect();
+        file::write(&self.path, self.state.entries.values(), released)?;
         self.journal.reset()
-    }
-}
-
-/// Applies one record, returning the entry it replaced or removed.
-fn apply(
-    entries: &mut BTreeMap<(String, String), Allocation>,
-    record: Record,
-) -> Option<Allocation> {
-    match record {
-        Record::Upsert(a) => entries.insert((a.container_id.clone(), a.ifname.clone()), a),
-        Record::Remove {
-            container_id,
-            ifname,
-        } => entries.remove(&(container_id, ifname)),
     }
 }

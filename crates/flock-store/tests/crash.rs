@@ -21,11 +21,13 @@ fn entry(i: u64) -> Allocation {
         namespace: "ns".into(),
         pod: format!("p{i}"),
         pod_uid: String::new(),
+        host_iface: String::new(),
         ip6: None,
         ip4: Some(Ipv4Addr::from(0xc612_0000 + (i as u32 % 60_000))),
         anycast: Vec::new(),
         addresses: Vec::new(),
         netns: String::new(),
+        netns_inode: None,
         mtu: None,
         state: AllocState::Committed,
         allocated_at: SystemTime::now(),
@@ -54,9 +56,10 @@ fn crash_child_writer() {
         out.flush().expect("flush");
         if i >= 20 {
             store
-                .remove(&format!("c{}", i - 20), "eth0")
+                .remove(&format!("c{}", i - 20), "eth0", SystemTime::now())
                 .expect("child remove");
         }
+        store.compact_if_due().expect("child compaction");
     }
 }
 

@@ -13,11 +13,13 @@ fn entry(id: &str, n: u8) -> Allocation {
         namespace: "shop".into(),
         pod: format!("web-{n}"),
         pod_uid: format!("uid-{n}"),
+        host_iface: String::new(),
         ip6: Some(format!("2001:db8:0:1::{n:x}").parse().expect("v6")),
         ip4: Some(Ipv4Addr::new(198, 18, 0, n)),
         anycast: vec!["2001:db8:ffff::1".parse().expect("any")],
         addresses: vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, n))],
         netns: String::new(),
+        netns_inode: None,
         mtu: None,
         state: AllocState::Pending,
         allocated_at: SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_100_000_123),
@@ -52,7 +54,7 @@ fn entries_survive_a_reopen_exactly() {
     let again = Store::open(dir.path()).expect("reopen");
     assert_eq!(again.get("c1", "eth0"), Some(&committed));
     let text = std::fs::read_to_string(dir.path().join(FILE_NAME)).expect("file");
-    assert!(text.contains("\"schemaVersion\": 1"), "{text}");
+    assert!(text.contains("\"schemaVersion\": 2"), "{text}");
     assert!(
         text.contains("\"allocatedAt\": \"2025-11-25T19:46:40.123Z\""),
         "{text}"
@@ -66,11 +68,23 @@ fn remove_is_durable_and_idempotent() {
     let mut store = Store::open(dir.path()).expect("open");
     store.upsert(entry("c1", 2)).expect("write");
     assert_eq!(
-        store.remove("c1", "eth0").expect("remove"),
+        store
+            .remove("c1", "eth0", SystemTime::now())
+            .expect("remove"),
         Some(entry("c1", 2))
     );
-    assert_eq!(store.remove("c1", "eth0").expect("again"), None);
-    assert_eq!(store.remove("never", "eth0").expect("unknown"), None);
+    assert_eq!(
+        store
+            .remove("c1", "eth0", SystemTime::now())
+            .expect("again"),
+        None
+    );
+    assert_eq!(
+        store
+            .remove("never", "eth0", SystemTime::now())
+            .expect("unknown"),
+        None
+    );
     assert!(Store::open(dir.path()).expect("reopen").is_empty());
 }
 
@@ -174,6 +188,7 @@ fn the_journal_stays_short_and_a_torn_tail_is_dropped() {
         store
             .upsert(entry(&format!("c{}", i % 10), (i % 200) as u8))
             .expect("write");
+        store.compact_if_due().expect("compaction");
     }
     let journal = dir.path().join(JOURNAL_NAME);
     let lines = std::fs::read_to_string(&journal)
@@ -196,4 +211,54 @@ fn the_journal_stays_short_and_a_torn_tail_is_dropped() {
     std::fs::write(&journal, b"garbage\n{}\n").expect("corrupt");
     let err = Store::open(dir.path()).expect_err("corrupt journal");
     assert!(err.to_string().contains(JOURNAL_NAME), "{err}");
+}
+
+#[test]
+fn release_times_survive_reopen_and_compaction_and_a_reused_address_leaves_the_history() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    store.upsert(entry("c1", 2)).expect("write");
+    store.upsert(entry("c2", 3)).expect("write");
+    let t1 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let t2 = t1 + Duration::from_secs(5);
+    store.remove("c1", "eth0", t1).expect("remove c1");
+    store.remove("c2", "eth0", t2).expect("remove c2");
+    let history = |s: &Store| s.released().collect::<Vec<_>>();
+    let want = vec![
+        (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), t1),
+        (IpAddr::V4(Ipv4Addr::new(198, 18, 0, 3)), t2),
+        ("2001:db8:0:1::2".parse().expect("v6"), t1),
+        ("2001:db8:0:1::3".parse().expect("v6"), t2),
+    ];
+    assert_eq!(history(&Store::open(dir.path()).expect("reopen")), want);
+    let mut store = Store::open(dir.path()).expect("reopen");
+    store.compact().expect("compact");
+    assert_eq!(history(&Store::open(dir.path()).expect("reopen")), want);
+
+    // Handing 198.18.0.2 and 2001:db8:0:1::2 out again takes them off the history.
+    store.upsert(entry("c9", 2)).expect("reuse");
+    let left = history(&Store::open(dir.path()).expect("reopen"));
+    assert_eq!(left, vec![want[1], want[3]]);
+}
+
+#[test]
+fn a_version_1_file_loads_and_releasing_entries_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join(FILE_NAME),
+        r#"{"schemaVersion": 1, "allocations": [{"containerId": "c1", "ifname": "eth0",
+            "namespace": "shop", "pod": "web", "ip4": "198.18.0.2", "state": "committed",
+            "allocatedAt": "2025-11-25T19:46:40.123Z"}]}"#,
+    )
+    .expect("v1 file");
+    let mut store = Store::open(dir.path()).expect("a version 1 file loads");
+    let mut e = store.get("c1", "eth0").expect("entry").clone();
+    assert_eq!(e.host_iface, "", "older entries name no host interface");
+    e.state = AllocState::Releasing;
+    store.upsert(e.clone()).expect("releasing");
+    store.compact().expect("compact");
+    assert_eq!(
+        Store::open(dir.path()).expect("reopen").get("c1", "eth0"),
+        Some(&e)
+    );
 }
