@@ -61,7 +61,7 @@ fuzz_target!(|input: Input| {
             }
             Op::Release(k) if !live.is_empty() => {
                 let a = live.swap_remove(k as usize % live.len());
-                ipam.release(a.ip6, a.ip4);
+                ipam.release(a.ip6, a.ip4, 0);
                 held.remove(&a.ip6.map(IpAddr::V6).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
                 if let Some(ip) = a.ip4 {
                     held.remove(&IpAddr::V4(ip));

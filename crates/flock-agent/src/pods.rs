@@ -343,7 +343,7 @@ impl PodHandler {
             allocated_at: SystemTime::now(),
         };
         if let Err(e) = alloc.store.upsert(pending.clone()) {
-            alloc.ipam.release(got.ip6, got.ip4);
+            alloc.ipam.release(got.ip6, got.ip4, 0);
             return Err(internal("recording the pending allocation failed", e));
         }
         self.shared.metrics.set_usage(alloc.ipam.usage());
@@ -420,7 +420,7 @@ impl PodHandler {
                 return;
             }
             let mut alloc = shared.allocations.lock().await;
-            alloc.ipam.release(entry.ip6, entry.ip4);
+            alloc.ipam.release(entry.ip6, entry.ip4, 0);
             shared.metrics.set_usage(alloc.ipam.usage());
         });
         info!(container_id, pod = %format!("{}/{}", entry.namespace, entry.pod), "pod deleted");

@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
         group.bench_function(format!("{n}_in_use"), |b| {
             b.iter(|| {
                 let got = ipam.allocate(black_box(&req)).expect("space left");
-                ipam.release(got.ip6, got.ip4);
+                ipam.release(got.ip6, got.ip4, 0);
             })
         });
     }

@@ -185,7 +185,7 @@ impl Ipam {
                 Ok(ip) => out.ip4 = Some(ip),
                 Err(e) => {
                     if let (Some(ip), Some(pool6)) = (out.ip6, self.v6.as_mut()) {
-                        pool6.release(ip);
+                        pool6.unreserve(ip);
                     }
                     return Err(e);
                 }
@@ -194,14 +194,26 @@ impl Ipam {
         Ok(out)
     }
 
-    /// Returns addresses to their pools. Releasing an address that is not in
-    /// use, or not in any pool, does nothing.
-    pub fn release(&mut self, ip6: Option<Ipv6Addr>, ip4: Option<Ipv4Addr>) {
+    /// Returns addresses to their pools, released at `at` (any clock whose
+    /// larger values are later). Releasing an address that is not in use,
+    /// or not in any pool, does nothing.
+    pub fn release(&mut self, ip6: Option<Ipv6Addr>, ip4: Option<Ipv4Addr>, at: u64) {
         if let (Some(ip), Some(pool)) = (ip6, self.v6.as_mut()) {
-            pool.release(ip);
+            pool.release(ip, at);
         }
         if let (Some(ip), Some(pool)) = (ip4, self.v4.as_mut()) {
-            pool.release(ip);
+            pool.release(ip, at);
+        }
+    }
+
+    /// Records that a free address was released at `at` in an earlier run,
+    /// so it is reused after never-used ones and after those released
+    /// before it. An address in use, or in no pool, is left alone.
+    pub fn mark_released(&mut self, ip: IpAddr, at: u64) {
+        match (ip, self.v6.as_mut(), self.v4.as_mut()) {
+            (IpAddr::V6(ip), Some(pool), _) => pool.mark_released(ip, at),
+            (IpAddr::V4(ip), _, Some(pool)) => pool.mark_released(ip, at),
+            _ => {}
         }
     }
 

@@ -1,7 +1,10 @@
-//! The node's IPv4 prefix: the lowest free address, in O(log n) of the
-//! number of free ranges, whatever the pool's size or fill.
+//! The node's IPv4 prefix: the lowest never-used address, in O(log n) of
+//! the number of free ranges, whatever the pool's size or fill; once every
+//! address has been used, the one released longest ago. A just-released
+//! address is the last to be handed out again: other nodes' policy sets and
+//! conntrack entries may still know it as its old pod.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -11,8 +14,13 @@ use crate::{IpamError, Result};
 #[derive(Debug, Clone)]
 pub struct Pool4 {
     net: Ipv4Net,
-    /// Free addresses as disjoint inclusive ranges, start → end, never adjacent.
+    /// Never-used free addresses as disjoint inclusive ranges, start → end,
+    /// never adjacent.
     free: BTreeMap<u32, u32>,
+    /// Released free addresses, oldest release first.
+    released: BTreeSet<(u64, u32)>,
+    /// When each released free address was released.
+    released_at: HashMap<u32, u64>,
     in_use: usize,
     /// In use but outside the allocatable range (from an earlier NodeConfig).
     outside: HashSet<u32>,
@@ -42,6 +50,8 @@ impl Pool4 {
         Ok(Pool4 {
             net,
             free: BTreeMap::from([(lo, hi)]),
+            released: BTreeSet::new(),
+            released_at: HashMap::new(),
             in_use: 0,
             outside: HashSet::new(),
         })
@@ -73,23 +83,28 @@ impl Pool4 {
         (lo..=hi).contains(&a)
     }
 
+    fn is_free(&self, a: u32) -> bool {
+        self.free_range_holding(a).is_some() || self.released_at.contains_key(&a)
+    }
+
     pub fn is_used(&self, ip: Ipv4Addr) -> bool {
         let a = u32::from(ip);
         if self.in_pool(a) {
-            self.free_range_holding(a).is_none()
+            !self.is_free(a)
         } else {
             self.outside.contains(&a)
         }
     }
 
-    /// The lowest free address inside `eff`'s own usable range.
+    /// The lowest never-used address inside `eff`'s own usable range, else
+    /// the one released longest ago there.
     pub fn allocate(&mut self, eff: Ipv4Net) -> Result<Ipv4Addr> {
         let eff = eff.trunc();
         if eff.prefix_len() > 30 {
             return Err(too_small(eff));
         }
         let (lo, hi) = usable_range(eff);
-        let found = match self.free_range_holding(lo) {
+        let fresh = match self.free_range_holding(lo) {
             Some(_) => Some(lo),
             None => self
                 .free
@@ -98,6 +113,12 @@ impl Pool4 {
                 .map(|(&s, _)| s)
                 .filter(|&s| s <= hi),
         };
+        let found = fresh.or_else(|| {
+            self.released
+                .iter()
+                .map(|&(_, a)| a)
+                .find(|a| (lo..=hi).contains(a))
+        });
         let Some(a) = found else {
             return Err(IpamError::Exhausted {
                 family: "IPv4",
@@ -109,10 +130,20 @@ impl Pool4 {
         Ok(Ipv4Addr::from(a))
     }
 
-    /// Removes `a` from the free ranges; it must be free.
+    /// Takes `a` out of the free addresses (it must be free) and counts it in use.
     fn take(&mut self, a: u32) {
-        let Some((start, end)) = self.free_range_holding(a) else {
+        if let Some(at) = self.released_at.remove(&a) {
+            self.released.remove(&(at, a));
+        } else if !self.cut_from_ranges(a) {
             return;
+        }
+        self.in_use += 1;
+    }
+
+    /// Removes `a` from the never-used ranges; false when it is not in them.
+    fn cut_from_ranges(&mut self, a: u32) -> bool {
+        let Some((start, end)) = self.free_range_holding(a) else {
+            return false;
         };
         self.free.remove(&start);
         if start < a {
@@ -121,7 +152,7 @@ impl Pool4 {
         if a < end {
             self.free.insert(a + 1, end);
         }
-        self.in_use += 1;
+        true
     }
 
     pub fn mark(&mut self, ip: Ipv4Addr) -> bool {
@@ -129,34 +160,42 @@ impl Pool4 {
         if !self.in_pool(a) {
             return self.outside.insert(a);
         }
-        if self.free_range_holding(a).is_none() {
+        if !self.is_free(a) {
             return false;
         }
         self.take(a);
         true
     }
 
-    pub fn release(&mut self, ip: Ipv4Addr) {
+    /// Gives `ip` back, released at `at`: it is handed out again only after
+    /// every never-used address and every address released before it.
+    pub fn release(&mut self, ip: Ipv4Addr, at: u64) {
         let a = u32::from(ip);
         if !self.in_pool(a) {
             self.outside.remove(&a);
             return;
         }
-        if self.free_range_holding(a).is_some() {
+        if self.is_free(a) {
             return; // already free: release is idempotent
         }
-        let mut start = a;
-        let mut end = a;
-        if let Some((&s, &e)) = self.free.range(..a).next_back()
-            && e.checked_add(1) == Some(a)
-        {
-            self.free.remove(&s);
-            start = s;
-        }
-        if let Some(right_end) = a.checked_add(1).and_then(|r| self.free.remove(&r)) {
-            end = right_end;
-        }
-        self.free.insert(start, end);
+        self.released.insert((at, a));
+        self.released_at.insert(a, at);
         self.in_use -= 1;
+    }
+
+    /// Records that free `ip` was released at `at` (the history of an
+    /// earlier run). An address in use is left alone.
+    pub fn mark_released(&mut self, ip: Ipv4Addr, at: u64) {
+        let a = u32::from(ip);
+        if !self.in_pool(a) {
+            return;
+        }
+        if let Some(old) = self.released_at.get(&a).copied() {
+            self.released.remove(&(old, a));
+        } else if !self.cut_from_ranges(a) {
+            return; // in use
+        }
+        self.released.insert((at, a));
+        self.released_at.insert(a, at);
     }
 }

@@ -1,6 +1,8 @@
 //! The node's IPv6 prefix: random or ip-algo interface IDs, O(1) expected.
+//! A released address is not a candidate while a never-used one can be
+//! found; when none can, the one released longest ago is reused.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::Ipv6Addr;
 
 use ipnet::Ipv6Net;
@@ -34,6 +36,12 @@ pub struct Pool6 {
     used: HashSet<u128>,
     /// In use but outside the prefix (kept from an earlier NodeConfig).
     outside: HashSet<u128>,
+    /// Free addresses that were used before, oldest release first.
+    released: BTreeSet<(u64, u128)>,
+    /// When each of them was released.
+    released_at: HashMap<u128, u64>,
+    /// The release time of the address the last allocation took, if it had one.
+    last_release: Option<u64>,
 }
 
 impl Pool6 {
@@ -49,6 +57,9 @@ impl Pool6 {
             net: net.trunc(),
             used: HashSet::new(),
             outside: HashSet::new(),
+            released: BTreeSet::new(),
+            released_at: HashMap::new(),
+            last_release: None,
         })
     }
 
@@ -89,7 +100,10 @@ impl Pool6 {
             None => (0, host_bits),
         };
         let usable = |pool: &Pool6, host: u128| {
-            !is_reserved(host, host_bits) && !pool.used.contains(&(base | host))
+            let a = base | host;
+            !is_reserved(host, host_bits)
+                && !pool.used.contains(&a)
+                && !pool.released_at.contains_key(&a)
         };
         for _ in 0..MAX_V6_TRIES {
             let host = fixed | (rng.next_u128() & mask(free_bits));
@@ -97,7 +111,17 @@ impl Pool6 {
                 return Ok(self.take(base | host));
             }
         }
+        // The longest-released address of this workload's slots in `eff`.
+        let fixed_mask = mask(host_bits) & !mask(free_bits);
+        let oldest_released = |pool: &Pool6| {
+            pool.released.iter().map(|&(_, a)| a).find(|&a| {
+                eff.contains(&Ipv6Addr::from(a)) && (a - base) & fixed_mask == fixed & fixed_mask
+            })
+        };
         if free_bits > SCAN_LIMIT_BITS {
+            if let Some(a) = oldest_released(self) {
+                return Ok(self.take(a));
+            }
             return Err(IpamError::Crowded {
                 pool: eff.to_string(),
                 tries: MAX_V6_TRIES,
@@ -116,6 +140,9 @@ impl Pool6 {
                 return Ok(self.take(base | host));
             }
         }
+        if let Some(a) = oldest_released(self) {
+            return Ok(self.take(a));
+        }
         Err(IpamError::Exhausted {
             family: "IPv6",
             pool: eff.to_string(),
@@ -124,22 +151,59 @@ impl Pool6 {
     }
 
     fn take(&mut self, addr: u128) -> Ipv6Addr {
+        self.last_release = self.forget_release(addr);
         self.used.insert(addr);
         Ipv6Addr::from(addr)
+    }
+
+    /// Undoes the last [`Pool6::allocate`] of `ip` (the other family failed):
+    /// it is free again as it was, never used or released when it was.
+    pub fn unreserve(&mut self, ip: Ipv6Addr) {
+        let a = u128::from(ip);
+        if self.used.remove(&a)
+            && let Some(at) = self.last_release.take()
+        {
+            self.released.insert((at, a));
+            self.released_at.insert(a, at);
+        }
+    }
+
+    /// Forgets `addr`'s release, returning when it was.
+    fn forget_release(&mut self, addr: u128) -> Option<u64> {
+        let at = self.released_at.remove(&addr)?;
+        self.released.remove(&(at, addr));
+        Some(at)
     }
 
     pub fn mark(&mut self, ip: Ipv6Addr) -> bool {
         let a = u128::from(ip);
         if self.net.contains(&ip) {
+            self.forget_release(a);
             self.used.insert(a)
         } else {
             self.outside.insert(a)
         }
     }
 
-    pub fn release(&mut self, ip: Ipv6Addr) {
+    /// Gives `ip` back, released at `at`.
+    pub fn release(&mut self, ip: Ipv6Addr, at: u64) {
         let a = u128::from(ip);
-        self.used.remove(&a);
         self.outside.remove(&a);
+        if self.used.remove(&a) {
+            self.released.insert((at, a));
+            self.released_at.insert(a, at);
+        }
+    }
+
+    /// Records that free `ip` was released at `at` (the history of an
+    /// earlier run). An address in use is left alone.
+    pub fn mark_released(&mut self, ip: Ipv6Addr, at: u64) {
+        let a = u128::from(ip);
+        if !self.net.contains(&ip) || self.used.contains(&a) {
+            return;
+        }
+        self.forget_release(a);
+        self.released.insert((at, a));
+        self.released_at.insert(a, at);
     }
 }

@@ -44,11 +44,79 @@ fn ipv4_hands_out_the_lowest_free_address_skipping_network_gateway_and_broadcast
         err.to_string(),
         "IPv4 pool 198.18.0.0/29 is exhausted: all 5 usable addresses are in use"
     );
-    // Releasing the middle one makes it the lowest free again.
-    ipam.release(None, Some(Ipv4Addr::new(198, 18, 0, 4)));
+    // Released in the order .5, .3, .4: handed out again in that order.
+    for (at, last) in [(10, 5), (20, 3), (30, 4)] {
+        ipam.release(None, Some(Ipv4Addr::new(198, 18, 0, last)), at);
+    }
+    let again: Vec<Ipv4Addr> = (0..3)
+        .filter_map(|_| ipam.allocate(&req(false, true)).expect("free").ip4)
+        .collect();
     assert_eq!(
-        ipam.allocate(&req(false, true)).expect("one free").ip4,
-        Some(Ipv4Addr::new(198, 18, 0, 4))
+        again,
+        [5, 3, 4].map(|i| Ipv4Addr::new(198, 18, 0, i)),
+        "longest-released first"
+    );
+}
+
+#[test]
+fn never_used_ipv4_addresses_go_first_then_the_longest_released_even_from_history() {
+    let mut ipam = ipam(None, Some("198.18.0.0/29"));
+    let first = ipam.allocate(&req(false, true)).expect("first").ip4;
+    assert_eq!(first, Some(Ipv4Addr::new(198, 18, 0, 2)));
+    ipam.release(None, first, 1);
+    assert_eq!(
+        ipam.allocate(&req(false, true)).expect("next").ip4,
+        Some(Ipv4Addr::new(198, 18, 0, 3)),
+        "a just-released address is not the next pod's"
+    );
+    // A restart: .4 and .5 were released in an earlier run, .5 first.
+    let mut ipam = ipam_with_history(&[("198.18.0.4", 200), ("198.18.0.5", 100)]);
+    let order: Vec<u8> = (0..5)
+        .filter_map(|_| ipam.allocate(&req(false, true)).expect("free").ip4)
+        .map(|ip| ip.octets()[3])
+        .collect();
+    assert_eq!(order, [2, 3, 6, 5, 4]);
+    assert_eq!(ipam.usage().v4_in_use, 5);
+}
+
+fn ipam_with_history(history: &[(&str, u64)]) -> Ipam {
+    let mut ipam = ipam(Some("2001:db8::/120"), Some("198.18.0.0/29"));
+    for (ip, at) in history {
+        ipam.mark_released(ip.parse().expect("ip"), *at);
+    }
+    assert_eq!(ipam.usage().v4_in_use, 0, "released addresses are free");
+    ipam
+}
+
+#[test]
+fn a_released_ipv6_address_comes_back_only_when_no_never_used_one_is_left() {
+    // A /125 annotation leaves 7 usable interface IDs (0 is reserved).
+    let mut ipam = ipam_with_history(&[]);
+    let narrow: Vec<IpNet> = vec!["2001:db8::/125".parse().expect("net")];
+    let v6 = |ipam: &mut Ipam| {
+        ipam.allocate(&AllocRequest {
+            cidr6: &narrow,
+            ..req(true, false)
+        })
+        .expect("v6")
+        .ip6
+        .expect("ip6")
+    };
+    let all: Vec<_> = (0..7).map(|_| v6(&mut ipam)).collect();
+    ipam.release(Some(all[3]), None, 50);
+    ipam.release(Some(all[1]), None, 40);
+    assert_eq!(v6(&mut ipam), all[1], "the longest-released");
+    assert_eq!(v6(&mut ipam), all[3]);
+    // With a never-used one left, a released one is not taken.
+    let mut ipam = ipam_with_history(&[("2001:db8::3", 5)]);
+    let got: Vec<_> = (0..6).map(|_| v6(&mut ipam)).collect();
+    assert!(
+        !got.contains(&"2001:db8::3".parse().expect("v6")),
+        "{got:?}"
+    );
+    assert_eq!(
+        v6(&mut ipam),
+        "2001:db8::3".parse::<Ipv6Addr>().expect("v6")
     );
 }
 
@@ -75,12 +143,13 @@ fn release_is_idempotent_and_ignores_foreign_addresses() {
     let mut ipam = ipam(Some("2001:db8:0:1::/64"), Some("198.18.0.0/24"));
     let a = ipam.allocate(&req(true, true)).expect("dual");
     assert_eq!(ipam.usage().v4_in_use, 1);
-    for _ in 0..3 {
-        ipam.release(a.ip6, a.ip4);
+    for at in 0..3 {
+        ipam.release(a.ip6, a.ip4, at);
     }
     ipam.release(
         Some("2001:db8:ffff::1".parse().expect("v6")),
         Some(Ipv4Addr::new(10, 0, 0, 1)),
+        9,
     );
     let usage = ipam.usage();
     assert_eq!((usage.v6_in_use, usage.v4_in_use), (0, 0));

@@ -1,7 +1,9 @@
 //! Random allocate/release/mark sequences never hand out a duplicate, an
-//! address outside the pool, or a reserved one.
+//! address outside the pool, or a reserved one; IPv4 hands out the lowest
+//! never-used address, and a released one only when none is left, the
+//! longest-released first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flock_ipam::{AllocRequest, Allocated, Identity, IpAlgo, Ipam, IpamError};
@@ -60,6 +62,8 @@ proptest! {
         let mut live: Vec<Allocated> = Vec::new();
         let mut owner: HashMap<IpAddr, usize> = HashMap::new();
         let mut marked: Vec<IpAddr> = Vec::new();
+        let mut ever_used: HashSet<Ipv4Addr> = HashSet::new();
+        let mut released_at: HashMap<Ipv4Addr, u64> = HashMap::new();
 
         for (i, step) in steps.into_iter().enumerate() {
             match step {
@@ -86,6 +90,20 @@ proptest! {
                                 let eff: Ipv4Net = if narrow { "198.18.0.16/28".parse().expect("n") } else { node4 };
                                 prop_assert!(eff.contains(&ip), "{} outside {}", ip, eff);
                                 prop_assert!(!v4_reserved_in(eff, ip) && !v4_reserved_in(node4, ip), "{} reserved", ip);
+                                // The reuse order, against a model of what was free.
+                                let free: Vec<Ipv4Addr> = eff.hosts()
+                                    .filter(|c| !v4_reserved_in(eff, *c) && !v4_reserved_in(node4, *c))
+                                    .filter(|c| !owner.contains_key(&IpAddr::V4(*c)))
+                                    .collect();
+                                let fresh = free.iter().filter(|c| !ever_used.contains(*c)).min();
+                                match fresh {
+                                    Some(lowest) => prop_assert_eq!(ip, *lowest, "the lowest never-used address first"),
+                                    None => {
+                                        let oldest = free.iter().map(|c| released_at[c]).min();
+                                        prop_assert_eq!(Some(released_at[&ip]), oldest, "{} is not the longest-released", ip);
+                                    }
+                                }
+                                ever_used.insert(ip);
                                 prop_assert!(owner.insert(IpAddr::V4(ip), i).is_none(), "{} handed out twice", ip);
                             }
                             live.push(a);
@@ -97,8 +115,11 @@ proptest! {
                 }
                 Step::Release(k) if !live.is_empty() => {
                     let a = live.swap_remove(k % live.len());
-                    ipam.release(a.ip6, a.ip4);
-                    ipam.release(a.ip6, a.ip4); // idempotent
+                    ipam.release(a.ip6, a.ip4, i as u64);
+                    ipam.release(a.ip6, a.ip4, i as u64 + 1000); // idempotent: the first release counts
+                    if let Some(ip) = a.ip4 {
+                        released_at.insert(ip, i as u64);
+                    }
                     for ip in a.ip6.map(IpAddr::V6).into_iter().chain(a.ip4.map(IpAddr::V4)) {
                         owner.remove(&ip);
                         prop_assert!(!ipam.is_in_use(ip));
@@ -111,6 +132,9 @@ proptest! {
                     if let std::collections::hash_map::Entry::Vacant(slot) = owner.entry(ip) {
                         prop_assert!(ipam.mark_in_use(ip));
                         slot.insert(usize::MAX);
+                        if let IpAddr::V4(v4) = ip {
+                            ever_used.insert(v4);
+                        }
                         marked.push(ip);
                     } else {
                         prop_assert!(!ipam.mark_in_use(ip), "a held address is reported as already in use");
