@@ -165,7 +165,7 @@ impl PodHandler {
     fn spec(&self, a: &Allocation, netns: &str, mtu: u32) -> PodSpec {
         PodSpec {
             host_iface: host_iface_name(&a.container_id),
-            netns: PathBuf::from(netns),
+            netns: flock_netlink::Netns::Path(PathBuf::from(netns)),
             if_name: a.ifname.clone(),
             mtu,
             ip6: a.ip6,

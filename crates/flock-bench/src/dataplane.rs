@@ -22,7 +22,7 @@ const MAX_PENDING: usize = 16;
 fn spec(pod: &NetnsGuard, i: u32) -> PodSpec {
     PodSpec {
         host_iface: format!("flockb{i:07x}"),
-        netns: pod.path(),
+        netns: pod.netns(),
         if_name: "eth0".into(),
         mtu: 1500,
         ip6: Some(Ipv6Addr::from(

@@ -11,7 +11,7 @@ use rtnetlink::packet_route::address::AddressAttribute;
 
 use crate::link::{self, LinkState};
 use crate::routes::{InstalledRoute, dump};
-use crate::{Dataplane, GATEWAY_V4, GATEWAY_V6, NetlinkError, Netns, PodSpec, Result};
+use crate::{Dataplane, GATEWAY_V4, GATEWAY_V6, NetlinkError, PodSpec, Result};
 
 /// One difference between the kernel and a pod's expected network.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +121,45 @@ fn host_net(ip: IpAddr) -> IpNet {
 }
 
 impl Dataplane {
+    /// Whether a host interface called `name` exists (a lookup by name, not
+    /// a dump: a dump is no proof that a link is gone).
+    pub async fn host_link_exists(&self, name: &str) -> Result<bool> {
+        Ok(link::find(self.handle(), name, &self.node().to_string())
+            .await?
+            .is_some())
+    }
+
+    /// Whether the pod's veth is in place: the host end and the pod end
+    /// under `spec.if_name` in `spec.netns`, each the other's peer, both up.
+    /// `None` when it is; else what is not.
+    pub async fn attachment_gap(&self, spec: &PodSpec) -> Result<Option<String>> {
+        let Some(host) =
+            link::find(self.handle(), &spec.host_iface, &self.node().to_string()).await?
+        else {
+            return Ok(Some(format!(
+                "host interface {} is missing",
+                spec.host_iface
+            )));
+        };
+        let pod = spec.netns.connect().await?;
+        let Some(peer) = link::find(&pod, &spec.if_name, &spec.netns.to_string()).await? else {
+            return Ok(Some(format!(
+                "{} is missing in {}",
+                spec.if_name, spec.netns
+            )));
+        };
+        if host.peer_index != Some(peer.index) || peer.peer_index != Some(host.index) {
+            return Ok(Some(format!(
+                "{} in {} is not the peer of {}",
+                spec.if_name, spec.netns, spec.host_iface
+            )));
+        }
+        if !host.up || !peer.up {
+            return Ok(Some("the veth is down".into()));
+        }
+        Ok(None)
+    }
+
     /// Compares the kernel with `spec`; an empty list means they agree.
     /// Only what flock creates is checked, so changes by chained plugins
     /// (extra interfaces, qdiscs) are not drift.
@@ -158,18 +197,18 @@ impl Dataplane {
             }
         }
 
-        let pod_ns = Netns::Path(spec.netns.clone());
+        let pod_ns = spec.netns.clone();
         if !pod_ns.exists() {
-            drifts.push(Drift::MissingNetns(spec.netns.display().to_string()));
+            drifts.push(Drift::MissingNetns(spec.netns.to_string()));
             return Ok(drifts);
         }
         let pod = pod_ns.connect().await?;
-        let pod_name = format!("{} in {}", spec.if_name, spec.netns.display());
+        let pod_name = format!("{} in {}", spec.if_name, spec.netns);
         let Some(peer) = link::find(&pod, &spec.if_name, &pod_ns.to_string()).await? else {
             drifts.push(Drift::MissingPodLink(pod_name));
             return Ok(drifts);
         };
-        if host.peer_index != Some(peer.index) {
+        if host.peer_index != Some(peer.index) || peer.peer_index != Some(host.index) {
             drifts.push(Drift::NotPeers(format!(
                 "{} is not the peer of {}",
                 pod_name, spec.host_iface
@@ -191,7 +230,7 @@ impl Dataplane {
             }
         }
         if !spec.anycast.is_empty() {
-            let lo_name = format!("lo in {}", spec.netns.display());
+            let lo_name = format!("lo in {}", spec.netns);
             match link::find(&pod, "lo", &lo_name).await? {
                 None => drifts.push(Drift::MissingPodLink(lo_name)),
                 Some(lo) => {
@@ -220,7 +259,7 @@ impl Dataplane {
             if !has_route(&pod_routes, dst, via, peer.index) {
                 let via = via.map(|v| format!(" via {v}")).unwrap_or_default();
                 drifts.push(Drift::MissingRoute {
-                    place: format!("pod {}", spec.netns.display()),
+                    place: format!("pod {}", spec.netns),
                     route: format!("{dst}{via} dev {}", spec.if_name),
                 });
             }

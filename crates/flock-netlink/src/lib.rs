@@ -24,7 +24,7 @@ mod sysctl;
 
 pub use error::{NetlinkError, Result};
 pub use inspect::Drift;
-pub use netns::Netns;
+pub use netns::{Netns, NetnsRefusal, PodNetns, netns_inode};
 pub use pod::{Dataplane, PodSpec, SetupStep, Teardown};
 pub use routes::{InstalledRoute, Nexthop, RouteKind, is_flock_iface};
 

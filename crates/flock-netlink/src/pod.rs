@@ -2,7 +2,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
@@ -23,8 +22,9 @@ use crate::{FLOCK_ROUTE_PROTOCOL, GATEWAY_V4, GATEWAY_V6, NetlinkError, Netns, R
 pub struct PodSpec {
     /// The host end, `flock<8hex>`.
     pub host_iface: String,
-    /// The pod's network namespace (`CNI_NETNS`).
-    pub netns: PathBuf,
+    /// The pod's network namespace (`CNI_NETNS`, opened with
+    /// [`crate::PodNetns::open`] in production).
+    pub netns: Netns,
     /// The pod end's name (`CNI_IFNAME`).
     pub if_name: String,
     /// MTU of both ends.
@@ -239,7 +239,7 @@ impl Dataplane {
     /// its own netlink socket.
     pub async fn setup(&self, spec: &PodSpec) -> Result<()> {
         let started = Instant::now();
-        let pod_ns = Netns::Path(spec.netns.clone());
+        let pod_ns = spec.netns.clone();
         let pod = pod_ns.connect().await?;
         let connected = started.elapsed();
         let (host, peer) = self.ensure_veth(spec, &pod, &pod_ns).await?;
@@ -273,7 +273,7 @@ impl Dataplane {
     /// then stops, as a crash after that step would. For tests of convergence.
     #[doc(hidden)]
     pub async fn setup_through(&self, spec: &PodSpec, last: SetupStep) -> Result<()> {
-        let pod_ns = Netns::Path(spec.netns.clone());
+        let pod_ns = spec.netns.clone();
         let pod = pod_ns.connect().await?;
         let (host, peer) = self.ensure_veth(spec, &pod, &pod_ns).await?;
         if last == SetupStep::Veth {
@@ -321,12 +321,12 @@ impl Dataplane {
 
     /// Configures the pod end and brings `lo` up; returns `lo`'s index.
     async fn pod_link(&self, spec: &PodSpec, pod: &Handle, peer: u32) -> Result<u32> {
-        let pod_what = format!("{} in {}", spec.if_name, spec.netns.display());
+        let pod_what = format!("{} in {}", spec.if_name, spec.netns);
         link::configure(pod, peer, spec.mtu, &pod_what).await?;
-        let lo_what = format!("lo in {}", spec.netns.display());
+        let lo_what = format!("lo in {}", spec.netns);
         let lo = link::find(pod, "lo", &lo_what)
             .await?
-            .ok_or_else(|| NetlinkError::Conflict(format!("{} has no lo", spec.netns.display())))?;
+            .ok_or_else(|| NetlinkError::Conflict(format!("{} has no lo", spec.netns)))?;
         if !lo.up {
             link::set_up(pod, lo.index, &lo_what).await?;
         }
@@ -334,7 +334,7 @@ impl Dataplane {
     }
 
     async fn pod_addresses(&self, spec: &PodSpec, pod: &Handle, peer: u32, lo: u32) -> Result<()> {
-        let pod_what = format!("{} in {}", spec.if_name, spec.netns.display());
+        let pod_what = format!("{} in {}", spec.if_name, spec.netns);
         let unicast = spec
             .ip6
             .map(IpAddr::V6)
@@ -351,7 +351,7 @@ impl Dataplane {
             )
             .await?;
         }
-        let lo_what = format!("lo in {}", spec.netns.display());
+        let lo_what = format!("lo in {}", spec.netns);
         for &ip in &spec.anycast {
             add_address(pod, lo, ip, host_len(ip), AddressFlags::empty(), &lo_what).await?;
         }
@@ -359,7 +359,7 @@ impl Dataplane {
     }
 
     async fn pod_routes(&self, spec: &PodSpec, pod: &Handle, peer: u32) -> Result<()> {
-        let pod_what = format!("{} in {}", spec.if_name, spec.netns.display());
+        let pod_what = format!("{} in {}", spec.if_name, spec.netns);
         if spec.ip4.is_some() {
             let gw = IpAddr::V4(GATEWAY_V4);
             replace_route(
@@ -451,9 +451,7 @@ impl Dataplane {
             .await
             .map_err(NetlinkError::netlink(format!(
                 "create veth {} with peer {} in {}",
-                spec.host_iface,
-                spec.if_name,
-                spec.netns.display()
+                spec.host_iface, spec.if_name, spec.netns
             )))?;
         drop(ns_file);
         let host = link::find(&self.handle, &spec.host_iface, &self.node.to_string()).await?;
@@ -501,8 +499,6 @@ impl Dataplane {
 fn foreign(spec: &PodSpec, index: u32) -> NetlinkError {
     NetlinkError::Conflict(format!(
         "{} already has an interface {} (index {index}) that is not flock's {} peer",
-        spec.netns.display(),
-        spec.if_name,
-        spec.host_iface
+        spec.netns, spec.if_name, spec.host_iface
     ))
 }

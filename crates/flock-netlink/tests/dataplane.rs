@@ -28,7 +28,7 @@ async fn node() -> Node {
 fn spec(pod: &NetnsGuard, n: u8) -> PodSpec {
     PodSpec {
         host_iface: format!("flocktest{n:04x}"),
-        netns: pod.path(),
+        netns: pod.netns(),
         if_name: "eth0".into(),
         mtu: 1400,
         ip6: Some(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, u16::from(n))),
@@ -481,4 +481,64 @@ async fn node_blackholes_and_multipath_hash_policy() {
         .expect("hash policy");
     assert_eq!(node.ns.sysctl("ipv4/fib_multipath_hash_policy"), "1");
     assert_eq!(node.ns.sysctl("ipv6/fib_multipath_hash_policy"), "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_namespace_is_opened_once_checked_and_never_the_nodes() {
+    use flock_netlink::{NetnsRefusal, PodNetns, netns_inode};
+    let pod = NetnsGuard::new("open");
+    let node = NetnsGuard::new("opennode");
+    let node_inode = netns_inode(&node.path()).expect("node inode");
+    let limit = Duration::from_secs(1);
+
+    let opened = PodNetns::open(&pod.path(), &[node_inode], limit)
+        .await
+        .expect("a pod namespace opens");
+    assert_eq!(opened.inode(), netns_inode(&pod.path()).expect("inode"));
+
+    let refused = PodNetns::open(&node.path(), &[node_inode], limit).await;
+    assert!(
+        matches!(refused, Err(NetnsRefusal::NodeNamespace { .. })),
+        "{refused:?}"
+    );
+    // The test's own namespace, as a process path: refused the same way.
+    let own = std::path::Path::new("/proc/self/ns/net");
+    let own_inode = netns_inode(own).expect("own namespace");
+    let refused = PodNetns::open(own, &[node_inode, own_inode], limit).await;
+    assert!(
+        matches!(refused, Err(NetnsRefusal::NodeNamespace { .. })),
+        "{refused:?}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a namespace").expect("file");
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let started = std::time::Instant::now();
+    for (path, what) in [
+        (file.as_path(), "a regular file"),
+        (fifo.as_path(), "a FIFO"),
+        (std::path::Path::new("/proc/self/ns/mnt"), "another kind"),
+    ] {
+        match PodNetns::open(path, &[node_inode], limit).await {
+            Err(e @ NetnsRefusal::NotANetns { .. }) => {
+                let text = e.to_string();
+                assert!(
+                    text.contains(&path.display().to_string()) && text.contains(what),
+                    "{text}"
+                );
+            }
+            other => panic!("{}: {other:?}", path.display()),
+        }
+    }
+    assert!(
+        started.elapsed() < limit,
+        "a FIFO does not hold the open up"
+    );
+    let missing = PodNetns::open(&dir.path().join("gone"), &[node_inode], limit).await;
+    assert!(
+        matches!(missing, Err(NetnsRefusal::Unopenable { .. })),
+        "{missing:?}"
+    );
 }
