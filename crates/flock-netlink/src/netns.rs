@@ -13,7 +13,6 @@
 //! file from then on, so the path cannot be swapped underneath.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
