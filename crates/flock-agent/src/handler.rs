@@ -66,11 +66,11 @@ where
     }
 }
 
-/// The handler in force until the node runtime is ready. ADD is refused as
-/// transient (code 11) so the runtime retries; DEL and CHECK succeed, since
-/// the kubelet tears down sandboxes that never got an ADD; STATUS reports
-/// code 50; GC is refused as transient, as nothing can be collected safely
-/// before the state is known.
+/// The handler in force while the allocation store cannot be read (it is
+/// opened again and again until it can). Every verb is refused as
+/// transient (code 11) so the runtime retries: a DEL answered "ok" here
+/// would be forgotten with its addresses still held. STATUS reports
+/// code 50.
 #[derive(Debug, Clone)]
 pub struct NotReady {
     reason: String,
@@ -87,8 +87,9 @@ impl NotReady {
     fn response(&self, op: Op) -> Response {
         let msg = format!("agent not ready: {}", self.reason);
         match op {
-            Op::Del | Op::Check => Response::Done {},
-            Op::Add | Op::Gc => Response::Error(CniError::new(ErrorCode::TRY_AGAIN_LATER, msg)),
+            Op::Add | Op::Del | Op::Check | Op::Gc => {
+                Response::Error(CniError::new(ErrorCode::TRY_AGAIN_LATER, msg))
+            }
             Op::Status => Response::Error(CniError::new(ErrorCode::PLUGIN_NOT_AVAILABLE, msg)),
         }
     }
@@ -110,20 +111,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn not_ready_answers_each_verb_as_the_spec_wants() {
-        let h = NotReady::new("waiting for NodeConfig n1");
+    fn without_a_readable_store_every_verb_is_try_again_later() {
+        let h = NotReady::new("the store cannot be read");
         let code = |op| match h.response(op) {
             Response::Error(e) => {
-                assert_eq!(e.msg, "agent not ready: waiting for NodeConfig n1");
+                assert_eq!(e.msg, "agent not ready: the store cannot be read");
                 Some(e.code)
             }
             _ => None,
         };
-        assert_eq!(code(Op::Add), Some(ErrorCode::TRY_AGAIN_LATER));
-        assert_eq!(code(Op::Gc), Some(ErrorCode::TRY_AGAIN_LATER));
+        for op in [Op::Add, Op::Gc, Op::Del, Op::Check] {
+            assert_eq!(code(op), Some(ErrorCode::TRY_AGAIN_LATER), "{op}");
+        }
         assert_eq!(code(Op::Status), Some(ErrorCode::PLUGIN_NOT_AVAILABLE));
-        assert_eq!(code(Op::Del), None);
-        assert_eq!(code(Op::Check), None);
-        assert_eq!(h.readiness(), Err("waiting for NodeConfig n1".into()));
+        assert_eq!(h.readiness(), Err("the store cannot be read".into()));
     }
 }

@@ -1,17 +1,30 @@
 //! flock-agent: the node daemon behind the `flock` CNI plugin.
 //!
-//! It owns the RPC server the plugin talks to, the handler slot the node
-//! runtime is swapped into once it is ready, the node runtime itself (the
-//! datastore, recovery at startup, the pod handler over IPAM, the store and
-//! the dataplane), the command-line interface, logging, metrics and health
-//! endpoints. Anycast, BGP and NetworkPolicy are wired in as they land.
+//! The RPC server the plugin talks to ([`server`]) hands each request to
+//! the handler in force ([`handler`]): the pod handler ([`pods`]) over the
+//! allocations ([`allocations`], on a [`store`]) and the node's kernel
+//! ([`kernel`]), put in place as soon as the store is open. Startup
+//! ([`runtime`]) recovers state ([`recovery`]) and starts one loop per
+//! background concern, each owning its state: the NodeConfig
+//! ([`settings`]), anycast routes ([`anycast`]), NetworkPolicy
+//! ([`policy`]), BIRD ([`bird`]) and the node condition ([`condition`]).
 
+pub mod allocations;
+pub mod anycast;
+pub mod bird;
 pub mod cli;
+pub mod condition;
 pub mod handler;
 pub mod health;
+pub mod kernel;
 pub mod logging;
 pub mod metrics;
 pub mod pods;
 pub mod policy;
+pub mod recovery;
 pub mod runtime;
+pub mod serial;
 pub mod server;
+pub mod settings;
+pub mod status;
+pub mod store;

@@ -9,11 +9,13 @@ use clap::Parser;
 use flock_agent::cli::Cli;
 use flock_agent::handler::{HandlerSlot, NotReady};
 use flock_agent::metrics::Metrics;
-use flock_agent::runtime::{self, RuntimeConfig};
+use flock_agent::runtime::{Node, RuntimeConfig};
 use flock_agent::server::{Limits, Server};
+use flock_agent::store::StoreThread;
 use flock_agent::{health, logging};
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -47,15 +49,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let slot = HandlerSlot::new(NotReady::new(format!(
-        "waiting for NodeConfig {} from datastore {}",
-        cli.node, cli.datastore
-    )));
     let metrics = Metrics::new();
     // The TCP port first: a failure there must not leave a socket behind.
     let listener = bind_metrics(cli.metrics_addr)
         .await
         .with_context(|| format!("binding --metrics-addr {}", cli.metrics_addr))?;
+    let config = RuntimeConfig {
+        node: cli.node.clone(),
+        state_dir: cli.state_dir.clone(),
+        datastore: cli.datastore.clone(),
+        nodeconfig_timeout: std::time::Duration::from_secs(cli.nodeconfig_timeout),
+        bird_config: cli.bird_config.clone(),
+        bird_socket: cli.bird_socket.clone(),
+        nft: cli.nft.clone(),
+    };
+
+    // The store before the socket: DEL and CHECK are served from it at once.
+    let (slot, node) = match open_store(&cli.state_dir).await {
+        Ok((store, loaded)) => {
+            let node = Node::assemble(&config, store, loaded, metrics.clone()).await?;
+            (HandlerSlot::new(node.handler.clone()), Some(node))
+        }
+        Err(e) => {
+            error!(error = %e, "the allocation store cannot be read; every request answers \"try again later\" until it can");
+            let reason = format!("the allocation store cannot be read: {e}");
+            (HandlerSlot::new(NotReady::new(reason)), None)
+        }
+    };
     let server = Server::bind(&cli.socket, slot.clone(), Limits::default())
         .with_context(|| format!("binding --socket {}", cli.socket.display()))?
         .with_metrics(metrics.clone());
@@ -71,31 +91,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
     ));
 
-    // The node runtime starts behind the not-ready handler; a start that
-    // fails ends the agent (the DaemonSet restarts it).
-    let config = RuntimeConfig {
-        node: cli.node.clone(),
-        state_dir: cli.state_dir.clone(),
-        datastore: cli.datastore.clone(),
-        nodeconfig_timeout: std::time::Duration::from_secs(cli.nodeconfig_timeout),
-        bird_config: cli.bird_config.clone(),
-        bird_socket: cli.bird_socket.clone(),
-        nft: cli.nft.clone(),
-    };
+    // The node runtime starts behind the handler; a start that fails ends
+    // the agent (the DaemonSet restarts it).
+    let stop = CancellationToken::new();
     let (fatal_tx, mut fatal) = tokio::sync::oneshot::channel::<anyhow::Error>();
-    let starting = {
-        let slot = slot.clone();
+    let runtime = {
+        let stop = stop.clone();
+        let state_dir = cli.state_dir.clone();
         tokio::spawn(async move {
-            match runtime::start(&config, metrics).await {
-                Ok(rt) => {
-                    slot.swap(rt.handler.clone());
-                    info!("serving pods");
-                    Some(rt)
-                }
-                Err(e) => {
-                    let _ = fatal_tx.send(e);
-                    None
-                }
+            let node = match node {
+                Some(node) => node,
+                None => match reopen(&state_dir, &config, &metrics, &slot, &stop).await {
+                    Some(node) => node,
+                    None => return,
+                },
+            };
+            if let Err(e) = node.run(config, stop).await {
+                let _ = fatal_tx.send(e);
             }
         })
     };
@@ -108,13 +120,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ = terminate.recv() => info!(signal = "SIGTERM", "shutting down"),
                 _ = interrupt.recv() => info!(signal = "SIGINT", "shutting down"),
                 Ok(e) = &mut fatal => {
-                    error!(error = format!("{e:#}"), "node runtime failed to start");
+                    error!(error = format!("{e:#}"), "node runtime failed");
                     *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 }
             }
         })
         .await;
-    starting.abort();
+    stop.cancel();
+    if let Err(e) = runtime.await {
+        warn!(error = %e, "the node runtime task ended abnormally");
+    }
     let _ = stop_health.send(());
     health
         .await
@@ -125,6 +140,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Opens the allocation store off the runtime.
+async fn open_store(
+    dir: &std::path::Path,
+) -> anyhow::Result<(StoreThread, flock_agent::store::Loaded)> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || StoreThread::open(&dir))
+        .await
+        .context("store task")?
+        .map_err(anyhow::Error::from)
+}
+
+/// How often an unreadable store is tried again.
+const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tries the store again until it opens (an operator moved a corrupt file
+/// aside, a disk came back), then puts the pod handler in place.
+async fn reopen(
+    dir: &std::path::Path,
+    config: &RuntimeConfig,
+    metrics: &Metrics,
+    slot: &HandlerSlot,
+    stop: &CancellationToken,
+) -> Option<Node> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(STORE_RETRY) => {}
+        }
+        let (store, loaded) = match open_store(dir).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                slot.swap(NotReady::new(format!(
+                    "the allocation store cannot be read: {e:#}"
+                )));
+                continue;
+            }
+        };
+        match Node::assemble(config, store, loaded, metrics.clone()).await {
+            Ok(node) => {
+                info!("the allocation store opened; serving DEL and CHECK");
+                slot.swap(node.handler.clone());
+                return Some(node);
+            }
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "assembling the node runtime failed"
+            ),
+        }
+    }
 }
 
 /// Binds the metrics address, waiting up to 5 s while it is in use: a

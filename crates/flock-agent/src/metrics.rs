@@ -49,6 +49,9 @@ pub struct Metrics {
     pub errors: Family<KindLabels, Counter>,
     /// `birdc configure` runs by result (`ok` or `error`).
     pub bird_reloads: Family<ResultLabels, Counter>,
+    /// Addresses held by more than one allocation (a store from before
+    /// that was refused); never handed to a third pod.
+    pub duplicate_addresses: Gauge,
 }
 
 /// Labels naming an outcome.
@@ -109,8 +112,15 @@ impl Metrics {
             "BIRD configuration reloads (write + birdc configure), by result",
             bird_reloads.clone(),
         );
+        let duplicate_addresses = Gauge::default();
+        registry.register(
+            "duplicate_addresses",
+            "Addresses held by more than one allocation (see /readyz and the log)",
+            duplicate_addresses.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
+            duplicate_addresses,
             rpc,
             pool_in_use,
             pool_capacity,

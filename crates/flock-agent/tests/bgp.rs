@@ -318,7 +318,7 @@ fn two_nodes_route_pods_anycast_and_addresses_through_the_tor() {
     a.node.kill();
     a.node.spawn();
     // Past the anycast tick and a bird.conf render.
-    std::thread::sleep(flock_agent::runtime::ANYCAST_TICK + Duration::from_secs(1));
+    std::thread::sleep(flock_agent::anycast::ANYCAST_TICK + Duration::from_secs(1));
     assert_withdrew_nothing("restarting the agent", &monitor.stop());
 
     let monitor = RouteMonitor::start(&tor);

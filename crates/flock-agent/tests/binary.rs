@@ -1,5 +1,7 @@
 //! The real `flock-agent` binary: flags, socket and state directory setup,
-//! health endpoints, and a clean stop on SIGTERM and SIGINT.
+//! health endpoints, and a clean stop on SIGTERM and SIGINT. Each agent
+//! runs in a network namespace of the test's own (it opens netlink and its
+//! recovery looks at the node's links from the first instant).
 
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use flock_proto::rpc::{self, Op, Request, Response};
 use flock_proto::{ErrorCode, NetConf};
+use flock_testkit::NetnsGuard;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -22,6 +25,7 @@ struct Agent {
     dir: tempfile::TempDir,
     socket: PathBuf,
     port: u16,
+    ns: NetnsGuard,
 }
 
 impl Drop for Agent {
@@ -40,9 +44,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The agent's command line; `node` None leaves `--node` to `NODE_NAME`.
-fn command_for(dir: &Path, socket: &Path, port: u16, node: Option<&str>) -> Command {
-    let mut cmd = Command::new(AGENT);
+/// The agent's command line inside `ns`; `node` None leaves `--node` to `NODE_NAME`.
+fn command_for(
+    ns: &NetnsGuard,
+    dir: &Path,
+    socket: &Path,
+    port: u16,
+    node: Option<&str>,
+) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]).arg(AGENT);
     if let Some(node) = node {
         cmd.args(["--node", node]);
     }
@@ -60,15 +71,18 @@ fn command_for(dir: &Path, socket: &Path, port: u16, node: Option<&str>) -> Comm
     cmd
 }
 
-fn command(dir: &Path, socket: &Path, port: u16) -> Command {
-    command_for(dir, socket, port, Some("node-a"))
+fn command(ns: &NetnsGuard, dir: &Path, socket: &Path, port: u16) -> Command {
+    command_for(ns, dir, socket, port, Some("node-a"))
 }
 
 fn start() -> Agent {
+    let ns = NetnsGuard::new("bin");
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("nested/run/flock.sock");
     let port = free_port();
-    let child = command(dir.path(), &socket, port).spawn().expect("spawn");
+    let child = command(&ns, dir.path(), &socket, port)
+        .spawn()
+        .expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "socket never appeared");
@@ -79,6 +93,7 @@ fn start() -> Agent {
         dir,
         socket,
         port,
+        ns,
     }
 }
 
@@ -99,15 +114,21 @@ fn call(socket: &Path, op: Op) -> Response {
     serde_json::from_slice(&frame).expect("response")
 }
 
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("read");
+/// GET from the agent's loopback, inside its namespace.
+fn http_get(ns: &NetnsGuard, port: u16, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let text = ns
+        .netns()
+        .spawn(move || {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            stream.write_all(request.as_bytes()).expect("send");
+            let mut text = String::new();
+            stream.read_to_string(&mut text).expect("read");
+            Ok(text)
+        })
+        .join()
+        .expect("http thread")
+        .expect("http");
     let status = text
         .split(' ')
         .nth(1)
@@ -149,15 +170,23 @@ fn serves_not_ready_answers_and_health_then_stops_cleanly_on_sigterm() {
         }
         other => panic!("{other:?}"),
     }
+    // DEL and CHECK are served from the store before any NodeConfig: an
+    // unknown container's DEL succeeds, its CHECK says it is unknown.
     assert_eq!(call(&agent.socket, Op::Del), Response::Done {});
-    assert_eq!(call(&agent.socket, Op::Check), Response::Done {});
+    match call(&agent.socket, Op::Check) {
+        Response::Error(e) => assert_eq!(e.code, ErrorCode::UNKNOWN_CONTAINER, "{}", e.msg),
+        other => panic!("{other:?}"),
+    }
     match call(&agent.socket, Op::Status) {
         Response::Error(e) => assert_eq!(e.code, ErrorCode::PLUGIN_NOT_AVAILABLE),
         other => panic!("{other:?}"),
     }
 
-    assert_eq!(http_get(agent.port, "/healthz"), (200, "ok\n".into()));
-    let (status, body) = http_get(agent.port, "/readyz");
+    assert_eq!(
+        http_get(&agent.ns, agent.port, "/healthz"),
+        (200, "ok\n".into())
+    );
+    let (status, body) = http_get(&agent.ns, agent.port, "/readyz");
     assert_eq!(status, 503);
     assert!(
         body.starts_with("not ready: ") && body.contains("node-a"),
@@ -194,7 +223,7 @@ fn sigint_stops_it_too_and_a_restart_replaces_nothing_but_its_own_socket() {
 
     // A crash leaves a stale socket; the next start replaces it.
     drop(std::os::unix::net::UnixListener::bind(&agent.socket).expect("stale"));
-    let mut again = command(agent.dir.path(), &agent.socket, agent.port)
+    let mut again = command(&agent.ns, agent.dir.path(), &agent.socket, agent.port)
         .spawn()
         .expect("spawn");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -230,9 +259,10 @@ fn bad_flags_and_a_foreign_file_at_the_socket_path_are_refused() {
     assert!(!bad_ds.status.success());
     assert!(String::from_utf8_lossy(&bad_ds.stderr).contains("etcd:x"));
 
+    let ns = NetnsGuard::new("bin");
     let file = dir.path().join("flock.sock");
     std::fs::write(&file, b"not a socket").expect("file");
-    let out = run_to_end(&mut command(dir.path(), &file, free_port()));
+    let out = run_to_end(&mut command(&ns, dir.path(), &file, free_port()));
     assert!(!out.status.success());
     let logs = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -247,7 +277,7 @@ fn bad_flags_and_a_foreign_file_at_the_socket_path_are_refused() {
 
     // NODE_NAME stands in for --node, as the DaemonSet passes it.
     let socket = dir.path().join("env.sock");
-    let mut child = command_for(dir.path(), &socket, free_port(), None)
+    let mut child = command_for(&ns, dir.path(), &socket, free_port(), None)
         .env("NODE_NAME", "from-env")
         .stdout(Stdio::null())
         .spawn()

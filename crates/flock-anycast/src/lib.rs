@@ -9,8 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use flock_model::host_iface_name;
-use flock_netlink::{Dataplane, Nexthop, RouteKind};
+use flock_netlink::{Dataplane, InstalledRoute, Nexthop, RouteKind};
 use flock_store::{AllocState, Allocation};
 use ipnet::IpNet;
 
@@ -44,7 +43,7 @@ pub fn resolve<'a>(
             };
             targets.entry(ip).or_default().push(Nexthop {
                 via,
-                dev: host_iface_name(&a.container_id),
+                dev: a.host_iface.clone(),
             });
         }
     }
@@ -55,22 +54,65 @@ pub fn resolve<'a>(
     (targets, warnings)
 }
 
-/// What one reconcile pass changed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What one reconcile pass changed, and what it could not.
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     /// Routes installed or replaced.
     pub replaced: usize,
     /// Routes removed.
     pub removed: usize,
+    /// Targets (or stale routes) that failed, each naming its IP; the
+    /// others were still reconciled.
+    pub errors: Vec<String>,
+}
+
+/// The node's routes as the reconciler needs them: what flock installed,
+/// which host interfaces exist, and replacing or removing one route.
+/// `flock_netlink::Dataplane` is the real one.
+pub trait Routes: Send + Sync {
+    /// Every route carrying flock's protocol number.
+    fn installed(&self) -> impl Future<Output = flock_netlink::Result<Vec<InstalledRoute>>> + Send;
+    /// Host interfaces of pod veths by name, with their indices.
+    fn link_indices(
+        &self,
+    ) -> impl Future<Output = flock_netlink::Result<HashMap<String, u32>>> + Send;
+    /// Installs or replaces the route to `dst` over `nexthops`.
+    fn replace(
+        &self,
+        dst: IpAddr,
+        nexthops: &[Nexthop],
+    ) -> impl Future<Output = flock_netlink::Result<()>> + Send;
+    /// Removes flock's route to `dst`.
+    fn remove(&self, dst: IpNet) -> impl Future<Output = flock_netlink::Result<()>> + Send;
+}
+
+impl Routes for Dataplane {
+    async fn installed(&self) -> flock_netlink::Result<Vec<InstalledRoute>> {
+        self.flock_routes().await
+    }
+
+    async fn link_indices(&self) -> flock_netlink::Result<HashMap<String, u32>> {
+        Ok(self.flock_links().await?.into_iter().collect())
+    }
+
+    async fn replace(&self, dst: IpAddr, nexthops: &[Nexthop]) -> flock_netlink::Result<()> {
+        self.replace_anycast(dst, nexthops).await
+    }
+
+    async fn remove(&self, dst: IpNet) -> flock_netlink::Result<()> {
+        self.remove_route(dst).await
+    }
 }
 
 /// Makes the installed anycast routes equal `targets`, touching only what
 /// differs. Routes are told apart from the pods' own host routes by having
-/// a gateway.
-pub async fn reconcile(dataplane: &Dataplane, targets: &Targets) -> flock_netlink::Result<Changes> {
-    let indices: HashMap<String, u32> = dataplane.flock_links().await?.into_iter().collect();
-    let installed: BTreeMap<IpNet, Vec<(Option<IpAddr>, u32)>> = dataplane
-        .flock_routes()
+/// a gateway. A target that fails (a veth that just went away, say) is
+/// reported and the others go on, stale routes included; only when the
+/// kernel cannot even be listed does nothing happen.
+pub async fn reconcile(routes: &impl Routes, targets: &Targets) -> flock_netlink::Result<Changes> {
+    let indices = routes.link_indices().await?;
+    let installed: BTreeMap<IpNet, Vec<(Option<IpAddr>, u32)>> = routes
+        .installed()
         .await?
         .into_iter()
         .filter(|r| r.kind == RouteKind::Unicast && r.nexthops.iter().all(|(via, _)| via.is_some()))
@@ -83,15 +125,20 @@ pub async fn reconcile(dataplane: &Dataplane, targets: &Targets) -> flock_netlin
             .filter_map(|h| indices.get(&h.dev).map(|&i| (Some(h.via), i)))
             .collect();
         want.sort();
-        if installed.get(&IpNet::from(*ip)) != Some(&want) {
-            dataplane.replace_anycast(*ip, hops).await?;
-            changes.replaced += 1;
+        if installed.get(&IpNet::from(*ip)) == Some(&want) {
+            continue;
+        }
+        match routes.replace(*ip, hops).await {
+            Ok(()) => changes.replaced += 1,
+            Err(e) => changes.errors.push(format!("{ip}: {e}")),
         }
     }
     for dst in installed.keys() {
         if dst.prefix_len() == dst.max_prefix_len() && !targets.contains_key(&dst.addr()) {
-            dataplane.remove_route(*dst).await?;
-            changes.removed += 1;
+            match routes.remove(*dst).await {
+                Ok(()) => changes.removed += 1,
+                Err(e) => changes.errors.push(format!("{dst}: {e}")),
+            }
         }
     }
     Ok(changes)
@@ -116,7 +163,7 @@ mod tests {
             namespace: "ns".into(),
             pod: pod.into(),
             pod_uid: String::new(),
-            host_iface: String::new(),
+            host_iface: format!("flock{id}"),
             ip6: ip6.map(|s| s.parse().expect("v6")),
             ip4: ip4.map(|s| s.parse().expect("v4")),
             anycast: anycast.iter().map(|s| s.parse().expect("ip")).collect(),

@@ -181,6 +181,19 @@ impl Cache {
             .await
     }
 
+    /// Waits up to `timeout` for a pod on this node that `accept` takes
+    /// (the cache may still hold an older pod of the same name).
+    pub async fn wait_for_pod_where(
+        &self,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+        accept: impl Fn(&PodInfo) -> bool,
+    ) -> Option<PodInfo> {
+        self.wait_until(timeout, |c| c.local_pod(namespace, name).filter(&accept))
+            .await
+    }
+
     /// Waits up to `timeout` for this node's NodeConfig.
     pub async fn wait_for_node_config(&self, timeout: Duration) -> Option<NodeConfig> {
         self.wait_until(timeout, Cache::node_config).await

@@ -130,3 +130,22 @@ impl Applier {
         }
     }
 }
+
+/// Loads rulesets into the kernel and heals them: [`Applier`] is the real
+/// one; the agent's tests record what a fake is asked to load.
+pub trait Loader: Send + 'static {
+    /// Loads `script` unless it is what was loaded last.
+    fn apply(&mut self, script: &str) -> Result<Applied, ApplyError>;
+    /// Loads the last script again if the kernel's table differs from it.
+    fn heal(&mut self) -> Result<Applied, ApplyError>;
+}
+
+impl Loader for Applier {
+    fn apply(&mut self, script: &str) -> Result<Applied, ApplyError> {
+        Applier::apply(self, script)
+    }
+
+    fn heal(&mut self) -> Result<Applied, ApplyError> {
+        Applier::heal(self)
+    }
+}

@@ -13,7 +13,7 @@ mod render;
 mod selector;
 mod translate;
 
-pub use apply::{Applied, Applier, ApplyError};
+pub use apply::{Applied, Applier, ApplyError, Loader};
 pub use render::{RenderError, TABLE, render};
 pub use selector::selects;
 pub use translate::{

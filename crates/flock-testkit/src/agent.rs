@@ -94,6 +94,24 @@ impl AgentNode {
         self.dir.path().join("bird/bird.conf")
     }
 
+    /// The store's entries once no DEL is still finishing (none is
+    /// `releasing`), waiting up to 5 s: a DEL answers before the kernel's
+    /// slow veth deletion is done, and its entry goes right after.
+    pub fn settled_store(&self) -> Vec<flock_store::Allocation> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let entries =
+                flock_store::Store::read_only(&self.state_dir()).expect("the store loads");
+            let settled = entries
+                .iter()
+                .all(|a| a.state != flock_store::AllocState::Releasing);
+            if settled || Instant::now() > deadline {
+                return entries;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The manifest directory.
     pub fn manifests(&self) -> PathBuf {
         self.dir.path().join("manifests")

@@ -1,0 +1,422 @@
+//! The node's allocations: the durable store, the allocator over the
+//! node's prefixes, and every address in between.
+//!
+//! An address is held from the moment it is reserved (before its pending
+//! record is durable) until its entry's removal is durable, which happens
+//! only once the kernel holds nothing of the pod. Rebuilding the allocator
+//! after a prefix change marks every held address again — pending,
+//! committed and releasing ones, those of a teardown still in the kernel,
+//! and those whose teardown failed — so nothing held is ever handed out.
+//! An address two entries hold (a store from before this check) is held
+//! until both have given it back. Released addresses carry their release
+//! time, so the allocator reuses the longest-released last.
+//!
+//! The state sits behind a short synchronous lock that is never held
+//! across an `.await`: store writes happen outside it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use flock_ipam::{AllocRequest, Ipam, IpamError, Usage};
+use flock_model::{NodeSettings, host_iface_name};
+use flock_store::{AllocState, Allocation, Record};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::store::{AllocationStore, Loaded, StoreFailure};
+
+/// An entry's key: container id and interface.
+pub type Key = (String, String);
+
+/// Why no addresses were reserved.
+#[derive(Debug, thiserror::Error)]
+pub enum ReserveError {
+    /// No NodeConfig has been applied yet.
+    #[error("no NodeConfig has been applied yet")]
+    NoPools,
+    /// The store takes no writes until the agent restarts.
+    #[error("the allocation store takes no writes until flock-agent restarts: {0}")]
+    Refusing(String),
+    /// Another entry's veth has the host interface name this one needs.
+    #[error(
+        "host interface {iface} is already used by container {owner}; nothing of that pod was touched"
+    )]
+    IfaceTaken {
+        /// The name both would use.
+        iface: String,
+        /// The container that has it.
+        owner: String,
+    },
+    /// The allocator found nothing.
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    /// The pending record did not become durable (nothing is held).
+    #[error("recording the pending allocation failed: {0}")]
+    Store(StoreFailure),
+}
+
+/// The allocator and the settings it was built for.
+#[derive(Debug)]
+struct Pools {
+    ipam: Ipam,
+    settings: Arc<NodeSettings>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: BTreeMap<Key, Allocation>,
+    /// Host interface → the entry whose veth it is.
+    ifaces: HashMap<String, Key>,
+    /// Unicast address → the entries holding it (two only in a bad store).
+    holders: HashMap<IpAddr, BTreeSet<Key>>,
+    /// Free addresses and when they were given back.
+    released: HashMap<IpAddr, SystemTime>,
+    pools: Option<Pools>,
+    /// Why the store takes no writes, once it does not.
+    refusing: Option<String>,
+}
+
+/// The node's allocations over an [`AllocationStore`].
+pub struct Allocations<S> {
+    store: S,
+    state: Mutex<State>,
+    /// Bumped on every change (loops and waiting requests watch it).
+    changed: watch::Sender<u64>,
+}
+
+/// Milliseconds since the epoch: the allocator's release clock.
+fn stamp(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn key_of(a: &Allocation) -> Key {
+    (a.container_id.clone(), a.ifname.clone())
+}
+
+impl State {
+    fn hold(&mut self, a: &Allocation) {
+        let key = key_of(a);
+        if let Some(other) = self.ifaces.insert(a.host_iface.clone(), key.clone())
+            && other != key
+        {
+            warn!(iface = %a.host_iface, container_id = %a.container_id, other = %other.0, "two entries name one host interface");
+        }
+        for ip in a.unicast() {
+            self.holders.entry(ip).or_default().insert(key.clone());
+            self.released.remove(&ip);
+        }
+        self.entries.insert(key, a.clone());
+    }
+
+    /// Drops `key`'s entry; its addresses no other entry holds go back to
+    /// the allocator, released at `at`.
+    fn drop_entry(&mut self, key: &Key, at: SystemTime) -> Option<Allocation> {
+        let a = self.entries.remove(key)?;
+        if self.ifaces.get(&a.host_iface) == Some(key) {
+            self.ifaces.remove(&a.host_iface);
+        }
+        for ip in a.unicast() {
+            let Some(holders) = self.holders.get_mut(&ip) else {
+                continue;
+            };
+            holders.remove(key);
+            if !holders.is_empty() {
+                continue; // still another entry's: never a third pod's
+            }
+            self.holders.remove(&ip);
+            self.released.insert(ip, at);
+            if let Some(pools) = &mut self.pools {
+                let (v6, v4) = match ip {
+                    IpAddr::V6(v6) => (Some(v6), None),
+                    IpAddr::V4(v4) => (None, Some(v4)),
+                };
+                pools.ipam.release(v6, v4, stamp(at));
+            }
+        }
+        Some(a)
+    }
+}
+
+impl<S: AllocationStore> Allocations<S> {
+    /// The allocations the store held at open. Entries recorded before the
+    /// host interface was stored get the name derived from their container.
+    pub fn new(store: S, loaded: Loaded) -> Allocations<S> {
+        let mut state = State::default();
+        for (ip, at) in loaded.released {
+            state.released.insert(ip, at);
+        }
+        for mut a in loaded.entries {
+            if a.host_iface.is_empty() {
+                a.host_iface = host_iface_name(&a.container_id);
+            }
+            state.hold(&a);
+        }
+        let allocations = Allocations {
+            store,
+            state: Mutex::new(state),
+            changed: watch::Sender::new(0),
+        };
+        for (ip, holders) in allocations.duplicates() {
+            warn!(%ip, containers = ?holders, "address held by two store entries: kept reserved until both are deleted; CHECK of either reports it");
+        }
+        allocations
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding it; a poisoned lock still holds whole values.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Wakes on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The entry of a container (its only attachment).
+    pub fn attachment(&self, container_id: &str) -> Option<Allocation> {
+        self.lock()
+            .entries
+            .range((container_id.to_owned(), String::new())..)
+            .next()
+            .filter(|((id, _), _)| id == container_id)
+            .map(|(_, a)| a.clone())
+    }
+
+    /// The entry whose veth is `iface`, if any.
+    pub fn owner_of_iface(&self, iface: &str) -> Option<Key> {
+        self.lock().ifaces.get(iface).cloned()
+    }
+
+    /// Every entry.
+    pub fn snapshot(&self) -> Vec<Allocation> {
+        self.lock().entries.values().cloned().collect()
+    }
+
+    /// How many entries there are.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Addresses held by more than one entry, with those entries' containers.
+    pub fn duplicates(&self) -> Vec<(IpAddr, Vec<String>)> {
+        let mut out: Vec<(IpAddr, Vec<String>)> = self
+            .lock()
+            .holders
+            .iter()
+            .filter(|(_, h)| h.len() > 1)
+            .map(|(ip, h)| (*ip, h.iter().map(|(id, _)| id.clone()).collect()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The other containers holding one of `a`'s addresses.
+    pub fn sharing_with(&self, a: &Allocation) -> Vec<(IpAddr, String)> {
+        let key = key_of(a);
+        let state = self.lock();
+        a.unicast()
+            .flat_map(|ip| {
+                state
+                    .holders
+                    .get(&ip)
+                    .into_iter()
+                    .flatten()
+                    .filter(|k| **k != key)
+                    .map(move |k| (ip, k.0.clone()))
+            })
+            .collect()
+    }
+
+    /// The settings the allocator was built for.
+    pub fn settings(&self) -> Option<Arc<NodeSettings>> {
+        self.lock().pools.as_ref().map(|p| p.settings.clone())
+    }
+
+    /// How full the pools are.
+    pub fn usage(&self) -> Option<Usage> {
+        self.lock().pools.as_ref().map(|p| p.ipam.usage())
+    }
+
+    /// Why the store takes no writes, if it does not.
+    pub fn refusing(&self) -> Option<String> {
+        self.lock().refusing.clone()
+    }
+
+    fn failed(&self, failure: &StoreFailure) {
+        if failure.refusing {
+            self.lock().refusing = Some(failure.message.clone());
+        }
+    }
+
+    /// Applies validated settings: the allocator is rebuilt when the
+    /// prefixes changed, with every held address marked again.
+    pub fn apply_settings(&self, settings: Arc<NodeSettings>) -> Result<(), String> {
+        let mut state = self.lock();
+        if let Some(pools) = &mut state.pools
+            && pools.settings.cidr6 == settings.cidr6
+            && pools.settings.cidr4 == settings.cidr4
+        {
+            pools.settings = settings;
+            return Ok(());
+        }
+        let seed = stamp(SystemTime::now()) ^ u64::from(std::process::id()).rotate_left(32);
+        let mut ipam = Ipam::new(settings.cidr6, settings.cidr4, seed)
+            .map_err(|e| format!("NodeConfig {}: {e}", settings.node))?;
+        for ip in state.holders.keys() {
+            ipam.mark_in_use(*ip);
+        }
+        for (ip, at) in &state.released {
+            ipam.mark_released(*ip, stamp(*at));
+        }
+        info!(cidr6 = ?settings.cidr6, cidr4 = ?settings.cidr4, held = state.holders.len(), "allocator built for the NodeConfig's prefixes");
+        state.pools = Some(Pools { ipam, settings });
+        drop(state);
+        self.bump();
+        Ok(())
+    }
+
+    /// Reserves addresses for `template` (an entry without addresses) and
+    /// records it as pending, durably. On error nothing is held.
+    pub async fn reserve(
+        &self,
+        mut template: Allocation,
+        request: &AllocRequest<'_>,
+    ) -> Result<Allocation, ReserveError> {
+        {
+            let mut state = self.lock();
+            if let Some(reason) = &state.refusing {
+                return Err(ReserveError::Refusing(reason.clone()));
+            }
+            if let Some(owner) = state.ifaces.get(&template.host_iface) {
+                return Err(ReserveError::IfaceTaken {
+                    iface: template.host_iface.clone(),
+                    owner: owner.0.clone(),
+                });
+            }
+            let pools = state.pools.as_mut().ok_or(ReserveError::NoPools)?;
+            let got = pools.ipam.allocate(request)?;
+            template.ip6 = got.ip6;
+            template.ip4 = got.ip4;
+            template.state = AllocState::Pending;
+            template.allocated_at = SystemTime::now();
+            state.hold(&template);
+        }
+        self.bump();
+        if let Err(failure) = self.store.write(Record::Upsert(template.clone())).await {
+            self.failed(&failure);
+            // Never durable, never handed to a pod: back as it was.
+            let mut state = self.lock();
+            state.drop_entry(&key_of(&template), SystemTime::UNIX_EPOCH);
+            drop(state);
+            self.bump();
+            return Err(ReserveError::Store(failure));
+        }
+        Ok(template)
+    }
+
+    /// Replaces a held entry durably with `updated` (same key); memory
+    /// follows once the write is durable.
+    async fn update(&self, updated: Allocation) -> Result<Allocation, StoreFailure> {
+        if let Some(reason) = self.refusing() {
+            return Err(StoreFailure {
+                message: reason,
+                refusing: true,
+            });
+        }
+        if let Err(failure) = self.store.write(Record::Upsert(updated.clone())).await {
+            self.failed(&failure);
+            return Err(failure);
+        }
+        self.lock().hold(&updated);
+        self.bump();
+        Ok(updated)
+    }
+
+    /// Records that the pod's network is built, in `netns` (inode `inode`).
+    pub async fn commit(
+        &self,
+        mut entry: Allocation,
+        netns: &str,
+        inode: u64,
+    ) -> Result<Allocation, StoreFailure> {
+        entry.state = AllocState::Committed;
+        entry.netns = netns.to_owned();
+        entry.netns_inode = Some(inode);
+        self.update(entry).await
+    }
+
+    /// Marks an entry as being released, durably. Even when the write
+    /// fails the entry counts as releasing here (its routes go at once);
+    /// its addresses stay held either way.
+    pub async fn mark_releasing(&self, entry: &Allocation) -> Result<Allocation, StoreFailure> {
+        let mut releasing = entry.clone();
+        releasing.state = AllocState::Releasing;
+        if entry.state == AllocState::Releasing {
+            return Ok(releasing);
+        }
+        let written = self.update(releasing.clone()).await;
+        if written.is_err() {
+            self.lock().hold(&releasing);
+            self.bump();
+        }
+        written
+    }
+
+    /// Removes an entry durably once the kernel holds nothing of it; its
+    /// addresses are free from then on, released at `at`.
+    pub async fn finish_release(
+        &self,
+        entry: &Allocation,
+        at: SystemTime,
+    ) -> Result<(), StoreFailure> {
+        if let Some(reason) = self.refusing() {
+            return Err(StoreFailure {
+                message: reason,
+                refusing: true,
+            });
+        }
+        let record = Record::Remove {
+            container_id: entry.container_id.clone(),
+            ifname: entry.ifname.clone(),
+            released: entry.unicast().collect(),
+            at: Some(at),
+        };
+        if let Err(failure) = self.store.write(record).await {
+            self.failed(&failure);
+            return Err(failure);
+        }
+        self.lock().drop_entry(&key_of(entry), at);
+        self.bump();
+        Ok(())
+    }
+
+    /// Waits until `container_id` has no entry, at most `limit`; returns
+    /// whether it has none.
+    pub async fn wait_gone(&self, container_id: &str, limit: Duration) -> bool {
+        let mut changed = self.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.attachment(container_id).is_none() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                return self.attachment(container_id).is_none();
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The BIRD loop: renders bird.conf from the published settings, the
+//! announced IPs and the node's addresses, on every change of either and
+//! every 15 s; the writer skips unchanged text and debounces reloads. An
+//! invalid render keeps BIRD's last configuration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flock_bird::Reload;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span, warn};
+
+use crate::anycast::Announced;
+use crate::kernel::Kernel;
+use crate::metrics::Metrics;
+use crate::settings::Published;
+use crate::status::Board;
+
+/// How often bird.conf is rendered again without a trigger.
+pub const BIRD_TICK: Duration = Duration::from_secs(15);
+
+/// The loop's own state.
+pub struct BirdLoop<K> {
+    settings: Published,
+    announced: Announced,
+    kernel: Arc<K>,
+    writer: flock_bird::Writer,
+    board: Arc<Board>,
+    metrics: Metrics,
+    last_problem: Option<String>,
+}
+
+impl<K: Kernel> BirdLoop<K> {
+    /// A loop writing `config` and reloading through `socket` with `reload`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: Published,
+        announced: Announced,
+        kernel: Arc<K>,
+        config: PathBuf,
+        socket: PathBuf,
+        reload: impl Reload,
+        board: Arc<Board>,
+        metrics: Metrics,
+    ) -> BirdLoop<K> {
+        let observed = metrics.clone();
+        let writer = flock_bird::Writer::start_observed(config, socket, reload, move |outcome| {
+            observed.bird_reloaded(outcome.is_ok())
+        });
+        BirdLoop {
+            settings,
+            announced,
+            kernel,
+            writer,
+            board,
+            metrics,
+            last_problem: None,
+        }
+    }
+
+    /// Runs until cancelled; dropping the loop stops its writer.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(BIRD_TICK);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = self.announced.changed() => if changed.is_err() { return },
+                changed = self.settings.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+            self.pass().instrument(info_span!("bird_pass")).await;
+        }
+    }
+
+    async fn pass(&mut self) {
+        self.render().await;
+        let status = self.writer.status();
+        let reload = status.last_error.map(|e| {
+            format!(
+                "last reload failed ({} failures so far): {e}",
+                status.failures
+            )
+        });
+        let render = self
+            .last_problem
+            .as_ref()
+            .map(|p| format!("not rendered, BIRD keeps its last configuration: {p}"));
+        self.board
+            .set("bird", reload.into_iter().chain(render).collect());
+    }
+
+    async fn render(&mut self) {
+        let Some(settings) = self.settings.borrow().clone() else {
+            return; // no NodeConfig yet: BIRD keeps its bootstrap configuration
+        };
+        let Some(ips) = self.announced.borrow().clone() else {
+            // The first anycast pass has not run: rendering now would
+            // withdraw every anycast IP until it does.
+            return;
+        };
+        let rendered = match self.kernel.addresses().await {
+            Err(e) => Err(e.to_string()),
+            Ok(interfaces) => flock_bird::render(&flock_bird::BirdInput {
+                settings: &settings,
+                announced: &ips,
+                interfaces: &interfaces,
+            })
+            .map_err(|e| e.to_string()),
+        };
+        match rendered {
+            Ok(text) => {
+                self.last_problem = None;
+                self.writer.submit(text);
+            }
+            Err(problem) => {
+                if self.last_problem.as_ref() != Some(&problem) {
+                    self.metrics.error("bird_render");
+                    warn!(%problem, "bird.conf not rendered; BIRD keeps its last configuration");
+                }
+                self.last_problem = Some(problem);
+            }
+        }
+    }
+}
