@@ -28,3 +28,8 @@ pub mod server;
 pub mod settings;
 pub mod status;
 pub mod store;
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod scenarios;

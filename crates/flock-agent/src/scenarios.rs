@@ -1,0 +1,719 @@
+//! The pod handler, recovery and the allocations against the recording
+//! fakes, with paused time: every crash point of ADD and DEL, and each
+//! lifecycle rule, deterministic and without root. (The same scenarios
+//! run for real, in namespaces, in `tests/lifecycle.rs`.)
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use flock_datastore::{Cache, PodInfo};
+use flock_model::{FamilyDefaults, NodeSettings, host_iface_name};
+use flock_proto::rpc::{Op, Request, Response};
+use flock_proto::{ErrorCode, NetConf};
+use flock_store::{AllocState, Allocation};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::allocations::Allocations;
+use crate::fakes::{FakeKernel, FakeLoader, FakeStore};
+use crate::handler::Handler;
+use crate::metrics::Metrics;
+use crate::pods::{PodHandler, Pods};
+use crate::policy::policy_loop;
+use crate::serial::ContainerLocks;
+use crate::status::{Board, Readiness};
+
+const NODE: &str = "node-a";
+const CONF: &str = r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"flock"}"#;
+
+fn settings(cidr4: &str) -> NodeSettings {
+    NodeSettings {
+        node: NODE.into(),
+        cidr6: Some("2001:db8:0:1::/64".parse().expect("v6")),
+        cidr4: Some(cidr4.parse().expect("v4")),
+        defaults: FamilyDefaults::default(),
+        mtu: Some(1400),
+        bgp: None,
+        annotations: BTreeMap::new(),
+    }
+}
+
+fn pod_info(name: &str, uid: &str) -> PodInfo {
+    PodInfo {
+        namespace: "default".into(),
+        name: name.into(),
+        uid: uid.into(),
+        node: Some(NODE.into()),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+        app: name.into(),
+        image: None,
+        ready: true,
+        ips: vec![],
+        ports: vec![],
+        terminated: false,
+    }
+}
+
+/// A node whose kernel and store outlive it: "restart" builds a new one
+/// over the same two.
+struct TestNode {
+    kernel: FakeKernel,
+    cache: Cache,
+    pods: Arc<Pods<FakeKernel, FakeStore>>,
+    handler: PodHandler<FakeKernel, FakeStore>,
+    readiness: watch::Sender<Readiness>,
+    stop: CancellationToken,
+}
+
+impl TestNode {
+    /// A node that has not seen its NodeConfig yet.
+    fn starting(kernel: &FakeKernel, store: &FakeStore) -> TestNode {
+        let allocations = Arc::new(Allocations::new(store.clone(), store.loaded()));
+        let cache = Cache::new(NODE);
+        cache.replace_pods(vec![]);
+        cache.replace_namespaces(BTreeMap::from([("default".into(), BTreeMap::new())]));
+        cache.replace_policies(vec![]);
+        let board = Arc::new(Board::default());
+        let metrics = Metrics::new();
+        let (policy, handle) = policy_loop(
+            cache.clone(),
+            allocations.clone(),
+            FakeLoader::default(),
+            board.clone(),
+            metrics.clone(),
+        );
+        let (readiness, rx) = watch::channel(Readiness::Starting("waiting for NodeConfig".into()));
+        let stop = CancellationToken::new();
+        let pods = Arc::new(Pods {
+            kernel: Arc::new(kernel.clone()),
+            allocations,
+            cache: cache.clone(),
+            locks: Arc::new(ContainerLocks::default()),
+            readiness: rx,
+            default_mtu: 1500,
+            metrics,
+            anycast: Arc::new(Notify::new()),
+            policy: handle,
+            board,
+            tasks: TaskTracker::new(),
+            cancel: stop.clone(),
+            finishing: Default::default(),
+        });
+        pods.tasks.spawn(policy.run(stop.clone()));
+        TestNode {
+            kernel: kernel.clone(),
+            cache,
+            handler: PodHandler::new(pods.clone()),
+            pods,
+            readiness,
+            stop,
+        }
+    }
+
+    /// A node with its NodeConfig applied, after recovery.
+    async fn ready(kernel: &FakeKernel, store: &FakeStore) -> TestNode {
+        let node = TestNode::starting(kernel, store);
+        node.recover().await;
+        node.apply("198.18.0.0/24");
+        node
+    }
+
+    fn apply(&self, cidr4: &str) {
+        self.pods
+            .allocations
+            .apply_settings(Arc::new(settings(cidr4)))
+            .expect("settings");
+        self.readiness.send_replace(Readiness::Ready);
+    }
+
+    async fn recover(&self) {
+        crate::recovery::recover(&self.pods)
+            .await
+            .expect("recovery");
+    }
+
+    /// A crash: every task stops where it is, memory is gone.
+    fn crash(self) {
+        self.stop.cancel();
+    }
+
+    /// Waits until background releases are done.
+    async fn settle(&self) {
+        for _ in 0..200 {
+            let busy = self
+                .pods
+                .allocations
+                .snapshot()
+                .iter()
+                .any(|a| a.state == AllocState::Releasing);
+            if !busy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn put_pod(&self, name: &str, uid: &str) {
+        self.cache.upsert_pod(pod_info(name, uid));
+    }
+
+    fn request(&self, op: Op, id: &str, netns: &str, pod: &str, uid: &str) -> Request {
+        Request {
+            op,
+            container_id: id.into(),
+            netns: netns.into(),
+            if_name: "eth0".into(),
+            args: format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};K8S_POD_UID={uid}"),
+            path: String::new(),
+            config: NetConf::parse(CONF.as_bytes()).expect("conf"),
+        }
+    }
+
+    async fn call(&self, op: Op, id: &str, netns: &str, pod: &str) -> Response {
+        self.call_as(op, id, netns, pod, &format!("uid-{pod}"))
+            .await
+    }
+
+    async fn call_as(&self, op: Op, id: &str, netns: &str, pod: &str, uid: &str) -> Response {
+        self.handler
+            .handle(self.request(op, id, netns, pod, uid))
+            .await
+    }
+
+    /// ADDs a pod (manifest, namespace and all); returns its IPv4.
+    async fn add(&self, id: &str, pod: &str) -> IpAddr {
+        self.put_pod(pod, &format!("uid-{pod}"));
+        let netns = format!("/run/netns/{pod}");
+        if !self
+            .kernel
+            .state()
+            .namespaces
+            .contains_key(std::path::Path::new(&netns))
+        {
+            self.kernel.add_netns(&netns);
+        }
+        match self.call(Op::Add, id, &netns, pod).await {
+            Response::Result(r) => r.ips[0].address.addr(),
+            other => panic!("ADD {id}: {other:?}"),
+        }
+    }
+
+    async fn del(&self, id: &str, pod: &str) {
+        let netns = format!("/run/netns/{pod}");
+        assert_eq!(
+            self.call(Op::Del, id, &netns, pod).await,
+            Response::Done {},
+            "DEL {id}"
+        );
+    }
+}
+
+fn code(r: &Response) -> ErrorCode {
+    match r {
+        Response::Error(e) => e.code,
+        other => panic!("expected an error: {other:?}"),
+    }
+}
+
+fn message(r: &Response) -> String {
+    match r {
+        Response::Error(e) => format!("{} {}", e.msg, e.details.clone().unwrap_or_default()),
+        other => panic!("expected an error: {other:?}"),
+    }
+}
+
+/// Nothing of any pod anywhere: no entry, no veth, no host route.
+fn assert_empty(kernel: &FakeKernel, store: &FakeStore) {
+    assert_eq!(store.entries(), vec![], "no entry left");
+    assert_eq!(kernel.link_names(), Vec::<String>::new(), "no veth left");
+    assert_eq!(kernel.host_routes(), vec![], "no host route left");
+}
+
+fn entry(id: &str, pod: &str, ip4: &str, state: AllocState) -> Allocation {
+    Allocation {
+        container_id: id.into(),
+        ifname: "eth0".into(),
+        namespace: "default".into(),
+        pod: pod.into(),
+        pod_uid: format!("uid-{pod}"),
+        host_iface: host_iface_name(id),
+        ip6: None,
+        ip4: Some(ip4.parse().expect("v4")),
+        anycast: vec![],
+        addresses: vec![],
+        netns: format!("/run/netns/{pod}"),
+        netns_inode: None,
+        mtu: Some(1400),
+        state,
+        allocated_at: SystemTime::UNIX_EPOCH,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_del_before_the_nodeconfig_tears_down_for_real() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.add("c1", "web").await;
+    node.crash();
+    // Restarted while the NodeConfig is held back: ADD waits, DEL does not.
+    let node = TestNode::starting(&kernel, &store);
+    let add = node.call(Op::Add, "c2", "/run/netns/web", "web").await;
+    assert_eq!(code(&add), ErrorCode::TRY_AGAIN_LATER);
+    node.del("c1", "web").await;
+    node.settle().await;
+    assert_empty(&kernel, &store);
+    // Unknown containers succeed too, and CHECK is served.
+    node.del("never", "nobody").await;
+    let check = node
+        .call(Op::Check, "never", "/run/netns/web", "nobody")
+        .await;
+    assert_eq!(code(&check), ErrorCode::UNKNOWN_CONTAINER);
+}
+
+/// Gates of ADD, in order, each a place a crash can cut it short.
+const ADD_CRASH_POINTS: [(&str, &str, usize); 5] = [
+    ("store", "write", 1),         // before the pending record is durable
+    ("store", "written", 1),       // pending durable, not acknowledged
+    ("kernel", "setup_routes", 1), // veth created, routes not
+    ("store", "write", 2),         // network built, commit not durable
+    ("store", "written", 2),       // commit durable, ADD not answered
+];
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_at_any_point_of_add_leaks_nothing() {
+    for (place, gate, nth) in ADD_CRASH_POINTS {
+        let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+        let node = TestNode::ready(&kernel, &store).await;
+        node.add("keep", "keeper").await;
+        node.put_pod("web", "uid-web");
+        kernel.add_netns("/run/netns/web");
+        let gates = if place == "store" {
+            &store.gates
+        } else {
+            &kernel.gates
+        };
+        let before = gates.reached(gate);
+        gates.hold_nth(gate, nth);
+        let handler = node.handler.clone();
+        let request = node.request(Op::Add, "c1", "/run/netns/web", "web", "uid-web");
+        let add = tokio::spawn(async move { handler.handle(request).await });
+        gates.wait_reached(gate, before + nth).await;
+        add.abort();
+        node.crash();
+        gates.release(gate);
+
+        let node = TestNode::ready(&kernel, &store).await;
+        // The runtime never got an answer: it tears the sandbox down.
+        node.del("c1", "web").await;
+        node.settle().await;
+        let left = store.entries();
+        assert_eq!(
+            left.iter()
+                .map(|a| a.container_id.as_str())
+                .collect::<Vec<_>>(),
+            ["keep"],
+            "crash at {place} {gate} #{nth}"
+        );
+        assert_eq!(
+            kernel.link_names(),
+            vec![host_iface_name("keep")],
+            "crash at {place} {gate} #{nth}"
+        );
+        node.del("keep", "keeper").await;
+        node.settle().await;
+        assert_empty(&kernel, &store);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_crash_mid_add_a_retried_add_finishes_it_with_one_allocation() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.put_pod("web", "uid-web");
+    kernel.add_netns("/run/netns/web");
+    kernel.gates.hold("setup_routes");
+    let handler = node.handler.clone();
+    let request = node.request(Op::Add, "c1", "/run/netns/web", "web", "uid-web");
+    let add = tokio::spawn(async move { handler.handle(request).await });
+    kernel.gates.wait_reached("setup_routes", 1).await;
+    add.abort();
+    node.crash();
+    kernel.gates.release("setup_routes");
+    // Recovery undoes the half-built pod; the retried ADD starts afresh.
+    let node = TestNode::ready(&kernel, &store).await;
+    assert_eq!(
+        kernel.link_names(),
+        Vec::<String>::new(),
+        "half-built veth removed"
+    );
+    let ip = node.add("c1", "web").await;
+    assert_eq!(store.entries().len(), 1);
+    assert_eq!(store.entries()[0].state, AllocState::Committed);
+    assert_ne!(
+        ip.to_string(),
+        "198.18.0.2",
+        "the address of the undone attempt is not reused at once"
+    );
+}
+
+/// Gates of DEL, in order.
+const DEL_CRASH_POINTS: [(&str, &str); 5] = [
+    ("store", "write"),        // before the releasing record is durable
+    ("store", "written"),      // releasing durable, DEL not answered
+    ("kernel", "teardown"),    // releasing durable, routes not yet removed
+    ("kernel", "veth_delete"), // DEL answered, the kernel still deleting
+    ("store", "written"),      // (second write) the removal durable
+];
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_at_any_point_of_del_leaks_nothing() {
+    for (i, (place, gate)) in DEL_CRASH_POINTS.into_iter().enumerate() {
+        let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+        let node = TestNode::ready(&kernel, &store).await;
+        node.add("c1", "web").await;
+        let gates = if place == "store" {
+            &store.gates
+        } else {
+            &kernel.gates
+        };
+        // The last point is the second store write of the DEL.
+        let nth = if i == 4 { 2 } else { 1 };
+        let before = gates.reached(gate);
+        gates.hold_nth(gate, nth);
+        let handler = node.handler.clone();
+        let request = node.request(Op::Del, "c1", "/run/netns/web", "web", "uid-web");
+        let del = tokio::spawn(async move { handler.handle(request).await });
+        gates.wait_reached(gate, before + nth).await;
+        let answered = del.is_finished();
+        del.abort();
+        node.crash();
+        gates.release(gate);
+
+        let node = TestNode::ready(&kernel, &store).await;
+        if !answered {
+            node.del("c1", "web").await; // the runtime retries an unanswered DEL
+        }
+        node.settle().await;
+        assert_empty(&kernel, &store);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_prefix_change_while_a_veth_is_being_deleted_never_hands_its_address_out() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let a = node.add("a", "pod-a").await;
+    kernel.gates.hold("veth_delete");
+    node.del("a", "pod-a").await;
+    // The allocator is rebuilt for a wider prefix while A's veth is still there.
+    node.apply("198.18.0.0/23");
+    let mut handed = HashSet::new();
+    for i in 0..8 {
+        let ip = node.add(&format!("n{i}"), &format!("pod-n{i}")).await;
+        assert_ne!(ip, a, "the address of a veth still being deleted");
+        handed.insert(ip);
+    }
+    kernel.gates.release("veth_delete");
+    node.settle().await;
+    assert!(store.entries().iter().all(|e| e.container_id != "a"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_veth_deletion_keeps_its_addresses_through_rebuilds_and_is_retried() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let a = node.add("a", "pod-a").await;
+    kernel.gates.fail("veth_delete", 3);
+    node.del("a", "pod-a").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    node.apply("198.18.0.0/23");
+    for i in 0..4 {
+        assert_ne!(node.add(&format!("n{i}"), &format!("pod-n{i}")).await, a);
+    }
+    assert!(
+        store.entries().iter().any(|e| e.container_id == "a"),
+        "held while the kernel keeps the veth"
+    );
+    // The background retries (1 s, 2 s, 4 s) get through.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(store.entries().iter().all(|e| e.container_id != "a"));
+    assert!(!kernel.link_names().contains(&host_iface_name("a")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn startup_confirms_a_missing_veth_by_name_before_releasing() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.add("c1", "web").await;
+    node.add("c2", "db").await;
+    node.crash();
+    // One dump misses c1's veth; a reboot really took c2's.
+    kernel
+        .state()
+        .hidden_from_dumps
+        .insert(host_iface_name("c1"));
+    kernel.state().links.remove(&host_iface_name("c2"));
+    let node = TestNode::ready(&kernel, &store).await;
+    let ids: Vec<String> = store
+        .entries()
+        .into_iter()
+        .map(|e| e.container_id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["c1"],
+        "c1 is still there; c2's veth is confirmed gone"
+    );
+    let check = node.call(Op::Check, "c1", "/run/netns/web", "web").await;
+    assert_eq!(check, Response::Done {});
+}
+
+#[tokio::test(start_paused = true)]
+async fn gc_deletes_veths_no_entry_owns_and_nothing_an_entry_owns() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.add("c1", "web").await;
+    kernel.state().links.insert(
+        "flock0badc0de".into(),
+        crate::fakes::FakeLink {
+            netns_inode: 1,
+            ifname: "eth0".into(),
+            ips: vec![],
+        },
+    );
+    let gc = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "k8s-pod-network", "type": "flock",
+        "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}],
+    });
+    let mut request = node.request(Op::Gc, "", "", "", "");
+    request.config = NetConf::parse(gc.to_string().as_bytes()).expect("conf");
+    assert_eq!(node.handler.handle(request).await, Response::Done {});
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(kernel.link_names(), vec![host_iface_name("c1")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_add_answers_from_what_is_in_place_or_rebuilds_with_the_same_addresses() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let ip = node.add("c1", "web").await;
+    let setups = |k: &FakeKernel| {
+        k.state()
+            .calls
+            .iter()
+            .filter(|c| c.starts_with("setup"))
+            .count()
+    };
+    assert_eq!(setups(&kernel), 1);
+    // Intact: the stored result, nothing programmed.
+    assert_eq!(node.add("c1", "web").await, ip);
+    assert_eq!(setups(&kernel), 1);
+    // The veth vanished: rebuilt with the same addresses.
+    kernel.state().links.clear();
+    assert_eq!(node.add("c1", "web").await, ip);
+    assert_eq!(setups(&kernel), 2);
+    assert_eq!(kernel.link_names(), vec![host_iface_name("c1")]);
+    // Another namespace at the same path: rebuilt there.
+    let newer = kernel.add_netns("/run/netns/web-2");
+    let moved = node.call(Op::Add, "c1", "/run/netns/web-2", "web").await;
+    assert!(matches!(moved, Response::Result(_)), "{moved:?}");
+    assert_eq!(
+        kernel.state().links[&host_iface_name("c1")].netns_inode,
+        newer
+    );
+    assert_eq!(store.entries()[0].netns, "/run/netns/web-2");
+    assert_eq!(
+        store.entries()[0].ip4,
+        Some(ip.to_string().parse().expect("v4"))
+    );
+    // A second attachment of one container is refused, the first untouched.
+    let mut second = node.request(Op::Add, "c1", "/run/netns/web-2", "web", "uid-web");
+    second.if_name = "net1".into();
+    let refused = node.handler.handle(second).await;
+    assert_eq!(code(&refused), ErrorCode::INVALID_NETWORK_CONFIG);
+    assert!(message(&refused).contains("a second attachment (net1) is not supported"));
+    assert_eq!(store.entries().len(), 1);
+    assert_eq!(kernel.link_names(), vec![host_iface_name("c1")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_uid_that_differs_from_the_entry_or_the_cache_is_never_served_the_old_pod() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let old = node.add("c1", "web").await;
+    // A new pod of that name reuses the container id (a new sandbox): the
+    // old entry is torn down and the new pod allocated anew.
+    node.put_pod("web", "uid-new");
+    let renewed = node
+        .call_as(Op::Add, "c1", "/run/netns/web", "web", "uid-new")
+        .await;
+    let Response::Result(r) = renewed else {
+        panic!("{renewed:?}")
+    };
+    assert_ne!(r.ips[0].address.addr(), old);
+    assert_eq!(store.entries().len(), 1);
+    assert_eq!(store.entries()[0].pod_uid, "uid-new");
+    // The cache still knows an older pod of that name: ADD waits, then 11.
+    kernel.add_netns("/run/netns/api");
+    node.put_pod("api", "uid-old");
+    let started = tokio::time::Instant::now();
+    let stale = node
+        .call_as(Op::Add, "c9", "/run/netns/api", "api", "uid-newer")
+        .await;
+    assert_eq!(code(&stale), ErrorCode::TRY_AGAIN_LATER);
+    assert!(message(&stale).contains("uid-old"), "{}", message(&stale));
+    assert!(started.elapsed() >= crate::pods::POD_WAIT);
+    assert!(store.entries().iter().all(|e| e.container_id != "c9"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_interface_name_in_use_is_code_104_and_the_other_pod_is_untouched() {
+    // "c8906" and "cc10a0" give the same FNV-1a-32, so one host interface name.
+    assert_eq!(host_iface_name("c8906"), host_iface_name("cc10a0"));
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.add("c8906", "first").await;
+    node.put_pod("second", "uid-second");
+    kernel.add_netns("/run/netns/second");
+    let second = node
+        .call(Op::Add, "cc10a0", "/run/netns/second", "second")
+        .await;
+    assert_eq!(code(&second), crate::pods::IFACE_TAKEN);
+    assert!(message(&second).contains("c8906"), "{}", message(&second));
+    // Its DEL (the runtime's cleanup) must not touch the first pod's veth.
+    node.del("cc10a0", "second").await;
+    node.settle().await;
+    assert_eq!(kernel.link_names(), vec![host_iface_name("c8906")]);
+    let check = node
+        .call(Op::Check, "c8906", "/run/netns/first", "first")
+        .await;
+    assert_eq!(check, Response::Done {});
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_nodes_own_namespace_is_refused_with_code_4() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.put_pod("web", "uid-web");
+    kernel.state().node_paths.insert("/proc/1/ns/net".into());
+    let add = node.call(Op::Add, "c1", "/proc/1/ns/net", "web").await;
+    assert_eq!(code(&add), ErrorCode::INVALID_ENVIRONMENT);
+    assert!(message(&add).contains("/proc/1/ns/net"));
+    assert_eq!(store.entries(), vec![]);
+    assert!(
+        kernel.state().calls.is_empty(),
+        "{:?}",
+        kernel.state().calls
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_entries_holding_one_address_keep_it_from_a_third_and_check_names_the_other() {
+    let kernel = FakeKernel::default();
+    let store = FakeStore::with(vec![
+        entry("c1", "one", "198.18.0.2", AllocState::Committed),
+        entry("c2", "two", "198.18.0.2", AllocState::Committed),
+    ]);
+    for (id, pod) in [("c1", "one"), ("c2", "two")] {
+        let inode = kernel.add_netns(&format!("/run/netns/{pod}"));
+        kernel.state().links.insert(
+            host_iface_name(id),
+            crate::fakes::FakeLink {
+                netns_inode: inode,
+                ifname: "eth0".into(),
+                ips: vec!["198.18.0.2".parse().expect("ip")],
+            },
+        );
+    }
+    let node = TestNode::ready(&kernel, &store).await;
+    assert_eq!(node.pods.allocations.duplicates().len(), 1);
+    assert!(
+        node.handler
+            .warnings()
+            .iter()
+            .any(|w| w.contains("198.18.0.2") && w.contains("c1") && w.contains("c2")),
+        "{:?}",
+        node.handler.warnings()
+    );
+    let check = node.call(Op::Check, "c1", "/run/netns/one", "one").await;
+    assert_eq!(code(&check), ErrorCode::DRIFT);
+    assert!(
+        message(&check).contains("also held by container c2"),
+        "{}",
+        message(&check)
+    );
+    node.del("c1", "one").await;
+    node.settle().await;
+    for i in 0..3 {
+        let ip = node.add(&format!("n{i}"), &format!("new-{i}")).await;
+        assert_ne!(ip.to_string(), "198.18.0.2", "still c2's");
+    }
+    assert!(node.pods.allocations.duplicates().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_write_reaches_the_runtime_and_a_refusing_store_still_tears_down() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.add("c1", "web").await;
+    // The pending record cannot be written: an error, nothing held.
+    store.gates.fail("write", 1);
+    node.put_pod("db", "uid-db");
+    kernel.add_netns("/run/netns/db");
+    let add = node.call(Op::Add, "c2", "/run/netns/db", "db").await;
+    assert_eq!(code(&add), ErrorCode::TRY_AGAIN_LATER);
+    assert_eq!(store.entries().len(), 1);
+    assert_eq!(
+        node.pods.allocations.len(),
+        1,
+        "nothing reserved stays held"
+    );
+    // The journal could not be cut back: every write is refused until a restart.
+    store.poison("an append failed and could not be cut back");
+    let add = node.call(Op::Add, "c2", "/run/netns/db", "db").await;
+    assert_eq!(code(&add), ErrorCode::TRY_AGAIN_LATER);
+    let del = node.call(Op::Del, "c1", "/run/netns/web", "web").await;
+    assert_eq!(
+        code(&del),
+        ErrorCode::TRY_AGAIN_LATER,
+        "the failure is reported"
+    );
+    assert!(message(&del).contains("did not record"));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        kernel.link_names(),
+        Vec::<String>::new(),
+        "but the kernel side is torn down"
+    );
+    assert_eq!(kernel.host_routes(), vec![]);
+    assert!(
+        node.handler
+            .warnings()
+            .iter()
+            .any(|w| w.contains("takes no writes"))
+    );
+    let status = node.call(Op::Status, "", "", "").await;
+    assert_eq!(code(&status), ErrorCode::PLUGIN_NOT_AVAILABLE);
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_order_survives_a_restart() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let first = node.add("c1", "one").await;
+    assert_eq!(first.to_string(), "198.18.0.2");
+    node.del("c1", "one").await;
+    node.settle().await;
+    node.crash();
+    let node = TestNode::ready(&kernel, &store).await;
+    let next = node.add("c2", "two").await;
+    assert_eq!(
+        next.to_string(),
+        "198.18.0.3",
+        "never-used addresses first, after a restart too"
+    );
+}
