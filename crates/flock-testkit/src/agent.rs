@@ -60,6 +60,19 @@ impl AgentNode {
         name: &str,
         node_config: &str,
     ) -> AgentNode {
+        let mut n = AgentNode::prepare(agent_bin, plugin_bin, name, node_config);
+        n.spawn();
+        n
+    }
+
+    /// The node namespace, its manifests and directories, with no agent
+    /// running yet (start it with [`AgentNode::spawn`]).
+    pub fn prepare(
+        agent_bin: &Path,
+        plugin_bin: &Path,
+        name: &str,
+        node_config: &str,
+    ) -> AgentNode {
         let node = NetnsGuard::new("node");
         // Proxy ARP needs a route to 169.254.1.1 through another device.
         node.ip(&["route", "add", "169.254.1.1/32", "dev", "lo"]);
@@ -67,16 +80,15 @@ impl AgentNode {
         std::fs::create_dir_all(dir.path().join("manifests")).expect("manifests");
         std::fs::write(dir.path().join("manifests/nodeconfig.yaml"), node_config)
             .expect("nodeconfig");
-        let mut n = AgentNode {
+        std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+        AgentNode {
             node,
             name: name.to_owned(),
             dir,
             agent_bin: agent_bin.to_owned(),
             plugin_bin: plugin_bin.to_owned(),
             child: None,
-        };
-        n.spawn();
-        n
+        }
     }
 
     /// The agent's socket.
@@ -134,6 +146,90 @@ impl AgentNode {
 
     /// Starts the agent and waits until STATUS succeeds.
     pub fn spawn(&mut self) {
+        self.spawn_serving();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.cni(
+                "STATUS",
+                "",
+                None,
+                "",
+                r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"flock"}"#,
+            );
+            if status.status.success() {
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "agent never became ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Panics with the log if the agent has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
+            panic!("flock-agent exited ({exit}):\n{}", self.log());
+        }
+    }
+
+    /// Moves the NodeConfig manifest aside: the agent cannot see it, as
+    /// when the API server is slow or unreachable.
+    pub fn hold_node_config(&self) {
+        std::fs::rename(
+            self.manifests().join("nodeconfig.yaml"),
+            self.dir.path().join("held-nodeconfig.yaml"),
+        )
+        .expect("hold the NodeConfig back");
+    }
+
+    /// Puts a held-back NodeConfig back.
+    pub fn release_node_config(&self) {
+        std::fs::rename(
+            self.dir.path().join("held-nodeconfig.yaml"),
+            self.manifests().join("nodeconfig.yaml"),
+        )
+        .expect("put the NodeConfig back");
+    }
+
+    /// GETs `path` from the agent's metrics and health port, inside the
+    /// node namespace; returns the status code and the body.
+    pub fn http(&self, path: &str) -> (u16, String) {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let text = self
+            .node
+            .netns()
+            .spawn(move || {
+                use std::io::Read;
+                let io = |e: std::io::Error| flock_netlink::NetlinkError::Io {
+                    what: "GET from the agent".into(),
+                    source: e,
+                };
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", 9602)).map_err(io)?;
+                stream.write_all(request.as_bytes()).map_err(io)?;
+                let mut text = String::new();
+                stream.read_to_string(&mut text).map_err(io)?;
+                Ok(text)
+            })
+            .join()
+            .expect("http thread")
+            .expect("GET");
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        (status, body)
+    }
+
+    /// Starts the agent and waits only until its socket accepts (DEL and
+    /// CHECK are served from then on; ADD maybe not yet).
+    pub fn spawn_serving(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -162,26 +258,14 @@ impl AgentNode {
             .expect("spawn flock-agent");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = self.cni(
-                "STATUS",
-                "",
-                None,
-                "",
-                r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"flock"}"#,
-            );
-            if status.status.success() {
-                return;
-            }
-            if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("flock-agent exited ({exit}):\n{}", self.log());
-            }
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            self.assert_running();
             assert!(
                 Instant::now() < deadline,
-                "agent never became ready:\n{}",
+                "agent never listened:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -249,28 +333,22 @@ impl AgentNode {
         self.cni_in("default", command, container_id, netns, pod, config)
     }
 
-    /// [`AgentNode::cni`] for a pod of `namespace`.
-    pub fn cni_in(
+    /// Runs the real plugin with exactly these CNI_* values.
+    pub fn cni_raw(
         &self,
-        namespace: &str,
         command: &str,
         container_id: &str,
-        netns: Option<&Path>,
-        pod: &str,
+        netns: &str,
+        if_name: &str,
+        args: &str,
         config: &str,
     ) -> Output {
-        let args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID=uid-{pod}"
-        );
         let mut child = Command::new(&self.plugin_bin)
             .env_clear()
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
-            .env(
-                "CNI_NETNS",
-                netns.map(|p| p.display().to_string()).unwrap_or_default(),
-            )
-            .env("CNI_IFNAME", "eth0")
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", if_name)
             .env("CNI_ARGS", args)
             .env("CNI_PATH", "/usr/lib/cni")
             .env("FLOCK_AGENT_SOCKET", self.socket())
@@ -286,6 +364,28 @@ impl AgentNode {
             .write_all(config.as_bytes())
             .expect("stdin");
         child.wait_with_output().expect("flock")
+    }
+
+    /// The kubelet-style CNI_ARGS for pod `namespace/pod` of uid `uid`.
+    pub fn pod_args(namespace: &str, pod: &str, container_id: &str, uid: &str) -> String {
+        format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={pod};K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID={uid}"
+        )
+    }
+
+    /// [`AgentNode::cni`] for a pod of `namespace`.
+    pub fn cni_in(
+        &self,
+        namespace: &str,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        pod: &str,
+        config: &str,
+    ) -> Output {
+        let args = AgentNode::pod_args(namespace, pod, container_id, &format!("uid-{pod}"));
+        let netns = netns.map(|p| p.display().to_string()).unwrap_or_default();
+        self.cni_raw(command, container_id, &netns, "eth0", &args, config)
     }
 }
 
