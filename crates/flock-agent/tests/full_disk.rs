@@ -134,7 +134,7 @@ fn a_filling_state_filesystem_loses_no_acknowledged_write_and_loads_nothing_half
         }
     }
     node.spawn();
-    for (id, _) in &acknowledged {
+    for id in acknowledged.keys() {
         let (_, name, ns) = pods.iter().find(|(p, _, _)| p == id).expect("pod");
         let check = node.cni("CHECK", id, Some(&ns.path()), name, CONF);
         assert!(
