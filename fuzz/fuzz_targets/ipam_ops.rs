@@ -13,7 +13,10 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Debug, Arbitrary)]
 enum Op {
     Allocate { v6: bool, v4: bool, narrow: bool, algo: bool, app: u8 },
-    Release(u16),
+    /// Release a live allocation, at a release time this much after the last.
+    Release(u16, u8),
+    /// History from an earlier run: an address released at some time.
+    Released(u8, u16),
     Mark(u8),
 }
 
@@ -33,6 +36,7 @@ fuzz_target!(|input: Input| {
     let mut ipam = Ipam::new(Some(node6), Some(node4), input.seed).expect("pools");
     let mut live: Vec<Allocated> = Vec::new();
     let mut held: HashSet<IpAddr> = HashSet::new();
+    let mut clock = 0u64;
     for op in input.ops.into_iter().take(2_000) {
         match op {
             Op::Allocate { v6, v4, narrow, algo: use_algo, app } => {
@@ -59,15 +63,20 @@ fuzz_target!(|input: Input| {
                     live.push(a);
                 }
             }
-            Op::Release(k) if !live.is_empty() => {
+            Op::Release(k, later) if !live.is_empty() => {
                 let a = live.swap_remove(k as usize % live.len());
-                ipam.release(a.ip6, a.ip4, 0);
+                clock += u64::from(later);
+                ipam.release(a.ip6, a.ip4, clock);
                 held.remove(&a.ip6.map(IpAddr::V6).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
                 if let Some(ip) = a.ip4 {
                     held.remove(&IpAddr::V4(ip));
                 }
             }
-            Op::Release(_) => {}
+            Op::Release(..) => {}
+            Op::Released(b, at) => {
+                // Never changes what is held.
+                ipam.mark_released(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2 + b % 29)), u64::from(at));
+            }
             Op::Mark(b) => {
                 let ip = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2 + b % 29));
                 assert_eq!(ipam.mark_in_use(ip), held.insert(ip));
