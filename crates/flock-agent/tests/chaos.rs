@@ -59,7 +59,12 @@ fn cni(plugin: &Path, socket: &Path, op: &str, slot: &Slot) -> Option<Vec<IpAddr
         .env("CNI_IFNAME", "eth0")
         .env(
             "CNI_ARGS",
-            AgentNode::pod_args("default", &slot.pod, &slot.id, &format!("uid-{}", slot.pod)),
+            AgentNode::pod_args(
+                "default",
+                &slot.pod,
+                &slot.id,
+                &flock_testkit::agent::pod_uid("default", &slot.pod),
+            ),
         )
         .env("CNI_PATH", "/usr/lib/cni")
         .env("FLOCK_AGENT_SOCKET", socket)
@@ -81,13 +86,7 @@ fn cni(plugin: &Path, socket: &Path, op: &str, slot: &Slot) -> Option<Vec<IpAddr
         return Some(Vec::new());
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(
-        v["ips"]
-            .as_array()?
-            .iter()
-            .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-            .collect(),
-    )
+    Some(flock_testkit::agent::result_ips(&v))
 }
 
 /// DEL, as a kubelet does: again and again until it succeeds.
@@ -97,16 +96,6 @@ fn del_until_done(plugin: &Path, socket: &Path, slot: &Slot) {
         assert!(Instant::now() < deadline, "DEL {} never succeeded", slot.id);
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn flock_links(node: &AgentNode) -> Vec<String> {
-    node.node
-        .ip_output(&["-br", "link"])
-        .lines()
-        .filter_map(|l| l.split(['@', ' ']).next())
-        .filter(|n| n.starts_with("flock"))
-        .map(str::to_owned)
-        .collect()
 }
 
 /// The round's invariants, or what breaks them.
@@ -130,7 +119,7 @@ fn violations(node: &AgentNode, slots: &[Slot], live: &Live) -> Vec<String> {
             }
         }
     }
-    let links = flock_links(node);
+    let links = node.flock_links();
     if links.len() != live.len() {
         problems.push(format!(
             "{} flock veths for {} live pods",
@@ -259,7 +248,7 @@ fn sigkill_during_concurrent_adds_and_dels_leaks_and_duplicates_nothing() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let store = flock_store::Store::read_only(&node.state_dir()).expect("the store loads");
-        let links = flock_links(&node);
+        let links = node.flock_links();
         let routes = node.node.ip_output(&["route", "show", "table", "all"])
             + &node
                 .node

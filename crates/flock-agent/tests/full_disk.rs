@@ -60,12 +60,7 @@ fn fill(dir: &Path, leave: u64) -> PathBuf {
 
 fn ips(out: &[u8]) -> Vec<IpAddr> {
     let v: Value = serde_json::from_slice(out).expect("result");
-    v["ips"]
-        .as_array()
-        .expect("ips")
-        .iter()
-        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-        .collect()
+    flock_testkit::agent::result_ips(&v)
 }
 
 #[test]

@@ -3,13 +3,12 @@
 //! plugin. (The same rules run against fakes with paused time in the
 //! agent's unit tests.)
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use flock_testkit::NetnsGuard;
-use flock_testkit::agent::{AgentNode, Pod, default_node_config, node_config};
+use flock_testkit::agent::{AgentNode, Pod, default_node_config, node_config, result_ips};
 use serde_json::Value;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
@@ -53,33 +52,8 @@ fn failure(out: &Output) -> (u64, String) {
     )
 }
 
-fn flock_links(node: &AgentNode) -> Vec<String> {
-    node.node
-        .ip_output(&["-br", "link"])
-        .lines()
-        .filter_map(|l| l.split(['@', ' ']).next())
-        .filter(|n| n.starts_with("flock"))
-        .map(str::to_owned)
-        .collect()
-}
-
 fn iface(id: &str) -> String {
     format!("flock{:08x}", flock_ipam::fnv1a32(id.as_bytes()))
-}
-
-fn ips(result: &Value) -> Vec<IpAddr> {
-    result["ips"]
-        .as_array()
-        .expect("ips")
-        .iter()
-        .map(|ip| {
-            ip["address"]
-                .as_str()
-                .and_then(|a| a.split('/').next())
-                .and_then(|a| a.parse().ok())
-                .expect("address")
-        })
-        .collect()
 }
 
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
@@ -102,7 +76,7 @@ fn a_del_while_the_nodeconfig_is_held_back_tears_the_pod_down_for_real() {
     assert_eq!(failure(&add).0, 11, "ADD waits for the NodeConfig");
     ok(&node.cni("DEL", &pod.id, Some(&pod.ns.path()), &pod.name, CONF));
     wait_until("the veth is gone", Duration::from_secs(3), || {
-        flock_links(&node).is_empty()
+        node.flock_links().is_empty()
     });
     assert!(node.settled_store().is_empty(), "both addresses released");
     let routes = node.node.ip_output(&["route", "show", "proto", "97"])
@@ -169,13 +143,13 @@ fn prefix_changes_while_veths_are_being_deleted_never_duplicate_an_address() {
             assert!(Instant::now() < deadline, "round {round}: no address freed");
             std::thread::sleep(Duration::from_millis(10));
         };
-        let got = ips(&result)[0];
+        let got = result_ips(&result)[0];
         assert_eq!(
             got, freed,
             "round {round}: the only free address, once freed"
         );
         assert!(
-            !flock_links(&node).contains(&iface(&gone.id)),
+            !node.flock_links().contains(&iface(&gone.id)),
             "round {round}: handed out only after the old veth is gone"
         );
         // The pool is full again: one more pod must not get anyone's address.
@@ -219,7 +193,7 @@ fn a_retried_add_answers_from_what_is_in_place_or_rebuilds_it_with_the_same_addr
     assert!(inside.contains(&pod.ip(true).to_string()), "{inside}");
     ok(&node.cni("CHECK", &pod.id, Some(&moved.path()), &pod.name, CONF));
     // A second attachment (Multus net1) is refused; the first is untouched.
-    let args = AgentNode::pod_args("default", &pod.name, &pod.id, "uid-web");
+    let args = AgentNode::pod_args("default", &pod.name, &pod.id, "uid-default-web");
     let second = node.cni_raw(
         "ADD",
         &pod.id,
@@ -235,7 +209,7 @@ fn a_retried_add_answers_from_what_is_in_place_or_rebuilds_it_with_the_same_addr
         "{msg}"
     );
     ok(&node.cni("CHECK", &pod.id, Some(&moved.path()), &pod.name, CONF));
-    assert_eq!(flock_links(&node), vec![iface(&pod.id)]);
+    assert_eq!(node.flock_links(), vec![iface(&pod.id)]);
 }
 
 #[test]
@@ -248,13 +222,13 @@ fn a_new_pod_uid_under_an_old_container_id_gets_a_fresh_allocation() {
         "web",
         &std::fs::read_to_string(node.manifests().join("web.yaml"))
             .expect("manifest")
-            .replace("uid: uid-web", "uid: uid-web-2"),
+            .replace("uid: uid-default-web", "uid: uid-web-2"),
     );
     let args = AgentNode::pod_args("default", "web", &pod.id, "uid-web-2");
     let netns = pod.ns.path().display().to_string();
     let fresh = ok(&node.cni_raw("ADD", &pod.id, &netns, "eth0", &args, CONF));
     assert_ne!(
-        ips(&fresh)[0],
+        result_ips(&fresh)[0],
         pod.ip(true),
         "not the old sandbox's allocation"
     );
@@ -303,7 +277,7 @@ fn colliding_host_interface_names_are_code_104_and_the_first_pod_keeps_working()
     let client = NetnsGuard::new("pod");
     node.put_pod("client", &[], true);
     ok(&node.cni("ADD", "c0ffeeclient", Some(&client.path()), "client", CONF));
-    let to = std::net::SocketAddr::new(ips(&first)[0], 7007);
+    let to = std::net::SocketAddr::new(result_ips(&first)[0], 7007);
     assert!(
         flock_testkit::udp_probe(&client.netns(), to, Duration::from_secs(2)).is_some(),
         "the first pod still answers"
@@ -341,7 +315,7 @@ fn cni_netns_that_is_no_pod_namespace_is_code_4_and_the_node_is_untouched() {
             "c0ffeebad",
             netns,
             "eth0",
-            &AgentNode::pod_args("default", "web", "c0ffeebad", "uid-web"),
+            &AgentNode::pod_args("default", "web", "c0ffeebad", "uid-default-web"),
             CONF,
         );
         let (code, msg) = failure(&out);
@@ -356,7 +330,7 @@ fn cni_netns_that_is_no_pod_namespace_is_code_4_and_the_node_is_untouched() {
             "c0ffeebad",
             netns,
             "eth0",
-            &AgentNode::pod_args("default", "web", "c0ffeebad", "uid-web"),
+            &AgentNode::pod_args("default", "web", "c0ffeebad", "uid-default-web"),
             CONF,
         ));
     }
@@ -365,7 +339,7 @@ fn cni_netns_that_is_no_pod_namespace_is_code_4_and_the_node_is_untouched() {
         routes_before, routes_after,
         "the node's routes are untouched"
     );
-    assert!(flock_links(&node).is_empty());
+    assert!(node.flock_links().is_empty());
     assert!(node.settled_store().is_empty());
     // Served normally afterwards.
     node.add_pod("fine", &[], CONF);
@@ -392,7 +366,7 @@ fn gc_deletes_flock_veths_no_allocation_owns() {
     .to_string();
     ok(&node.cni("GC", "", None, "", &gc));
     wait_until("the orphan veth is deleted", Duration::from_secs(3), || {
-        flock_links(&node) == vec![iface(&keep.id)]
+        node.flock_links() == vec![iface(&keep.id)]
     });
     ok(&node.cni("CHECK", &keep.id, Some(&keep.ns.path()), &keep.name, CONF));
 }

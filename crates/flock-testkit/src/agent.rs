@@ -13,6 +13,12 @@ use crate::NetnsGuard;
 /// The node's name in every test NodeConfig.
 pub const NODE: &str = "node-a";
 
+/// The UID the test kit gives pod `namespace/name`, in its manifests and in
+/// the `K8S_POD_UID` it sends as a kubelet would.
+pub fn pod_uid(namespace: &str, name: &str) -> String {
+    format!("uid-{namespace}-{name}")
+}
+
 /// A NodeConfig for [`NODE`] with the given spec lines (YAML, indented by 2).
 pub fn node_config(spec: &str, annotations: &str) -> String {
     node_config_for(NODE, spec, annotations)
@@ -122,6 +128,17 @@ impl AgentNode {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The host ends of pod veths in the node namespace.
+    pub fn flock_links(&self) -> Vec<String> {
+        self.node
+            .ip_output(&["-br", "link"])
+            .lines()
+            .filter_map(|l| l.split(['@', ' ']).next())
+            .filter(|n| n.starts_with("flock"))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// The manifest directory.
@@ -298,7 +315,8 @@ impl AgentNode {
             .map(|(k, v)| format!("{k:?}: {v:?}"))
             .collect();
         let manifest = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: uid-{name}\n  labels: {{app: {name}}}\n  annotations: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  conditions: [{{type: Ready, status: '{}'}}]\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {}\n  labels: {{app: {name}}}\n  annotations: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  conditions: [{{type: Ready, status: '{}'}}]\n",
+            pod_uid("default", name),
             annotations.join(", "),
             self.name,
             if ready { "True" } else { "False" }
@@ -383,7 +401,7 @@ impl AgentNode {
         pod: &str,
         config: &str,
     ) -> Output {
-        let args = AgentNode::pod_args(namespace, pod, container_id, &format!("uid-{pod}"));
+        let args = AgentNode::pod_args(namespace, pod, container_id, &pod_uid(namespace, pod));
         let netns = netns.map(|p| p.display().to_string()).unwrap_or_default();
         self.cni_raw(command, container_id, &netns, "eth0", &args, config)
     }
@@ -402,24 +420,26 @@ pub struct Pod {
     pub result: serde_json::Value,
 }
 
+/// The addresses of a CNI ADD result, in its order.
+pub fn result_ips(result: &serde_json::Value) -> Vec<IpAddr> {
+    result["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .map(|ip| {
+            ip["address"]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok())
+                .expect("an address")
+        })
+        .collect()
+}
+
 impl Pod {
     /// The pod's addresses from the ADD result.
     pub fn ips(&self) -> Vec<IpAddr> {
-        self.result["ips"]
-            .as_array()
-            .expect("ips")
-            .iter()
-            .map(|ip| {
-                ip["address"]
-                    .as_str()
-                    .expect("address")
-                    .split('/')
-                    .next()
-                    .expect("ip")
-                    .parse()
-                    .expect("ip")
-            })
-            .collect()
+        result_ips(&self.result)
     }
 
     /// The pod's IPv4 (`v4`) or IPv6 address.
