@@ -546,6 +546,8 @@ struct AgentProcess {
     child: Child,
     _dir: tempfile::TempDir,
     socket: PathBuf,
+    /// Dropped after the agent is killed.
+    _ns: flock_testkit::NetnsGuard,
 }
 
 impl Drop for AgentProcess {
@@ -566,13 +568,18 @@ fn agent_binary() -> PathBuf {
 }
 
 fn start_agent_binary() -> AgentProcess {
+    // In a namespace of its own: the agent opens netlink and looks at the
+    // node's links from its first instant.
+    let ns = flock_testkit::NetnsGuard::new("cni");
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("run/flock.sock");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let child = Command::new(agent_binary())
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(agent_binary())
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")
@@ -594,25 +601,28 @@ fn start_agent_binary() -> AgentProcess {
         child,
         _dir: dir,
         socket,
+        _ns: ns,
     }
 }
 
 #[test]
-fn a_not_ready_agent_refuses_add_and_status_and_accepts_del_and_check() {
+fn a_not_ready_agent_refuses_add_status_and_gc_and_serves_del_and_check() {
     let agent = start_agent_binary();
     let err = flock(&agent.socket, ADD_ENV, &conf("1.1.0")).error();
     assert_eq!(err.code, ErrorCode::TRY_AGAIN_LATER);
     assert!(err.msg.starts_with("agent not ready: "), "{}", err.msg);
     assert!(err.msg.contains("node-a"), "{}", err.msg);
 
-    for op in ["DEL", "CHECK"] {
-        let run = flock(&agent.socket, &with_command(op), &conf("1.1.0"));
-        assert!(
-            run.success && run.stdout.is_empty(),
-            "{op}: {:?}",
-            run.stdout
-        );
-    }
+    // DEL and CHECK are served from the store before any NodeConfig: an
+    // unknown container's DEL succeeds, its CHECK says it is unknown.
+    let run = flock(&agent.socket, &with_command("DEL"), &conf("1.1.0"));
+    assert!(
+        run.success && run.stdout.is_empty(),
+        "DEL: {:?}",
+        run.stdout
+    );
+    let err = flock(&agent.socket, &with_command("CHECK"), &conf("1.1.0")).error();
+    assert_eq!(err.code, ErrorCode::UNKNOWN_CONTAINER, "{}", err.msg);
     let err = flock(&agent.socket, &[("CNI_COMMAND", "STATUS")], &conf("1.1.0")).error();
     assert_eq!(err.code, ErrorCode::PLUGIN_NOT_AVAILABLE);
     assert!(err.msg.starts_with("agent not ready: "), "{}", err.msg);
