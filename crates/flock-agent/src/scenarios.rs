@@ -717,3 +717,96 @@ async fn release_order_survives_a_restart() {
         "never-used addresses first, after a restart too"
     );
 }
+
+fn isolate_everyone_in_default() -> k8s_openapi::api::networking::v1::NetworkPolicy {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "deny-all", "namespace": "default"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"]},
+    }))
+    .expect("policy")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pod_a_policy_selects_is_isolated_in_the_loader_before_its_add_answers() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let loader = FakeLoader::default();
+    let (policy, handle) = policy_loop(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        loader.clone(),
+        Arc::new(Board::default()),
+        Metrics::new(),
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(policy.run(stop.clone()));
+    node.cache
+        .replace_policies(vec![isolate_everyone_in_default()]);
+    let handler = PodHandler::new(Arc::new(Pods {
+        kernel: node.pods.kernel.clone(),
+        allocations: node.pods.allocations.clone(),
+        cache: node.cache.clone(),
+        locks: Arc::new(ContainerLocks::default()),
+        readiness: node.pods.readiness.clone(),
+        default_mtu: 1500,
+        metrics: Metrics::new(),
+        anycast: Arc::new(Notify::new()),
+        policy: handle,
+        board: Arc::new(Board::default()),
+        tasks: TaskTracker::new(),
+        cancel: stop.clone(),
+        finishing: Default::default(),
+    }));
+    node.put_pod("web", "uid-web");
+    kernel.add_netns("/run/netns/web");
+    let added = handler
+        .handle(node.request(Op::Add, "c1", "/run/netns/web", "web", "uid-web"))
+        .await;
+    assert!(matches!(added, Response::Result(_)), "{added:?}");
+    let scripts = loader.loaded.lock().expect("loader").clone();
+    let iface = host_iface_name("c1");
+    assert!(
+        scripts.last().is_some_and(|s| s.contains(&iface)),
+        "the pod's chain was loaded before ADD answered: {scripts:?}"
+    );
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_anycast_loop_routes_an_ip_to_its_ready_pods_only() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let mut pod = pod_info("dns", "uid-dns");
+    pod.annotations
+        .insert("flock.fritzlab.net/anycast".into(), "203.0.113.53".into());
+    node.cache.replace_local_pods(vec![pod.clone()]);
+    kernel.add_netns("/run/netns/dns");
+    let added = node.call(Op::Add, "c1", "/run/netns/dns", "dns").await;
+    assert!(matches!(added, Response::Result(_)), "{added:?}");
+    let (anycast, mut announced) = crate::anycast::AnycastLoop::new(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        node.pods.kernel.clone(),
+        node.pods.anycast.clone(),
+        Arc::new(Board::default()),
+        Metrics::new(),
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(anycast.run(stop.clone()));
+    let ip: IpAddr = "203.0.113.53".parse().expect("ip");
+    let routed = |k: &FakeKernel| k.state().routes.contains_key(&ipnet::IpNet::from(ip));
+    tokio::time::sleep(crate::anycast::ANYCAST_TICK * 2).await;
+    assert!(routed(&kernel), "routed while the pod is Ready");
+    assert_eq!(
+        announced.borrow_and_update().clone(),
+        Some(std::collections::BTreeSet::from([ip]))
+    );
+    pod.ready = false;
+    node.cache.upsert_pod(pod);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!routed(&kernel), "withdrawn when it is not");
+    assert_eq!(announced.borrow().clone(), Some(Default::default()));
+    stop.cancel();
+}

@@ -427,3 +427,46 @@ fn release_times_survive_a_restart() {
         "a never-used address before the just-released one"
     );
 }
+
+#[test]
+fn an_unreadable_store_answers_every_call_with_11_until_it_can_be_read() {
+    let mut node = AgentNode::prepare(
+        Path::new(AGENT),
+        &plugin(),
+        flock_testkit::agent::NODE,
+        &default_node_config(),
+    );
+    let file = node.state_dir().join(flock_store::FILE_NAME);
+    std::fs::write(&file, b"{ not json").expect("corrupt store");
+    node.spawn_serving();
+    node.put_pod("web", &[], true);
+    let ns = NetnsGuard::new("pod");
+    for op in ["DEL", "CHECK", "ADD"] {
+        let (code, msg) = failure(&node.cni(op, "c0ffeeweb", Some(&ns.path()), "web", CONF));
+        assert_eq!(code, 11, "{op}: {msg}");
+        assert!(
+            msg.contains("allocations.json"),
+            "{op} names the file: {msg}"
+        );
+    }
+    let (status, body) = node.http("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("allocations.json"), "{body}");
+    assert_eq!(
+        std::fs::read(&file).expect("left in place"),
+        b"{ not json",
+        "the file is left for inspection"
+    );
+    // The operator moves it aside: within the next retry the agent serves.
+    std::fs::rename(&file, node.state_dir().join("allocations.json.bad")).expect("move");
+    wait_until("the store is read again", Duration::from_secs(12), || {
+        node.cni("DEL", "c0ffeeweb", Some(&ns.path()), "web", CONF)
+            .status
+            .success()
+    });
+    wait_until("ready for ADD", Duration::from_secs(10), || {
+        node.cni("ADD", "c0ffeeweb", Some(&ns.path()), "web", CONF)
+            .status
+            .success()
+    });
+}
