@@ -55,6 +55,8 @@ fn pod_info(name: &str, uid: &str) -> PodInfo {
         ips: vec![],
         ports: vec![],
         terminated: false,
+        created: None,
+        deleting: false,
     }
 }
 

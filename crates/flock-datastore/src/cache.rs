@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use flock_model::NodeConfig;
+use flock_model::{AddressPool, NodeConfig};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use tokio::sync::{broadcast, watch};
 
@@ -15,6 +15,11 @@ use crate::objects::PodInfo;
 pub enum Event {
     /// This node's NodeConfig appeared, changed or went away.
     NodeConfig,
+    /// Some node's NodeConfig (this node's included) changed: the cluster's
+    /// pod prefixes may be others now.
+    NodeConfigs,
+    /// AddressPools changed.
+    Pools,
     /// A pod appeared or changed (other than only its readiness).
     Pod {
         /// Namespace.
@@ -49,6 +54,11 @@ type Key = (String, String);
 #[derive(Debug, Default)]
 struct State {
     node_config: Option<NodeConfig>,
+    /// Every node's NodeConfig, by name.
+    node_configs: BTreeMap<String, NodeConfig>,
+    pools: BTreeMap<String, AddressPool>,
+    node_configs_synced: bool,
+    pools_synced: bool,
     pods: BTreeMap<Key, PodInfo>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     policies: BTreeMap<Key, NetworkPolicy>,
@@ -144,6 +154,82 @@ impl Cache {
     /// Namespaces and their labels.
     pub fn namespaces(&self) -> BTreeMap<String, BTreeMap<String, String>> {
         self.read().namespaces.clone()
+    }
+
+    /// Every node's NodeConfig.
+    pub fn node_configs(&self) -> Vec<NodeConfig> {
+        self.read().node_configs.values().cloned().collect()
+    }
+
+    /// Every AddressPool.
+    pub fn pools(&self) -> Vec<AddressPool> {
+        self.read().pools.values().cloned().collect()
+    }
+
+    /// Waits up to `timeout` until every NodeConfig and every AddressPool
+    /// has been listed once (so a claim is judged against all of them).
+    pub async fn wait_for_claim_inputs(&self, timeout: Duration) -> bool {
+        self.wait_until(timeout, |c| {
+            let s = c.read();
+            (s.node_configs_synced && s.pools_synced).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
+    /// Whether NodeConfigs and AddressPools have both been listed once.
+    pub fn claim_inputs_listed(&self) -> bool {
+        let s = self.read();
+        s.node_configs_synced && s.pools_synced
+    }
+
+    /// Replaces every NodeConfig (a relist, a rescan, a change); this
+    /// node's own is taken from them.
+    pub fn replace_node_configs(&self, all: Vec<NodeConfig>) {
+        use kube::ResourceExt;
+        let own = all.iter().find(|nc| nc.name_any() == self.node).cloned();
+        let changed = {
+            let mut s = self.write();
+            let new: BTreeMap<String, NodeConfig> =
+                all.into_iter().map(|nc| (nc.name_any(), nc)).collect();
+            let specs = |m: &BTreeMap<String, NodeConfig>| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.spec.clone()))
+                    .collect::<Vec<_>>()
+            };
+            let changed = specs(&s.node_configs) != specs(&new);
+            s.node_configs = new;
+            s.node_configs_synced = true;
+            changed
+        };
+        self.set_node_config(own);
+        if changed {
+            self.emit(vec![Event::NodeConfigs]);
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Replaces every AddressPool.
+    pub fn replace_pools(&self, pools: Vec<AddressPool>) {
+        use kube::ResourceExt;
+        let changed = {
+            let mut s = self.write();
+            let new: BTreeMap<String, AddressPool> =
+                pools.into_iter().map(|p| (p.name_any(), p)).collect();
+            let specs = |m: &BTreeMap<String, AddressPool>| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.spec.clone()))
+                    .collect::<Vec<_>>()
+            };
+            let changed = specs(&s.pools) != specs(&new);
+            s.pools = new;
+            s.pools_synced = true;
+            changed
+        };
+        if changed {
+            self.emit(vec![Event::Pools]);
+        }
+        self.generation.send_modify(|g| *g += 1);
     }
 
     /// Every NetworkPolicy.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use flock_model::NodeConfig;
+use flock_model::{AddressPool, NodeConfig};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
@@ -27,6 +27,7 @@ pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 #[derive(Debug, Default, Clone)]
 struct Objects {
     node_configs: Vec<NodeConfig>,
+    pools: Vec<AddressPool>,
     pods: Vec<PodInfo>,
     namespaces: Vec<(String, BTreeMap<String, String>)>,
     policies: Vec<NetworkPolicy>,
@@ -141,19 +142,15 @@ impl DirSource {
     }
 
     fn publish(&self) {
-        let mut node_config = None;
+        let mut node_configs = Vec::new();
+        let mut pools = Vec::new();
         let mut pods = BTreeMap::new();
         let mut namespaces = BTreeMap::new();
         let mut policies = Vec::new();
         for file in self.files.values() {
             let o = &file.objects;
-            if let Some(nc) = o
-                .node_configs
-                .iter()
-                .find(|nc| nc.name_any() == self.cache.node())
-            {
-                node_config = Some(nc.clone());
-            }
+            node_configs.extend(o.node_configs.iter().cloned());
+            pools.extend(o.pools.iter().cloned());
             for pod in &o.pods {
                 pods.insert(pod.key(), pod.clone());
             }
@@ -166,7 +163,8 @@ impl DirSource {
                 BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), ns.clone())])
             });
         }
-        self.cache.set_node_config(node_config);
+        self.cache.replace_node_configs(node_configs);
+        self.cache.replace_pools(pools);
         self.cache.replace_pods(pods.into_values().collect());
         self.cache.mark_local_pods_synced();
         self.cache.replace_namespaces(namespaces);
@@ -275,6 +273,9 @@ fn add_object(out: &mut Objects, value: serde_json::Value) -> Result<(), String>
     match kind.as_str() {
         "NodeConfig" => out.node_configs.push(
             serde_json::from_value(value).map_err(|e| format!("{}: {e}", typed("NodeConfig")))?,
+        ),
+        "AddressPool" => out.pools.push(
+            serde_json::from_value(value).map_err(|e| format!("{}: {e}", typed("AddressPool")))?,
         ),
         "Pod" => {
             let pod: Pod =

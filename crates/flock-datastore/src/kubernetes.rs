@@ -1,16 +1,17 @@
 //! `kubernetes`: objects from the API server through kube watchers.
 //!
-//! Five watchers feed the [`Cache`]: this node's NodeConfig (by name), the
-//! pods on this node (`spec.nodeName=<node>`), every pod of the cluster
-//! (kept compact: no annotations off this node), namespaces and
-//! NetworkPolicies. Each relists after an expired watch or a 410 Gone, and
+//! Six watchers feed the [`Cache`]: every NodeConfig (this node's own and
+//! the cluster's pod prefixes), AddressPools, the pods on this node
+//! (`spec.nodeName=<node>`), every pod of the cluster (kept compact off
+//! this node: labels, addresses, ports and flock's claim annotations),
+//! namespaces and NetworkPolicies. Each relists after an expired watch or a 410 Gone, and
 //! a relist replaces what it covers, so nothing deleted meanwhile lingers.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::time::Duration;
 
-use flock_model::NodeConfig;
+use flock_model::{AddressPool, NodeConfig};
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -46,21 +47,52 @@ pub fn start(client: Client, cache: Cache, set_condition: bool) -> KubeWatch {
     let node = cache.node().to_owned();
     let mut tasks = Vec::new();
 
+    // Every node's NodeConfig: this node's own, and every pod prefix of the
+    // cluster (no claimed IP may lie in one).
     let node_configs: Api<NodeConfig> = Api::all(client.clone());
-    let by_name = watcher::Config::default().fields(&format!("metadata.name={node}"));
     tasks.push(tokio::spawn(follow(
-        "nodeconfig",
-        watcher::watcher(node_configs, by_name),
+        "nodeconfigs",
+        watcher::watcher(node_configs, watcher::Config::default()),
         {
             let cache = cache.clone();
-            let node = node.clone();
-            move |change: Change<NodeConfig>| match change {
-                Change::Reset(all) => {
-                    cache.set_node_config(all.into_iter().find(|nc| nc.name_any() == node))
+            let mut known: BTreeMap<String, NodeConfig> = BTreeMap::new();
+            move |change: Change<NodeConfig>| {
+                match change {
+                    Change::Reset(all) => {
+                        known = all.into_iter().map(|nc| (nc.name_any(), nc)).collect()
+                    }
+                    Change::Apply(nc) => {
+                        known.insert(nc.name_any(), nc);
+                    }
+                    Change::Delete(nc) => {
+                        known.remove(&nc.name_any());
+                    }
                 }
-                Change::Apply(nc) if nc.name_any() == node => cache.set_node_config(Some(nc)),
-                Change::Delete(nc) if nc.name_any() == node => cache.set_node_config(None),
-                _ => {}
+                cache.replace_node_configs(known.values().cloned().collect());
+            }
+        },
+    )));
+
+    let pools: Api<AddressPool> = Api::all(client.clone());
+    tasks.push(tokio::spawn(follow(
+        "addresspools",
+        watcher::watcher(pools, watcher::Config::default()),
+        {
+            let cache = cache.clone();
+            let mut known: BTreeMap<String, AddressPool> = BTreeMap::new();
+            move |change: Change<AddressPool>| {
+                match change {
+                    Change::Reset(all) => {
+                        known = all.into_iter().map(|p| (p.name_any(), p)).collect()
+                    }
+                    Change::Apply(p) => {
+                        known.insert(p.name_any(), p);
+                    }
+                    Change::Delete(p) => {
+                        known.remove(&p.name_any());
+                    }
+                }
+                cache.replace_pools(known.values().cloned().collect());
             }
         },
     )));
@@ -91,13 +123,12 @@ pub fn start(client: Client, cache: Cache, set_condition: bool) -> KubeWatch {
             let cache = cache.clone();
             let node = node.clone();
             let compact = move |p: &Pod| {
-                let mut info = PodInfo::from_pod(p);
-                if info.node.as_deref() != Some(node.as_str()) {
-                    // Off this node only what NetworkPolicy needs is kept.
-                    info.annotations.clear();
-                    info.image = None;
+                let info = PodInfo::from_pod(p);
+                if info.node.as_deref() == Some(node.as_str()) {
+                    info
+                } else {
+                    info.compact()
                 }
-                info
             };
             move |change: Change<Pod>| match change {
                 Change::Reset(all) => cache.replace_pods(all.iter().map(&compact).collect()),

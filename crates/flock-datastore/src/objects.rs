@@ -35,6 +35,11 @@ pub struct PodInfo {
     /// `status.phase` is Succeeded or Failed: its IPs may belong to
     /// another pod already, so NetworkPolicy ignores it.
     pub terminated: bool,
+    /// `metadata.creationTimestamp`: who claimed an IP first.
+    pub created: Option<k8s_openapi::jiff::Timestamp>,
+    /// `metadata.deletionTimestamp` is set: the pod is going (its
+    /// anycast and `addresses` IPs are withdrawn at once, Ready or not).
+    pub deleting: bool,
 }
 
 /// One declared container port.
@@ -90,7 +95,26 @@ impl PodInfo {
             terminated: status
                 .and_then(|s| s.phase.as_deref())
                 .is_some_and(|p| p == "Succeeded" || p == "Failed"),
+            created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            deleting: pod.metadata.deletion_timestamp.is_some(),
         }
+    }
+
+    /// Whether this pod came first among two claiming one IP: the older
+    /// `creationTimestamp`, then the smaller UID (a pod without a timestamp
+    /// counts as newest).
+    pub fn older_than(&self, other: &PodInfo) -> bool {
+        let key = |p: &PodInfo| (p.created.is_none(), p.created, p.uid.clone());
+        key(self) < key(other)
+    }
+
+    /// Off this node only what NetworkPolicy and claim checks need is kept:
+    /// labels, addresses, ports, and flock's claim annotations.
+    pub fn compact(mut self) -> PodInfo {
+        self.annotations
+            .retain(|k, _| k == flock_model::ANYCAST || k == flock_model::ADDRESSES);
+        self.image = None;
+        self
     }
 
     /// `namespace/name`.

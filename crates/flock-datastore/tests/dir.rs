@@ -207,3 +207,46 @@ async fn the_running_source_notices_new_files_and_waiters_wake() {
     writer.await.expect("writer");
     drop(handle);
 }
+
+#[tokio::test]
+async fn every_nodeconfig_and_address_pool_is_kept_and_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("nodes.yaml"), NODE_CONFIGS).expect("write");
+    let cache = Cache::new("node-a");
+    let mut events = cache.subscribe();
+    let mut source = DirSource::new(dir.path(), cache.clone());
+    assert!(source.scan().is_empty());
+    assert!(cache.claim_inputs_listed(), "listed, even with no pool");
+    assert!(cache.pools().is_empty());
+    let names: Vec<String> = cache
+        .node_configs()
+        .iter()
+        .filter_map(|nc| nc.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["node-a", "node-b"]);
+    assert_eq!(
+        cache.node_config().and_then(|nc| nc.metadata.name),
+        Some("node-a".into())
+    );
+    drain(&mut events);
+    std::fs::write(
+        dir.path().join("pool.yaml"),
+        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: AddressPool\nmetadata: {name: dns}\nspec: {cidrs: [203.0.113.0/28], use: anycast}\n",
+    )
+    .expect("write");
+    assert!(source.scan().is_empty());
+    assert_eq!(cache.pools().len(), 1);
+    assert!(drain(&mut events).contains(&Event::Pools));
+    std::fs::write(
+        dir.path().join("nodes.yaml"),
+        NODE_CONFIGS.replace("198.18.1.0/24", "198.18.9.0/24"),
+    )
+    .expect("write");
+    assert!(source.scan().is_empty());
+    let seen = drain(&mut events);
+    assert!(seen.contains(&Event::NodeConfigs), "{seen:?}");
+    assert!(
+        !seen.contains(&Event::NodeConfig),
+        "node-a's own is unchanged: {seen:?}"
+    );
+}

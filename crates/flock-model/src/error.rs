@@ -15,6 +15,18 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
+    /// An AddressPool field.
+    #[error("AddressPool {pool}: {field}: {value:?}: {reason}")]
+    AddressPool {
+        /// The pool's name.
+        pool: String,
+        /// The field path, such as `spec.cidrs[0]`.
+        field: String,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A pod annotation.
     #[error("pod {pod}: annotation {key}: {value:?}: {reason}")]
     Annotation {

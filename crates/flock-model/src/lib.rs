@@ -1,13 +1,15 @@
 //! flock-model: the typed view of what operators and workloads tell flock.
 //!
 //! Operators describe each node with a [`NodeConfig`] (its prefixes,
-//! family defaults, MTU and BGP peers); workloads tune their addressing
+//! family defaults, MTU and BGP peers) and consent to claimed IPs with
+//! [`AddressPool`]s; workloads tune their addressing
 //! with `flock.fritzlab.net/*` pod annotations. This crate turns both into
 //! validated values, with errors that name the object, the field and the
 //! bad value, and implements the precedence rules (pod annotation >
 //! NodeConfig > built-in). It also parses `CNI_ARGS`, derives the workload
 //! name ip-algo embeds, and names host interfaces. It does no I/O.
 
+mod addresspool;
 mod annotations;
 mod cni_args;
 pub mod crd;
@@ -17,6 +19,7 @@ mod ipalgo;
 mod nodeconfig;
 mod workload;
 
+pub use addresspool::{AddressPool, AddressPoolSpec, AddressPoolStatus, Pool, PoolUse};
 pub use annotations::{
     ADDRESSES, ANYCAST, CIDR4, CIDR6, FamilyDefaults, IP_ALGO, IPV4, IPV6, PodNetwork,
     parse_pod_annotations,

@@ -383,16 +383,71 @@ fn nodeconfig_validation_names_the_field() {
 }
 
 #[test]
-fn the_checked_in_crd_matches_the_type() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(crd::CRD_PATH);
-    let on_disk =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(
-        on_disk == crd::crd_yaml(),
-        "{} is stale; regenerate it with: cargo run -q -p flock-model --bin flock-crd > {}",
-        crd::CRD_PATH,
-        crd::CRD_PATH
+fn the_checked_in_crds_match_the_types() {
+    for (plural, rel) in crd::CRDS {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(rel);
+        let on_disk =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            Some(on_disk) == crd::crd_yaml_for(plural),
+            "{rel} is stale; regenerate it with: cargo run -q -p flock-model --bin flock-crd {plural} > {rel}"
+        );
+    }
+}
+
+fn pool(yaml: &str) -> flock_model::AddressPool {
+    serde_yaml::from_str(yaml).expect("pool manifest")
+}
+
+#[test]
+fn address_pools_validate_their_prefixes_and_selector_naming_the_field() {
+    let good = pool(
+        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: AddressPool\nmetadata: {name: dns}\nspec:\n  cidrs: [203.0.113.0/28, 2001:db8:aa::/120]\n  use: anycast\n  namespaceSelector: {matchLabels: {team: dns}}\n",
     );
+    let p = good.validated().expect("valid");
+    assert_eq!(p.usage, flock_model::PoolUse::Anycast);
+    assert_eq!(p.cidrs.len(), 2);
+    assert_eq!(
+        p.covering("203.0.113.5".parse().expect("ip")),
+        Some("203.0.113.0/28".parse().expect("net"))
+    );
+    assert_eq!(p.covering("203.0.113.16".parse().expect("ip")), None);
+    for (spec, field, needle) in [
+        ("cidrs: []\n  use: addresses", "spec.cidrs", "no prefix"),
+        (
+            "cidrs: [203.0.113.1/28]\n  use: addresses",
+            "spec.cidrs[0]",
+            "host bits",
+        ),
+        (
+            "cidrs: ['10.0.0.0/8; }']\n  use: addresses",
+            "spec.cidrs[0]",
+            "not a CIDR",
+        ),
+        (
+            "cidrs: [203.0.113.0/28]\n  use: anycast\n  namespaceSelector: {matchExpressions: [{key: a, operator: Near}]}",
+            "spec.namespaceSelector.matchExpressions[0].operator",
+            "not In",
+        ),
+        (
+            "cidrs: [203.0.113.0/28]\n  use: anycast\n  namespaceSelector: {matchExpressions: [{key: a, operator: In}]}",
+            "spec.namespaceSelector.matchExpressions[0].operator",
+            "needs values",
+        ),
+    ] {
+        let p = pool(&format!(
+            "apiVersion: flock.fritzlab.net/v1alpha1\nkind: AddressPool\nmetadata: {{name: bad}}\nspec:\n  {spec}\n"
+        ));
+        let err = p.validated().expect_err(spec).to_string();
+        assert!(
+            err.starts_with(&format!("AddressPool bad: {field}:")) && err.contains(needle),
+            "{spec}: {err}"
+        );
+    }
+    let wrong_use: Result<flock_model::AddressPool, _> = serde_yaml::from_str(
+        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: AddressPool\nmetadata: {name: x}\nspec: {cidrs: [203.0.113.0/28], use: unicast}\n",
+    );
+    assert!(wrong_use.is_err(), "use is anycast or addresses");
 }
