@@ -1,6 +1,9 @@
 //! The anycast loop: keeps the routes of anycast and `addresses` IPs equal
-//! to their Ready pods, and publishes the IPs announced because of them
-//! (for BIRD). Triggers: every ADD and DEL, pod readiness changes, a 2 s tick.
+//! to their serving pods (Ready, and not being deleted), and publishes the
+//! IPs announced because of them (for BIRD): only those it has a route
+//! for. A claim no AddressPool (any more) consents to is withdrawn, logged
+//! once per IP. Triggers: every ADD and DEL, pod changes (readiness,
+//! deletion), AddressPool and NodeConfig changes, a 2 s tick.
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
@@ -13,8 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
 use crate::allocations::Allocations;
+use crate::claims::{Consented, Context, cluster_claims, judge};
 use crate::kernel::Kernel;
 use crate::metrics::Metrics;
+use crate::settings::Prefixes;
 use crate::status::Board;
 use crate::store::AllocationStore;
 
@@ -35,6 +40,8 @@ pub struct AnycastLoop<K, S> {
     allocations: Arc<Allocations<S>>,
     kernel: Arc<K>,
     trigger: Arc<Notify>,
+    consent: Consented,
+    prefixes: Prefixes,
     announced: watch::Sender<Option<BTreeSet<IpAddr>>>,
     board: Arc<Board>,
     metrics: Metrics,
@@ -44,11 +51,14 @@ pub struct AnycastLoop<K, S> {
 
 impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
     /// The loop and what it publishes; `trigger` wakes it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cache: Cache,
         allocations: Arc<Allocations<S>>,
         kernel: Arc<K>,
         trigger: Arc<Notify>,
+        consent: Consented,
+        prefixes: Prefixes,
         board: Arc<Board>,
         metrics: Metrics,
     ) -> (AnycastLoop<K, S>, Announced) {
@@ -59,6 +69,8 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
                 allocations,
                 kernel,
                 trigger,
+                consent,
+                prefixes,
                 announced,
                 board,
                 metrics,
@@ -69,10 +81,14 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
     }
 
     /// Runs until cancelled. After a start nothing is touched until this
-    /// node's pods are listed: the routes installed before stay (adopted,
-    /// not flapped).
+    /// node's pods, the AddressPools and the NodeConfigs are listed: the
+    /// routes installed before stay (adopted, not flapped).
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut events = self.cache.subscribe();
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            listed = self.consent.wait_for(Option::is_some) => if listed.is_err() { return },
+        }
         tokio::select! {
             () = cancel.cancelled() => return,
             listed = self.cache.wait_for_local_pods(LOCAL_PODS_TIMEOUT) => if !listed {
@@ -87,6 +103,7 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = self.trigger.notified() => {}
+                changed = self.consent.changed() => if changed.is_err() { return },
                 event = events.recv() => match event {
                     Ok(Event::PodReady { .. } | Event::PodDeleted { .. } | Event::Pod { .. })
                     | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -102,21 +119,84 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
     async fn pass(&mut self) {
         let entries = self.allocations.snapshot();
         let cache = &self.cache;
-        let (targets, warnings) = flock_anycast::resolve(&entries, |ns, pod| {
-            cache.local_pod(ns, pod).is_some_and(|p| p.ready)
-        });
-        for warning in warnings {
-            if self.warned.insert(warning.clone()) {
-                warn!(%warning, "anycast address skipped");
+        let consent = self.consent.borrow().clone();
+        let claiming = entries
+            .iter()
+            .any(|a| !a.anycast.is_empty() || !a.addresses.is_empty());
+        // Only with claims on this node is the cluster looked at.
+        let (mut unicast, claims) = if claiming {
+            cluster_claims(&cache.pods())
+        } else {
+            Default::default()
+        };
+        for a in &entries {
+            for ip in a.unicast() {
+                unicast.insert(ip, format!("{}/{}", a.namespace, a.pod));
             }
         }
-        self.announced.send_if_modified(|announced| {
-            let now: BTreeSet<IpAddr> = targets.keys().copied().collect();
-            let changed = announced.as_ref() != Some(&now);
-            *announced = Some(now);
-            changed
-        });
-        match flock_anycast::reconcile(&*self.kernel, &targets).await {
+        let namespaces = if claiming {
+            cache.namespaces()
+        } else {
+            Default::default()
+        };
+        let held = self.prefixes.borrow().clone();
+        let no_labels = Default::default();
+        let withdrawn = std::cell::Cell::new(0i64);
+        let (targets, warnings) = flock_anycast::resolve(
+            &entries,
+            |ns, pod| {
+                cache
+                    .local_pod(ns, pod)
+                    .is_some_and(|p| p.ready && !p.deleting)
+            },
+            |a, ip, claim| {
+                let verdict = match (&consent, cache.local_pod(&a.namespace, &a.pod)) {
+                    (None, _) => Err("AddressPools are not listed yet".to_owned()),
+                    (_, None) => Err("the pod is not known".to_owned()),
+                    (Some(consent), Some(pod)) => {
+                        let ctx = Context {
+                            namespace_labels: namespaces.get(&a.namespace).unwrap_or(&no_labels),
+                            held_prefixes: &held,
+                            unicast: &unicast,
+                            claims: &claims,
+                        };
+                        let usage = match claim {
+                            flock_anycast::Claim::Anycast => flock_model::PoolUse::Anycast,
+                            flock_anycast::Claim::Addresses => flock_model::PoolUse::Addresses,
+                        };
+                        judge(consent, &pod, usage, ip, &ctx)
+                    }
+                };
+                if verdict.is_err() {
+                    withdrawn.set(withdrawn.get() + 1);
+                }
+                verdict
+            },
+        );
+        self.metrics.withdrawn_claims.set(withdrawn.get());
+        for warning in warnings {
+            if self.warned.insert(warning.clone()) {
+                warn!(%warning, "anycast address not routed or announced");
+            }
+        }
+        let reconciled = flock_anycast::reconcile(&*self.kernel, &targets).await;
+        // Announced: what the node has a route for.
+        let routed: BTreeSet<IpAddr> = match &reconciled {
+            Ok(changes) => targets
+                .keys()
+                .filter(|ip| !changes.failed.contains_key(ip))
+                .copied()
+                .collect(),
+            Err(_) => BTreeSet::new(),
+        };
+        if reconciled.is_ok() {
+            self.announced.send_if_modified(|announced| {
+                let changed = announced.as_ref() != Some(&routed);
+                *announced = Some(routed);
+                changed
+            });
+        }
+        match reconciled {
             Ok(changes) => {
                 for _ in 0..changes.replaced {
                     self.metrics.reconciled("anycast_route_set");
@@ -124,11 +204,17 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
                 for _ in 0..changes.removed {
                     self.metrics.reconciled("anycast_route_removed");
                 }
-                for error in &changes.errors {
+                let problems: Vec<String> = changes
+                    .failed
+                    .iter()
+                    .map(|(ip, e)| format!("{ip} not routed (so not announced): {e}"))
+                    .chain(changes.errors)
+                    .collect();
+                for error in &problems {
                     self.metrics.error("anycast");
                     warn!(%error, "an anycast route could not be reconciled");
                 }
-                self.board.set("anycast", changes.errors);
+                self.board.set("anycast", problems);
             }
             Err(e) => {
                 self.metrics.error("anycast");

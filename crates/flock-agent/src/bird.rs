@@ -14,7 +14,7 @@ use tracing::{Instrument, info_span, warn};
 use crate::anycast::Announced;
 use crate::kernel::Kernel;
 use crate::metrics::Metrics;
-use crate::settings::Published;
+use crate::settings::{Prefixes, Published};
 use crate::status::Board;
 
 /// How often bird.conf is rendered again without a trigger.
@@ -23,6 +23,7 @@ pub const BIRD_TICK: Duration = Duration::from_secs(15);
 /// The loop's own state.
 pub struct BirdLoop<K> {
     settings: Published,
+    prefixes: Prefixes,
     announced: Announced,
     kernel: Arc<K>,
     writer: flock_bird::Writer,
@@ -36,6 +37,7 @@ impl<K: Kernel> BirdLoop<K> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Published,
+        prefixes: Prefixes,
         announced: Announced,
         kernel: Arc<K>,
         config: PathBuf,
@@ -46,10 +48,11 @@ impl<K: Kernel> BirdLoop<K> {
     ) -> BirdLoop<K> {
         let observed = metrics.clone();
         let writer = flock_bird::Writer::start_observed(config, socket, reload, move |outcome| {
-            observed.bird_reloaded(outcome.is_ok())
+            observed.bird_reloaded(outcome)
         });
         BirdLoop {
             settings,
+            prefixes,
             announced,
             kernel,
             writer,
@@ -67,6 +70,7 @@ impl<K: Kernel> BirdLoop<K> {
                 () = cancel.cancelled() => return,
                 changed = self.announced.changed() => if changed.is_err() { return },
                 changed = self.settings.changed() => if changed.is_err() { return },
+                changed = self.prefixes.changed() => if changed.is_err() { return },
                 _ = tick.tick() => {}
             }
             self.pass().instrument(info_span!("bird_pass")).await;
@@ -78,8 +82,8 @@ impl<K: Kernel> BirdLoop<K> {
         let status = self.writer.status();
         let reload = status.last_error.map(|e| {
             format!(
-                "last reload failed ({} failures so far): {e}",
-                status.failures
+                "last configuration not loaded ({} failed reloads, {} refused by bird -p so far): {e}",
+                status.failures, status.refused
             )
         });
         let render = self
@@ -99,10 +103,12 @@ impl<K: Kernel> BirdLoop<K> {
             // withdraw every anycast IP until it does.
             return;
         };
+        let prefixes = self.prefixes.borrow().clone();
         let rendered = match self.kernel.addresses().await {
             Err(e) => Err(e.to_string()),
             Ok(interfaces) => flock_bird::render(&flock_bird::BirdInput {
                 settings: &settings,
+                prefixes: &prefixes,
                 announced: &ips,
                 interfaces: &interfaces,
             })

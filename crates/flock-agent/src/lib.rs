@@ -12,6 +12,7 @@
 pub mod allocations;
 pub mod anycast;
 pub mod bird;
+pub mod claims;
 pub mod cli;
 pub mod condition;
 pub mod handler;

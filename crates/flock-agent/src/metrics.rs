@@ -47,11 +47,14 @@ pub struct Metrics {
     pub reconciles: Family<KindLabels, Counter>,
     /// Errors outside any RPC (teardown completion, reconcile failures, …).
     pub errors: Family<KindLabels, Counter>,
-    /// `birdc configure` runs by result (`ok` or `error`).
+    /// `birdc configure` runs by result (`ok`, `error` or `refused`).
     pub bird_reloads: Family<ResultLabels, Counter>,
     /// Addresses held by more than one allocation (a store from before
     /// that was refused); never handed to a third pod.
     pub duplicate_addresses: Gauge,
+    /// Claimed IPs of this node's pods that are not routed or announced
+    /// because no AddressPool (any more) consents to them.
+    pub withdrawn_claims: Gauge,
 }
 
 /// Labels naming an outcome.
@@ -118,9 +121,16 @@ impl Metrics {
             "Addresses held by more than one allocation (see /readyz and the log)",
             duplicate_addresses.clone(),
         );
+        let withdrawn_claims = Gauge::default();
+        registry.register(
+            "withdrawn_claims",
+            "Claimed anycast/addresses IPs of this node's pods withdrawn for want of an AddressPool's consent (the log names each)",
+            withdrawn_claims.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
             duplicate_addresses,
+            withdrawn_claims,
             rpc,
             pool_in_use,
             pool_capacity,
@@ -130,11 +140,17 @@ impl Metrics {
         }
     }
 
-    /// Counts one BIRD reload attempt.
-    pub fn bird_reloaded(&self, ok: bool) {
+    /// Counts one BIRD reload attempt: `ok`, `error` (retried) or
+    /// `refused` (BIRD's parser would not take the text; the file was kept).
+    pub fn bird_reloaded(&self, outcome: &flock_bird::Outcome) {
+        let result = match outcome {
+            flock_bird::Outcome::Reloaded => "ok",
+            flock_bird::Outcome::Failed(_) => "error",
+            flock_bird::Outcome::Refused(_) => "refused",
+        };
         self.bird_reloads
             .get_or_create(&ResultLabels {
-                result: if ok { "ok" } else { "error" }.to_owned(),
+                result: result.to_owned(),
             })
             .inc();
     }

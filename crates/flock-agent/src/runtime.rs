@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::allocations::Allocations;
 use crate::anycast::AnycastLoop;
 use crate::bird::BirdLoop;
+use crate::claims::ConsentLoop;
 use crate::condition::{KubeNode, keep_network_available};
 use crate::kernel::NodeKernel;
 use crate::metrics::Metrics;
@@ -68,7 +69,14 @@ pub struct Node {
     pub handler: NodeHandler,
     pods: Arc<Pods<NodeKernel, StoreThread>>,
     readiness: watch::Sender<Readiness>,
+    loops: Loops,
+}
+
+/// The loops whose other end the handler holds already.
+struct Loops {
     policy: PolicyLoop<Applier, StoreThread>,
+    consent: ConsentLoop,
+    prefixes: watch::Sender<Vec<ipnet::IpNet>>,
     board: Arc<Board>,
 }
 
@@ -104,6 +112,8 @@ impl Node {
             board.clone(),
             metrics.clone(),
         );
+        let (consent, consented) = ConsentLoop::new(cache.clone(), board.clone(), metrics.clone());
+        let (prefixes, prefixes_rx) = watch::channel(Vec::new());
         let (readiness, ready_rx) = watch::channel(Readiness::Starting(format!(
             "node {}: recovering state from the store",
             cfg.node
@@ -118,6 +128,8 @@ impl Node {
             metrics,
             anycast: Arc::new(Notify::new()),
             policy: handle,
+            consent: consented,
+            prefixes: prefixes_rx,
             board: board.clone(),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
@@ -131,8 +143,12 @@ impl Node {
             handler: PodHandler::new(pods.clone()),
             pods,
             readiness,
-            policy,
-            board,
+            loops: Loops {
+                policy,
+                consent,
+                prefixes,
+                board,
+            },
         })
     }
 
@@ -144,14 +160,13 @@ impl Node {
             handler: _,
             pods,
             readiness,
-            policy,
-            board,
+            loops,
         } = self;
         let tasks = pods.tasks.clone();
         let cancel = pods.cancel.clone();
         let outcome = tokio::select! {
             () = stop.cancelled() => Ok(None),
-            started = start(&cfg, &pods, &readiness, policy, board) => started.map(Some),
+            started = start(&cfg, &pods, &readiness, loops) => started.map(Some),
         };
         let source = match outcome {
             Ok(source) => source,
@@ -183,9 +198,14 @@ async fn start(
     cfg: &RuntimeConfig,
     pods: &Arc<Pods<NodeKernel, StoreThread>>,
     readiness: &watch::Sender<Readiness>,
-    policy: PolicyLoop<Applier, StoreThread>,
-    board: Arc<Board>,
+    loops: Loops,
 ) -> anyhow::Result<SourceGuard> {
+    let Loops {
+        policy,
+        consent,
+        prefixes,
+        board,
+    } = loops;
     let recovered = crate::recovery::recover(pods)
         .await
         .context("listing the node's links for recovery")?;
@@ -229,15 +249,19 @@ async fn start(
         pods.cache.clone(),
         pods.allocations.clone(),
         kernel.clone(),
+        prefixes,
         board.clone(),
         metrics.clone(),
     );
     tasks.spawn(settings.run(cancel.clone()));
+    tasks.spawn(consent.run(cancel.clone()));
     let (anycast, announced) = AnycastLoop::new(
         pods.cache.clone(),
         pods.allocations.clone(),
         kernel.clone(),
         pods.anycast.clone(),
+        pods.consent.clone(),
+        pods.prefixes.clone(),
         board.clone(),
         metrics.clone(),
     );
@@ -245,6 +269,7 @@ async fn start(
     tasks.spawn(policy.run(cancel.clone()));
     let bird = BirdLoop::new(
         published.clone(),
+        pods.prefixes.clone(),
         announced,
         kernel,
         cfg.bird_config.clone(),
@@ -289,6 +314,14 @@ async fn start(
             }
             Err(_) => {}
         }
+    }
+    readiness.send_replace(Readiness::Starting(format!(
+        "node {}: waiting for the AddressPools and NodeConfigs to be listed",
+        cfg.node
+    )));
+    let mut consented = pods.consent.clone();
+    if consented.wait_for(Option::is_some).await.is_err() {
+        anyhow::bail!("the AddressPool loop stopped");
     }
     readiness.send_replace(Readiness::Ready);
     if let Some(usage) = pods.allocations.usage() {

@@ -68,6 +68,9 @@ struct TestNode {
     pods: Arc<Pods<FakeKernel, FakeStore>>,
     handler: PodHandler<FakeKernel, FakeStore>,
     readiness: watch::Sender<Readiness>,
+    /// The AddressPools in force (none by default).
+    consent: watch::Sender<Option<Arc<crate::claims::Consent>>>,
+    _prefixes: watch::Sender<Vec<ipnet::IpNet>>,
     stop: CancellationToken,
 }
 
@@ -89,6 +92,9 @@ impl TestNode {
             metrics.clone(),
         );
         let (readiness, rx) = watch::channel(Readiness::Starting("waiting for NodeConfig".into()));
+        let (consent, consented) =
+            watch::channel(Some(Arc::new(crate::claims::Consent::default())));
+        let (prefixes, prefixes_rx) = watch::channel(vec!["198.18.0.0/24".parse().expect("net")]);
         let stop = CancellationToken::new();
         let pods = Arc::new(Pods {
             kernel: Arc::new(kernel.clone()),
@@ -100,6 +106,8 @@ impl TestNode {
             metrics,
             anycast: Arc::new(Notify::new()),
             policy: handle,
+            consent: consented,
+            prefixes: prefixes_rx,
             board,
             tasks: TaskTracker::new(),
             cancel: stop.clone(),
@@ -112,6 +120,8 @@ impl TestNode {
             handler: PodHandler::new(pods.clone()),
             pods,
             readiness,
+            consent,
+            _prefixes: prefixes,
             stop,
         }
     }
@@ -122,6 +132,31 @@ impl TestNode {
         node.recover().await;
         node.apply("198.18.0.0/24");
         node
+    }
+
+    /// Puts AddressPools in force: (name, cidr, use, namespace label `team`).
+    fn allow(&self, pools: &[(&str, &str, flock_model::PoolUse, Option<&str>)]) {
+        let pools: Vec<flock_model::AddressPool> = pools
+            .iter()
+            .map(|(name, cidr, usage, team)| {
+                serde_json::from_value(serde_json::json!({
+                    "apiVersion": "flock.fritzlab.net/v1alpha1",
+                    "kind": "AddressPool",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "cidrs": [cidr],
+                        "use": usage.to_string(),
+                        "namespaceSelector": team.map(|t| serde_json::json!({"matchLabels": {"team": t}})),
+                    },
+                }))
+                .expect("pool")
+            })
+            .collect();
+        let prefixes = vec![("node-a".to_owned(), "198.18.0.0/24".parse().expect("net"))];
+        self.consent
+            .send_replace(Some(Arc::new(crate::claims::Consent::build(
+                &pools, prefixes,
+            ))));
     }
 
     fn apply(&self, cidr4: &str) {
@@ -756,6 +791,8 @@ async fn a_pod_a_policy_selects_is_isolated_in_the_loader_before_its_add_answers
         metrics: Metrics::new(),
         anycast: Arc::new(Notify::new()),
         policy: handle,
+        consent: node.pods.consent.clone(),
+        prefixes: node.pods.prefixes.clone(),
         board: Arc::new(Board::default()),
         tasks: TaskTracker::new(),
         cancel: stop.clone(),
@@ -784,6 +821,7 @@ async fn the_anycast_loop_routes_an_ip_to_its_ready_pods_only() {
     pod.annotations
         .insert("flock.fritzlab.net/anycast".into(), "203.0.113.53".into());
     node.cache.replace_local_pods(vec![pod.clone()]);
+    node.allow(&[("dns", "203.0.113.0/24", flock_model::PoolUse::Anycast, None)]);
     kernel.add_netns("/run/netns/dns");
     let added = node.call(Op::Add, "c1", "/run/netns/dns", "dns").await;
     assert!(matches!(added, Response::Result(_)), "{added:?}");
@@ -792,6 +830,8 @@ async fn the_anycast_loop_routes_an_ip_to_its_ready_pods_only() {
         node.pods.allocations.clone(),
         node.pods.kernel.clone(),
         node.pods.anycast.clone(),
+        node.pods.consent.clone(),
+        node.pods.prefixes.clone(),
         Arc::new(Board::default()),
         Metrics::new(),
     );
@@ -811,4 +851,240 @@ async fn the_anycast_loop_routes_an_ip_to_its_ready_pods_only() {
     assert!(!routed(&kernel), "withdrawn when it is not");
     assert_eq!(announced.borrow().clone(), Some(Default::default()));
     stop.cancel();
+}
+
+fn claim_pod(name: &str, key: &str, value: &str) -> PodInfo {
+    let mut pod = pod_info(name, &format!("uid-{name}"));
+    pod.annotations.insert(key.into(), value.into());
+    pod
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_without_consent_or_taking_anothers_is_code_7_and_leaves_nothing_behind() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let victim = node.add("victim", "victim").await;
+    node.allow(&[
+        ("dns", "203.0.113.0/28", flock_model::PoolUse::Anycast, None),
+        (
+            "public",
+            "198.51.100.0/28",
+            flock_model::PoolUse::Addresses,
+            Some("web"),
+        ),
+    ]);
+    let cases = [
+        (
+            "flock.fritzlab.net/anycast",
+            victim.to_string(),
+            "inside NodeConfig node-a's pod prefix 198.18.0.0/24",
+        ),
+        (
+            "flock.fritzlab.net/anycast",
+            "8.8.8.8".to_string(),
+            "no AddressPool of use anycast contains it",
+        ),
+        (
+            "flock.fritzlab.net/addresses",
+            "203.0.113.1".to_string(),
+            "no AddressPool of use addresses contains it",
+        ),
+        (
+            "flock.fritzlab.net/addresses",
+            "198.51.100.1".to_string(),
+            "AddressPool public contains it but does not select namespace default",
+        ),
+    ];
+    for (i, (key, value, reason)) in cases.iter().enumerate() {
+        let name = format!("attacker{i}");
+        node.cache.upsert_pod(claim_pod(&name, key, value));
+        let netns = format!("/run/netns/{name}");
+        kernel.add_netns(&netns);
+        let out = node.call(Op::Add, &format!("a{i}"), &netns, &name).await;
+        assert_eq!(
+            code(&out),
+            ErrorCode::INVALID_NETWORK_CONFIG,
+            "{key}={value}"
+        );
+        let msg = message(&out);
+        assert!(
+            msg.contains(&format!("pod default/{name}"))
+                && msg.contains(key)
+                && msg.contains(value.as_str())
+                && msg.contains(reason),
+            "{msg}"
+        );
+    }
+    assert_eq!(store.entries().len(), 1, "nothing of the refused pods");
+    assert_eq!(kernel.link_names(), vec![host_iface_name("victim")]);
+    // With consent, the same claim goes through.
+    node.cache.upsert_pod(claim_pod(
+        "dns",
+        "flock.fritzlab.net/anycast",
+        "203.0.113.5",
+    ));
+    kernel.add_netns("/run/netns/dns");
+    let ok = node.call(Op::Add, "d1", "/run/netns/dns", "dns").await;
+    assert!(matches!(ok, Response::Result(_)), "{ok:?}");
+}
+
+#[test]
+fn claim_rules_hold_one_by_one() {
+    use crate::claims::{Consent, Context, judge};
+    use flock_model::PoolUse::{Addresses, Anycast};
+    let pools: Vec<flock_model::AddressPool> = [
+        ("a", "203.0.113.0/28", "anycast"),
+        ("b", "198.51.100.0/28", "addresses"),
+        ("overlaps", "198.18.1.0/25", "anycast"),
+    ]
+    .iter()
+    .map(|(n, c, u)| {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "flock.fritzlab.net/v1alpha1", "kind": "AddressPool",
+            "metadata": {"name": n}, "spec": {"cidrs": [c], "use": u}
+        }))
+        .expect("pool")
+    })
+    .collect();
+    let consent = Consent::build(
+        &pools,
+        vec![
+            ("node-a".into(), "198.18.0.0/24".parse().expect("net")),
+            ("node-b".into(), "198.18.1.0/24".parse().expect("net")),
+        ],
+    );
+    assert_eq!(consent.pools.len(), 2);
+    assert!(
+        consent.refused["overlaps"]
+            .contains("overlaps NodeConfig node-b's pod prefix 198.18.1.0/24"),
+        "{:?}",
+        consent.refused
+    );
+    let mut older = pod_info("first", "uid-1");
+    older.created = Some("2026-01-01T00:00:00Z".parse().expect("time"));
+    let mut newer = pod_info("second", "uid-2");
+    newer.created = Some("2026-02-01T00:00:00Z".parse().expect("time"));
+    let labels = BTreeMap::new();
+    let unicast = std::collections::HashMap::from([(
+        "203.0.113.9".parse().expect("ip"),
+        "default/somebody".to_owned(),
+    )]);
+    let claims = std::collections::HashMap::from([(
+        "198.51.100.1".parse().expect("ip"),
+        vec![older.clone(), newer.clone()],
+    )]);
+    let held = vec!["10.99.0.0/24".parse().expect("net")];
+    let ctx = Context {
+        namespace_labels: &labels,
+        held_prefixes: &held,
+        unicast: &unicast,
+        claims: &claims,
+    };
+    let ip = |s: &str| s.parse().expect("ip");
+    assert_eq!(
+        judge(&consent, &newer, Anycast, ip("203.0.113.1"), &ctx),
+        Ok(())
+    );
+    assert!(
+        judge(&consent, &newer, Anycast, ip("203.0.113.9"), &ctx)
+            .expect_err("unicast")
+            .contains("the address of pod default/somebody")
+    );
+    assert!(
+        judge(&consent, &newer, Anycast, ip("198.18.1.7"), &ctx)
+            .expect_err("node prefix")
+            .contains("node-b")
+    );
+    assert!(
+        judge(&consent, &newer, Anycast, ip("10.99.0.1"), &ctx)
+            .expect_err("held")
+            .contains("still holds")
+    );
+    assert_eq!(
+        judge(&consent, &older, Addresses, ip("198.51.100.1"), &ctx),
+        Ok(()),
+        "the older pod keeps it"
+    );
+    assert!(
+        judge(&consent, &newer, Addresses, ip("198.51.100.1"), &ctx)
+            .expect_err("older claim")
+            .contains("pod default/first claims it already")
+    );
+    assert!(
+        judge(&consent, &newer, Addresses, ip("203.0.113.1"), &ctx)
+            .expect_err("wrong use")
+            .contains("no AddressPool of use addresses")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_narrowed_pool_withdraws_and_a_terminating_pod_leaves_its_nexthops_at_once() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.allow(&[("dns", "203.0.113.0/24", flock_model::PoolUse::Anycast, None)]);
+    let mut a = claim_pod(
+        "dns-a",
+        "flock.fritzlab.net/anycast",
+        "203.0.113.53,203.0.113.200",
+    );
+    let b = claim_pod("dns-b", "flock.fritzlab.net/anycast", "203.0.113.53");
+    node.cache.replace_local_pods(vec![a.clone(), b.clone()]);
+    for (id, pod) in [("ca", "dns-a"), ("cb", "dns-b")] {
+        let netns = format!("/run/netns/{pod}");
+        kernel.add_netns(&netns);
+        assert!(matches!(
+            node.call(Op::Add, id, &netns, pod).await,
+            Response::Result(_)
+        ));
+    }
+    let (anycast, announced) = crate::anycast::AnycastLoop::new(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        node.pods.kernel.clone(),
+        node.pods.anycast.clone(),
+        node.pods.consent.clone(),
+        node.pods.prefixes.clone(),
+        Arc::new(Board::default()),
+        node.pods.metrics.clone(),
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(anycast.run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let hops = |k: &FakeKernel, ip: &str| {
+        k.state()
+            .routes
+            .get(&ipnet::IpNet::from(ip.parse::<IpAddr>().expect("ip")))
+            .map_or(0, |r| r.nexthops.len())
+    };
+    assert_eq!(
+        (
+            hops(&kernel, "203.0.113.53"),
+            hops(&kernel, "203.0.113.200")
+        ),
+        (2, 1)
+    );
+    // The pool narrowed to /25: .200 is withdrawn, route and announcement.
+    node.allow(&[("dns", "203.0.113.0/25", flock_model::PoolUse::Anycast, None)]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(hops(&kernel, "203.0.113.200"), 0);
+    assert_eq!(
+        announced.borrow().clone(),
+        Some(std::collections::BTreeSet::from([ip_of("203.0.113.53")]))
+    );
+    assert_eq!(node.pods.metrics.withdrawn_claims.get(), 1);
+    // dns-a is being deleted (preStop drain): out of the nexthops, Ready or not.
+    a.deleting = true;
+    node.cache.upsert_pod(a);
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(hops(&kernel, "203.0.113.53"), 1);
+    // No pool at all: every claim is withdrawn.
+    node.allow(&[]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(hops(&kernel, "203.0.113.53"), 0);
+    assert_eq!(announced.borrow().clone(), Some(Default::default()));
+    stop.cancel();
+}
+
+fn ip_of(s: &str) -> IpAddr {
+    s.parse().expect("ip")
 }

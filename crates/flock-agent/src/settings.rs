@@ -1,8 +1,14 @@
 //! The NodeConfig loop: validates this node's NodeConfig once per change,
 //! publishes the settings to the rest of the agent, rebuilds the allocator
-//! when the prefixes change, and keeps the prefixes' blackholes in place.
-//! An invalid or deleted NodeConfig keeps the last good settings.
+//! when the prefixes change, and keeps the node's prefixes blackholed and
+//! published (for BIRD and the claim checks). A prefix the NodeConfig no
+//! longer has stays — blackholed and announced, so its pods stay
+//! reachable from other nodes — as long as an allocation holds an address
+//! in it; after a restart such prefixes are found again among the
+//! blackholes flock installed. An invalid or deleted NodeConfig keeps the
+//! last good settings.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,24 +32,33 @@ pub const BLACKHOLE_TICK: Duration = Duration::from_secs(30);
 /// The settings in force: `None` until a valid NodeConfig was seen.
 pub type Published = watch::Receiver<Option<Arc<NodeSettings>>>;
 
+/// The node's prefixes: the NodeConfig's and older ones still held.
+pub type Prefixes = watch::Receiver<Vec<IpNet>>;
+
 /// The loop's own state.
 pub struct SettingsLoop<K, S> {
     cache: Cache,
     allocations: Arc<Allocations<S>>,
     kernel: Arc<K>,
     published: watch::Sender<Option<Arc<NodeSettings>>>,
+    prefixes: watch::Sender<Vec<IpNet>>,
     board: Arc<Board>,
     metrics: Metrics,
     /// The problem last reported, so each is logged once.
     last_problem: Option<String>,
+    /// Prefixes of an earlier NodeConfig that allocations still hold.
+    retired: BTreeSet<IpNet>,
+    /// Whether the kernel's blackholes were looked at for retired prefixes.
+    adopted: bool,
 }
 
 impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
-    /// The loop and what it publishes.
+    /// The loop; it publishes into `prefixes` and the returned settings.
     pub fn new(
         cache: Cache,
         allocations: Arc<Allocations<S>>,
         kernel: Arc<K>,
+        prefixes: watch::Sender<Vec<IpNet>>,
         board: Arc<Board>,
         metrics: Metrics,
     ) -> (SettingsLoop<K, S>, Published) {
@@ -54,20 +69,26 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
                 allocations,
                 kernel,
                 published,
+                prefixes,
                 board,
                 metrics,
                 last_problem: None,
+                retired: BTreeSet::new(),
+                adopted: false,
             },
             rx,
         )
     }
 
-    /// Follows NodeConfig changes, and every 30 s checks the blackholes.
+    /// Follows NodeConfig changes (and, while an old prefix is kept, the
+    /// allocations), and every 30 s checks the blackholes.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut events = self.cache.subscribe();
+        let mut held = self.allocations.subscribe();
         let mut tick = tokio::time::interval(BLACKHOLE_TICK);
         loop {
             self.pass().instrument(info_span!("nodeconfig_pass")).await;
+            let watch_held = !self.retired.is_empty();
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => return,
@@ -76,6 +97,7 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
                         Ok(_) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
+                    changed = held.changed(), if watch_held => if changed.is_ok() { break },
                     _ = tick.tick() => break,
                 }
             }
@@ -87,12 +109,15 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
             None => {}
             Some(Err(problem)) => self.refuse(problem.to_string()),
             Some(Ok(settings)) => {
-                let changed = self.published.borrow().as_deref() != Some(&settings);
-                if changed {
+                let before = self.published.borrow().clone();
+                if before.as_deref() != Some(&settings) {
                     let settings = Arc::new(settings);
                     match self.allocations.apply_settings(settings.clone()) {
                         Ok(()) => {
                             info!(cidr6 = ?settings.cidr6, cidr4 = ?settings.cidr4, "NodeConfig applied");
+                            if let Some(old) = before {
+                                self.retired.extend(own_prefixes(&old));
+                            }
                             self.published.send_replace(Some(settings));
                             self.accept();
                         }
@@ -104,12 +129,58 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
             }
         }
         let settings = self.published.borrow().clone();
-        if let Some(settings) = settings
-            && let Err(e) = reconcile_blackholes(&*self.kernel, &settings).await
-        {
+        let Some(settings) = settings else {
+            return;
+        };
+        let current = own_prefixes(&settings);
+        if let Err(e) = self.keep_prefixes(&current).await {
             self.metrics.error("blackholes");
             warn!(error = %e, "reconciling node blackholes failed");
         }
+    }
+
+    /// Drops retired prefixes no allocation holds an address in, then
+    /// makes the blackholes equal the current and retired prefixes and
+    /// publishes them.
+    async fn keep_prefixes(&mut self, current: &[IpNet]) -> flock_netlink::Result<()> {
+        let installed = self.kernel.installed().await?;
+        let blackholes: Vec<IpNet> = installed
+            .iter()
+            .filter(|r| r.kind == RouteKind::Blackhole)
+            .map(|r| r.dst)
+            .collect();
+        let held: Vec<std::net::IpAddr> = self
+            .allocations
+            .snapshot()
+            .iter()
+            .flat_map(|a| a.unicast().collect::<Vec<_>>())
+            .collect();
+        if !self.adopted {
+            // After a restart: the blackholes of older prefixes tell which they were.
+            self.adopted = true;
+            self.retired.extend(blackholes.iter().copied());
+        }
+        let before = self.retired.clone();
+        self.retired
+            .retain(|p| !current.contains(p) && held.iter().any(|ip| p.contains(ip)));
+        for gone in before.difference(&self.retired) {
+            if !current.contains(gone) {
+                info!(prefix = %gone, "no pod holds an address of an old prefix any more; it is withdrawn");
+            }
+        }
+        let want: Vec<IpNet> = current.iter().chain(&self.retired).copied().collect();
+        for dst in blackholes.iter().filter(|b| !want.contains(b)) {
+            self.kernel.remove(*dst).await?;
+        }
+        for cidr in &want {
+            self.kernel.ensure_blackhole(*cidr).await?;
+        }
+        self.prefixes.send_if_modified(|p| {
+            let changed = *p != want;
+            *p = want.clone();
+            changed
+        });
+        Ok(())
     }
 
     fn refuse(&mut self, problem: String) {
@@ -133,24 +204,12 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
     }
 }
 
-/// Blackholes exactly for the node's current prefixes.
-pub async fn reconcile_blackholes<K: Kernel>(
-    kernel: &K,
-    settings: &NodeSettings,
-) -> flock_netlink::Result<()> {
-    let want: Vec<IpNet> = settings
+/// The NodeConfig's own prefixes.
+pub fn own_prefixes(settings: &NodeSettings) -> Vec<IpNet> {
+    settings
         .cidr6
         .map(IpNet::V6)
         .into_iter()
         .chain(settings.cidr4.map(IpNet::V4))
-        .collect();
-    for installed in kernel.installed().await? {
-        if installed.kind == RouteKind::Blackhole && !want.contains(&installed.dst) {
-            kernel.remove(installed.dst).await?;
-        }
-    }
-    for cidr in want {
-        kernel.ensure_blackhole(cidr).await?;
-    }
-    Ok(())
+        .collect()
 }

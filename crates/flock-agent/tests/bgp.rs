@@ -39,6 +39,7 @@ fn the_tor_learns_node_prefixes_and_anycast_only_while_ready() {
     let plugin: PathBuf = Path::new(AGENT).with_file_name("flock");
     let spec = "  cidr6: 2001:db8:0:1::/64\n  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {address: 198.18.255.254, asn: 65000}\n    - {address: '2001:db8:ff::1', asn: 65000}";
     let mut node = AgentNode::start(Path::new(AGENT), &plugin, &node_config(spec, ""));
+    node.put_test_pools();
     let tor = NetnsGuard::new("tor");
     let dir = tempfile::tempdir().expect("tempdir");
     // The uplink: tor0 in the ToR, up0 in the node.
@@ -130,6 +131,7 @@ fn fabric_node(tor: &NetnsGuard, name: &str, n: u8, asn: u32) -> FabricNode {
     let spec = fabric::node_spec(n, asn);
     let config = flock_testkit::agent::node_config_for(name, &spec, "");
     let mut node = AgentNode::start_named(Path::new(AGENT), &plugin, name, &config);
+    node.put_test_pools();
     fabric::uplink(tor.name(), node.node.name(), n).expect("uplink");
     // Render again now that the uplink address (BIRD's `local`) exists.
     node.kill();

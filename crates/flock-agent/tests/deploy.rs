@@ -264,7 +264,43 @@ fn the_examples_are_valid() {
         nc.settings()
             .unwrap_or_else(|e| panic!("example NodeConfig: {e}"));
     }
+    // Every claim in the example pods has an example pool's consent.
+    let pools: Vec<flock_model::AddressPool> = docs("deploy/examples/addresspools.yaml")
+        .into_iter()
+        .map(|d| serde_json::from_value(d).expect("AddressPool"))
+        .collect();
+    let prefixes = docs("deploy/examples/nodeconfig.yaml")
+        .into_iter()
+        .filter_map(|d| {
+            serde_json::from_value::<flock_model::NodeConfig>(d)
+                .ok()?
+                .settings()
+                .ok()
+        })
+        .flat_map(|s| {
+            let node = s.node.clone();
+            s.cidr6
+                .map(ipnet::IpNet::V6)
+                .into_iter()
+                .chain(s.cidr4.map(ipnet::IpNet::V4))
+                .map(move |p| (node.clone(), p))
+        })
+        .collect();
+    let consent = flock_agent::claims::Consent::build(&pools, prefixes);
+    assert!(consent.refused.is_empty(), "{:?}", consent.refused);
+    let labels = BTreeMap::from([(
+        "kubernetes.io/metadata.name".to_owned(),
+        "default".to_owned(),
+    )]);
+    let empty = Default::default();
+    let ctx = flock_agent::claims::Context {
+        namespace_labels: &labels,
+        held_prefixes: &[],
+        unicast: &empty,
+        claims: &Default::default(),
+    };
     let mut policies = 0;
+    let mut claims = 0;
     for doc in docs("deploy/examples/pods.yaml") {
         let annotations: BTreeMap<String, String> = serde_json::from_value(
             doc.pointer("/spec/template/metadata/annotations")
@@ -273,8 +309,29 @@ fn the_examples_are_valid() {
                 .unwrap_or_default(),
         )
         .unwrap_or_default();
-        flock_model::parse_pod_annotations("example", &annotations, Default::default())
-            .unwrap_or_else(|e| panic!("example annotations {annotations:?}: {e}"));
+        let (intent, _) =
+            flock_model::parse_pod_annotations("example", &annotations, Default::default())
+                .unwrap_or_else(|e| panic!("example annotations {annotations:?}: {e}"));
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "example", "namespace": "default", "annotations": annotations},
+        }))
+        .expect("pod");
+        let pod = flock_datastore::PodInfo::from_pod(&pod);
+        let wanted = intent
+            .anycast
+            .iter()
+            .map(|ip| (*ip, flock_model::PoolUse::Anycast))
+            .chain(
+                intent
+                    .addresses
+                    .iter()
+                    .map(|ip| (*ip, flock_model::PoolUse::Addresses)),
+            );
+        for (ip, usage) in wanted {
+            claims += 1;
+            flock_agent::claims::judge(&consent, &pod, usage, ip, &ctx)
+                .unwrap_or_else(|e| panic!("example claim {ip}: {e}"));
+        }
         if doc["kind"] == "NetworkPolicy" {
             let _: k8s_openapi::api::networking::v1::NetworkPolicy =
                 serde_json::from_value(doc).expect("NetworkPolicy");
@@ -282,4 +339,5 @@ fn the_examples_are_valid() {
         }
     }
     assert_eq!(policies, 1);
+    assert_eq!(claims, 3, "the examples claim anycast and addresses IPs");
 }

@@ -27,7 +27,9 @@ fn plugin() -> PathBuf {
 }
 
 fn start() -> AgentNode {
-    AgentNode::start(Path::new(AGENT), &plugin(), &default_node_config())
+    let node = AgentNode::start(Path::new(AGENT), &plugin(), &default_node_config());
+    node.put_test_pools();
+    node
 }
 
 fn json(out: &Output) -> Value {
@@ -410,18 +412,33 @@ fn a_nodeconfig_change_applies_to_new_pods_and_old_pods_keep_their_addresses() {
         "the old pod keeps its addresses: {}",
         String::from_utf8_lossy(&check.stdout)
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let holes = node.node.ip_output(&["route", "show", "type", "blackhole"]);
-        if holes.contains("198.19.0.0/24") && !holes.contains("198.18.0.0/24") {
-            break;
+    // While "before" holds an address of the old prefix, the old prefix
+    // keeps its blackhole and its announcement; then it goes.
+    let bird_has = |prefix: &str| {
+        std::fs::read_to_string(node.bird_config())
+            .unwrap_or_default()
+            .contains(&format!("route {prefix} blackhole;"))
+    };
+    let wait = |what: &str, ok: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !ok() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "blackholes follow the NodeConfig: {holes}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    };
+    let holes = || node.node.ip_output(&["route", "show", "type", "blackhole"]);
+    wait("both prefixes blackholed and announced while the old one is held", &|| {
+        let h = holes();
+        h.contains("198.19.0.0/24")
+            && h.contains("198.18.0.0/24")
+            && bird_has("198.19.0.0/24")
+            && bird_has("198.18.0.0/24")
+    });
+    assert!(node.cni("DEL", &old.id, Some(&old.ns.path()), &old.name, CONF).status.success());
+    wait("the old prefix withdrawn once no pod holds an address in it", &|| {
+        let h = holes();
+        h.contains("198.19.0.0/24") && !h.contains("198.18.0.0/24") && !bird_has("198.18.0.0/24")
+    });
 }
 
 #[test]

@@ -69,6 +69,7 @@ impl Cluster {
     fn start_with(annotated: &[((&str, &str), &str)]) -> Cluster {
         let plugin = Path::new(AGENT).with_file_name("flock");
         let node = AgentNode::start(Path::new(AGENT), &plugin, &default_node_config());
+        node.put_test_pools();
         node.put_manifest("namespaces", &namespaces(""));
         for (ns, name) in PODS {
             let ann = annotated

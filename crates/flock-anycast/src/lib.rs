@@ -16,20 +16,44 @@ use ipnet::IpNet;
 /// Desired routes: IP → its nexthops, sorted.
 pub type Targets = BTreeMap<IpAddr, Vec<Nexthop>>;
 
-/// The routes anycast and `addresses` IPs should have. `ready(namespace,
-/// pod)` says whether a pod is Ready. An IP whose family the pod has no
-/// address of is skipped with a warning.
+/// What a claimed IP is claimed as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// `flock.fritzlab.net/anycast`: shared.
+    Anycast,
+    /// `flock.fritzlab.net/addresses`: one pod's.
+    Addresses,
+}
+
+/// The routes anycast and `addresses` IPs should have. `serving(namespace,
+/// pod)` says whether a pod should get traffic (Ready and not being
+/// deleted); `admit` whether its claim of an IP is (still) accepted, or
+/// why not. An IP refused, or whose family the pod has no address of, is
+/// skipped with a warning.
 pub fn resolve<'a>(
     allocations: impl IntoIterator<Item = &'a Allocation>,
-    ready: impl Fn(&str, &str) -> bool,
+    serving: impl Fn(&str, &str) -> bool,
+    admit: impl Fn(&Allocation, IpAddr, Claim) -> Result<(), String>,
 ) -> (Targets, Vec<String>) {
     let mut targets: Targets = BTreeMap::new();
     let mut warnings = Vec::new();
     for a in allocations {
-        if a.state != AllocState::Committed || !ready(&a.namespace, &a.pod) {
+        if a.state != AllocState::Committed || !serving(&a.namespace, &a.pod) {
             continue;
         }
-        for &ip in a.anycast.iter().chain(&a.addresses) {
+        let claims = a
+            .anycast
+            .iter()
+            .map(|ip| (*ip, Claim::Anycast))
+            .chain(a.addresses.iter().map(|ip| (*ip, Claim::Addresses)));
+        for (ip, claim) in claims {
+            if let Err(reason) = admit(a, ip, claim) {
+                warnings.push(format!(
+                    "pod {}/{}: {ip} withdrawn: {reason}",
+                    a.namespace, a.pod
+                ));
+                continue;
+            }
             let via = match ip {
                 IpAddr::V4(_) => a.ip4.map(IpAddr::V4),
                 IpAddr::V6(_) => a.ip6.map(IpAddr::V6),
@@ -61,8 +85,10 @@ pub struct Changes {
     pub replaced: usize,
     /// Routes removed.
     pub removed: usize,
-    /// Targets (or stale routes) that failed, each naming its IP; the
-    /// others were still reconciled.
+    /// Targets that could not be routed, with why; the others were still
+    /// reconciled. They must not be announced.
+    pub failed: BTreeMap<IpAddr, String>,
+    /// Stale routes that could not be removed, each naming its prefix.
     pub errors: Vec<String>,
 }
 
@@ -130,7 +156,9 @@ pub async fn reconcile(routes: &impl Routes, targets: &Targets) -> flock_netlink
         }
         match routes.replace(*ip, hops).await {
             Ok(()) => changes.replaced += 1,
-            Err(e) => changes.errors.push(format!("{ip}: {e}")),
+            Err(e) => {
+                changes.failed.insert(*ip, e.to_string());
+            }
         }
     }
     for dst in installed.keys() {
@@ -192,7 +220,7 @@ mod tests {
             Some("2001:db8::2"),
             &["203.0.113.1"],
         );
-        let (t, w) = resolve([&a, &b], |_, _| true);
+        let (t, w) = resolve([&a, &b], |_, _| true, |_, _, _| Ok(()));
         assert!(w.is_empty());
         let v4 = &t[&"203.0.113.1".parse::<IpAddr>().expect("ip")];
         assert_eq!(
@@ -203,7 +231,7 @@ mod tests {
             t[&"2001:db8:ffff::1".parse::<IpAddr>().expect("ip")].len(),
             1
         );
-        let (again, _) = resolve([&b, &a], |_, _| true);
+        let (again, _) = resolve([&b, &a], |_, _| true, |_, _, _| Ok(()));
         assert_eq!(again, t, "order of input does not matter");
     }
 
@@ -219,7 +247,11 @@ mod tests {
         let not_ready = alloc("c2", "sleepy", Some("198.18.0.3"), None, &["203.0.113.1"]);
         let mut pending = alloc("c3", "new", Some("198.18.0.4"), None, &["203.0.113.1"]);
         pending.state = AllocState::Pending;
-        let (t, w) = resolve([&ready, &not_ready, &pending], |_, pod| pod != "sleepy");
+        let (t, w) = resolve(
+            [&ready, &not_ready, &pending],
+            |_, pod| pod != "sleepy",
+            |_, _, _| Ok(()),
+        );
         assert_eq!(
             t.len(),
             1,
@@ -228,7 +260,38 @@ mod tests {
         assert_eq!(t[&"203.0.113.1".parse::<IpAddr>().expect("ip")].len(), 1);
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("2001:db8:ffff::1"), "{w:?}");
-        let (none, _) = resolve([&ready], |_, _| false);
+        let (none, _) = resolve([&ready], |_, _| false, |_, _, _| Ok(()));
         assert!(none.is_empty(), "no Ready pod, no route");
+    }
+
+    #[test]
+    fn a_claim_no_longer_admitted_is_withdrawn_with_its_reason() {
+        let a = alloc(
+            "c1",
+            "a",
+            Some("198.18.0.2"),
+            None,
+            &["203.0.113.1", "203.0.113.2"],
+        );
+        let (t, w) = resolve(
+            [&a],
+            |_, _| true,
+            |_, ip, claim| {
+                assert_eq!(claim, Claim::Anycast);
+                if ip.to_string() == "203.0.113.2" {
+                    Err("no AddressPool of use anycast contains it".into())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(
+            t.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["203.0.113.1"]
+        );
+        assert_eq!(
+            w,
+            ["pod ns/a: 203.0.113.2 withdrawn: no AddressPool of use anycast contains it"]
+        );
     }
 }

@@ -45,6 +45,7 @@ pub fn run(trials: usize, flips: usize) -> anyhow::Result<()> {
         &exe.with_file_name("flock"),
         &node_config(SPEC, ""),
     );
+    node.put_test_pools();
     // Addresses on the peers' subnets (for `local`); restart so the first
     // render has them.
     node.node
@@ -212,8 +213,15 @@ fn render_1000() -> anyhow::Result<Summary> {
         .collect();
     ensure!(announced.len() == 1000, "1,000 prefixes");
     let interfaces: Vec<IpNet> = vec!["198.18.255.1/24".parse()?, "2001:db8:ff::2/64".parse()?];
+    let prefixes: Vec<IpNet> = settings
+        .cidr6
+        .map(IpNet::V6)
+        .into_iter()
+        .chain(settings.cidr4.map(IpNet::V4))
+        .collect();
     let input = flock_bird::BirdInput {
         settings: &settings,
+        prefixes: &prefixes,
         announced: &announced,
         interfaces: &interfaces,
     };

@@ -9,7 +9,7 @@
 
 mod writer;
 
-pub use writer::{Birdc, RELOAD_INTERVAL, Reload, Writer, WriterStatus};
+pub use writer::{Birdc, Outcome, RELOAD_INTERVAL, Reload, Writer, WriterStatus};
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -46,7 +46,10 @@ pub enum RenderError {
 pub struct BirdInput<'a> {
     /// The validated NodeConfig.
     pub settings: &'a NodeSettings,
-    /// Anycast and `addresses` IPs with at least one Ready pod behind them.
+    /// The node's pod prefixes to announce: the NodeConfig's, and older
+    /// ones while pods still hold addresses in them.
+    pub prefixes: &'a [IpNet],
+    /// Anycast and `addresses` IPs routed to at least one serving pod.
     pub announced: &'a BTreeSet<IpAddr>,
     /// The node's interface addresses, for choosing `local` per peer.
     pub interfaces: &'a [IpNet],
@@ -84,8 +87,20 @@ pub fn render(input: &BirdInput<'_>) -> Result<String, RenderError> {
     }
     // Static blackholes: the node's prefixes and every announced IP, so BGP
     // has them to export whatever the kernel table holds.
-    let mut statics4: Vec<IpNet> = s.cidr4.map(IpNet::V4).into_iter().collect();
-    let mut statics6: Vec<IpNet> = s.cidr6.map(IpNet::V6).into_iter().collect();
+    let mut statics4: Vec<IpNet> = input
+        .prefixes
+        .iter()
+        .filter(|p| p.addr().is_ipv4())
+        .copied()
+        .collect();
+    let mut statics6: Vec<IpNet> = input
+        .prefixes
+        .iter()
+        .filter(|p| p.addr().is_ipv6())
+        .copied()
+        .collect();
+    statics4.sort();
+    statics6.sort();
     for ip in input.announced {
         match ip {
             IpAddr::V4(_) => statics4.push(IpNet::from(*ip)),
@@ -112,7 +127,7 @@ pub fn render(input: &BirdInput<'_>) -> Result<String, RenderError> {
             .map(|(i, (a, asn))| (i, *a, *asn))
             .collect();
         peers.sort_by_key(|(_, a, _)| *a);
-        for (n, (index, peer, peer_asn)) in peers.into_iter().enumerate() {
+        for (index, peer, peer_asn) in peers {
             let local = input
                 .interfaces
                 .iter()
@@ -127,12 +142,26 @@ pub fn render(input: &BirdInput<'_>) -> Result<String, RenderError> {
             let family = if peer.is_ipv4() { "ipv4" } else { "ipv6" };
             let _ = write!(
                 out,
-                "\n# spec.bgp.peers[{index}]\nprotocol bgp peer{n} {{\n  local {local} as {asn};\n  neighbor {peer} as {peer_asn};\n  graceful restart on;\n  {family} {{\n    import all;\n    export filter flock_export;\n    next hop self;\n  }};\n}}\n",
+                "\n# spec.bgp.peers[{index}]\nprotocol bgp {name} {{\n  local {local} as {asn};\n  neighbor {peer} as {peer_asn};\n  graceful restart on;\n  {family} {{\n    import all;\n    export filter flock_export;\n    next hop self;\n  }};\n}}\n",
                 asn = bgp.asn,
+                name = protocol_name(peer),
             );
         }
     }
     Ok(out)
+}
+
+/// A BGP session's protocol name, derived from the peer's address (not its
+/// position): adding or removing a peer leaves every other session's
+/// protocol, and so the session, as it was. `peer_198_19_0_2`,
+/// `peer_2001_db8__2`.
+pub fn protocol_name(peer: IpAddr) -> String {
+    let text: String = peer
+        .to_string()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("peer_{text}")
 }
 
 /// A node name inside a comment: only characters that cannot end it.

@@ -1,11 +1,16 @@
 //! Installing a rendered `bird.conf` and having BIRD load it.
 //!
-//! The text is written atomically (temp file, rename) and only when it
-//! changed; then BIRD is told to reload. The first change reloads at once;
-//! changes within [`RELOAD_INTERVAL`] of a reload coalesce into one
-//! trailing reload with the newest text. A failed reload is retried with a
-//! growing delay and reported through [`WriterStatus`].
+//! The text is written to a temp file beside the configuration, checked
+//! with BIRD's own parser (`bird -p`), and only then renamed over the good
+//! file and fsynced (with its directory): a text BIRD would refuse never
+//! replaces the file on disk. Unchanged text is not rewritten. Then BIRD is
+//! told to reload. The first change reloads at once; changes within
+//! [`RELOAD_INTERVAL`] of a reload coalesce into one trailing reload with
+//! the newest text. A failed reload is retried with a growing delay; a
+//! refused text waits for a newer one. Both are reported through
+//! [`WriterStatus`].
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,8 +25,12 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
 /// The longest wait between retries of a failed reload.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// Tells BIRD to load its configuration again.
+/// Checks a configuration and tells BIRD to load it.
 pub trait Reload: Send + Sync + 'static {
+    /// Whether BIRD would accept the configuration at `config` (`Err`
+    /// with its complaint when not).
+    fn check(&self, config: &Path) -> Result<(), String>;
+
     /// Reloads the configuration at `config` through control socket `socket`.
     fn reload(&self, config: &Path, socket: &Path) -> Result<(), String>;
 }
@@ -31,6 +40,22 @@ pub trait Reload: Send + Sync + 'static {
 pub struct Birdc;
 
 impl Reload for Birdc {
+    fn check(&self, config: &Path) -> Result<(), String> {
+        let out = std::process::Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(config)
+            .output()
+            .map_err(|e| format!("running bird -p: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let text = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            Err(format!("bird -p refused it: {}", text.trim()))
+        }
+    }
+
     fn reload(&self, config: &Path, socket: &Path) -> Result<(), String> {
         let out = std::process::Command::new("birdc")
             .arg("-s")
@@ -59,8 +84,21 @@ pub struct WriterStatus {
     pub reloads: u64,
     /// Failed reloads (and failed writes).
     pub failures: u64,
-    /// The last failure, cleared by the next success.
+    /// Texts `bird -p` refused (the file on disk was kept).
+    pub refused: u64,
+    /// The last failure or refusal, cleared by the next success.
     pub last_error: Option<String>,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written (or already on disk) and reloaded.
+    Reloaded,
+    /// BIRD's parser refused the text; the good file stays.
+    Refused(String),
+    /// Writing or reloading failed; retried.
+    Failed(String),
 }
 
 /// The handle that feeds the writer; dropping every clone stops it.
@@ -82,7 +120,7 @@ impl Writer {
         config: PathBuf,
         socket: PathBuf,
         reload: impl Reload,
-        observe: impl Fn(&Result<(), String>) + Send + Sync + 'static,
+        observe: impl Fn(&Outcome) + Send + Sync + 'static,
     ) -> Writer {
         let (tx, rx) = watch::channel(None);
         let status = Arc::new(Mutex::new(WriterStatus::default()));
@@ -121,7 +159,7 @@ impl Writer {
 }
 
 /// Sees the outcome of every reload attempt.
-type Observer = dyn Fn(&Result<(), String>) + Send + Sync;
+type Observer = dyn Fn(&Outcome) + Send + Sync;
 
 /// What the writer task works with.
 struct Task {
@@ -164,34 +202,40 @@ async fn run(task: Task, mut rx: watch::Receiver<Option<String>>) {
         let outcome = {
             let (config, socket, reload, text) =
                 (config.clone(), socket.clone(), reload.clone(), text.clone());
-            tokio::task::spawn_blocking(move || {
-                write_if_changed(&config, &text)?;
-                reload.reload(&config, &socket)
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("reload task: {e}")))
+            tokio::task::spawn_blocking(move || install(&config, &text, &*reload, &socket))
+                .await
+                .unwrap_or_else(|e| Outcome::Failed(format!("reload task: {e}")))
         };
         observe(&outcome);
         {
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
             match &outcome {
-                Ok(()) => {
+                Outcome::Reloaded => {
                     s.reloads += 1;
                     s.last_error = None;
                 }
-                Err(error) => {
+                Outcome::Refused(error) => {
+                    s.refused += 1;
+                    s.last_error = Some(error.clone());
+                }
+                Outcome::Failed(error) => {
                     s.failures += 1;
                     s.last_error = Some(error.clone());
                 }
             }
         }
         match outcome {
-            Ok(()) => {
+            Outcome::Reloaded => {
                 info!(config = %config.display(), "BIRD reloaded");
                 loaded = Some(text);
                 retry = RELOAD_INTERVAL;
             }
-            Err(error) => {
+            Outcome::Refused(error) => {
+                warn!(%error, config = %config.display(), "bird.conf not replaced: BIRD would refuse it; the last good one stays");
+                // Not retried: only a newer text can be better.
+                loaded = Some(text);
+            }
+            Outcome::Failed(error) => {
                 warn!(%error, retry_in_ms = retry.as_millis() as u64, "BIRD reload failed");
                 // Retry the same text later unless a newer one comes first.
                 tokio::select! {
@@ -204,15 +248,55 @@ async fn run(task: Task, mut rx: watch::Receiver<Option<String>>) {
     }
 }
 
-/// Replaces `path` with `text` atomically, unless it already holds it.
-fn write_if_changed(path: &Path, text: &str) -> Result<(), String> {
+/// Puts `text` in place (checked first) and has BIRD load it.
+fn install(config: &Path, text: &str, reload: &dyn Reload, socket: &Path) -> Outcome {
+    match write_if_changed(config, text, reload) {
+        Err(Write::Refused(e)) => return Outcome::Refused(e),
+        Err(Write::Failed(e)) => return Outcome::Failed(e),
+        Ok(()) => {}
+    }
+    match reload.reload(config, socket) {
+        Ok(()) => Outcome::Reloaded,
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+enum Write {
+    Refused(String),
+    Failed(String),
+}
+
+/// Replaces `path` with `text` unless it already holds it: written to a
+/// temp file, checked by BIRD's parser, renamed over `path`, and fsynced
+/// with its directory. A refused or failed text never replaces the file.
+fn write_if_changed(path: &Path, text: &str, reload: &dyn Reload) -> Result<(), Write> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(());
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    }
+    let failed = |what: String| Write::Failed(what);
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
     let tmp = path.with_extension("conf.tmp");
-    std::fs::write(&tmp, text).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("replacing {}: {e}", path.display()))
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(|e| failed(format!("writing {}: {e}", tmp.display())))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| failed(format!("writing {}: {e}", tmp.display())))?;
+        reload.check(&tmp).map_err(Write::Refused)?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| failed(format!("replacing {}: {e}", path.display())))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| failed(format!("syncing {}: {e}", dir.display())))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }

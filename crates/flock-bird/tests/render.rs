@@ -49,6 +49,15 @@ fn check(name: &str, text: &str) {
     );
 }
 
+/// The NodeConfig's own prefixes, as the agent publishes them.
+fn prefixes(s: &NodeSettings) -> Vec<IpNet> {
+    s.cidr6
+        .map(IpNet::V6)
+        .into_iter()
+        .chain(s.cidr4.map(IpNet::V4))
+        .collect()
+}
+
 fn nets(list: &[&str]) -> Vec<IpNet> {
     list.iter().map(|s| s.parse().expect("net")).collect()
 }
@@ -70,6 +79,7 @@ fn dual_stack_with_two_peers_and_anycast() {
     let interfaces = nets(&["198.18.255.1/24", "2001:db8:ff::2/64", "127.0.0.1/8"]);
     let text = render(&BirdInput {
         settings: &s,
+        prefixes: &prefixes(&s),
         announced: &announced,
         interfaces: &interfaces,
     })
@@ -91,6 +101,7 @@ fn ipv4_only_without_bgp() {
     let s = settings(serde_json::json!({"cidr4": "198.18.0.0/24"}));
     let text = render(&BirdInput {
         settings: &s,
+        prefixes: &prefixes(&s),
         announced: &BTreeSet::new(),
         interfaces: &[],
     })
@@ -112,12 +123,14 @@ fn output_depends_on_content_not_order() {
     let announced = ips(&["203.0.113.9", "203.0.113.1"]);
     let ra = render(&BirdInput {
         settings: &a,
+        prefixes: &prefixes(&a),
         announced: &announced,
         interfaces: &interfaces,
     })
     .expect("a");
     let rb = render(&BirdInput {
         settings: &b,
+        prefixes: &prefixes(&b),
         announced: &announced,
         interfaces: &interfaces,
     })
@@ -139,6 +152,7 @@ fn what_cannot_be_rendered_safely_is_refused() {
     );
     let err = render(&BirdInput {
         settings: &s,
+        prefixes: &prefixes(&s),
         announced: &BTreeSet::new(),
         interfaces: &nets(&["198.18.255.1/24"]),
     })
@@ -168,6 +182,7 @@ fn what_cannot_be_rendered_safely_is_refused() {
     assert!(bad_asn.is_err(), "an ASN must be a number");
     let err = render(&BirdInput {
         settings: &settings(serde_json::json!({"cidr4": "198.18.0.0/24"})),
+        prefixes: &nets(&["198.18.0.0/24"]),
         announced: &ips(&["224.0.0.5"]),
         interfaces: &[],
     })
@@ -175,5 +190,64 @@ fn what_cannot_be_rendered_safely_is_refused() {
     assert_eq!(
         err,
         RenderError::BadAnnouncement("224.0.0.5".parse().expect("ip"))
+    );
+}
+
+#[test]
+fn protocols_are_named_after_their_peer_so_adding_one_leaves_the_others_alone() {
+    let spec = |peers: serde_json::Value| {
+        settings(
+            serde_json::json!({"cidr4": "198.18.0.0/24", "bgp": {"asn": 65001, "peers": peers}}),
+        )
+    };
+    let one = spec(serde_json::json!([{"address": "198.18.255.254", "asn": 65000}]));
+    // The new peer sorts first: by position the old session would be renamed.
+    let two = spec(serde_json::json!([
+        {"address": "198.18.255.254", "asn": 65000},
+        {"address": "198.18.255.2", "asn": 65002},
+    ]));
+    let interfaces = nets(&["198.18.255.1/24"]);
+    let block = |text: &str, name: &str| -> String {
+        let start = text.find(&format!("protocol bgp {name} {{")).expect(name);
+        text[start..]
+            .split("\n}\n")
+            .next()
+            .expect("block")
+            .to_owned()
+    };
+    let render_with = |s: &NodeSettings| {
+        render(&BirdInput {
+            settings: s,
+            prefixes: &prefixes(s),
+            announced: &BTreeSet::new(),
+            interfaces: &interfaces,
+        })
+        .expect("render")
+    };
+    let (a, b) = (render_with(&one), render_with(&two));
+    assert_eq!(
+        block(&a, "peer_198_18_255_254"),
+        block(&b, "peer_198_18_255_254")
+    );
+    assert!(b.contains("protocol bgp peer_198_18_255_2 {"));
+    assert_eq!(
+        flock_bird::protocol_name("2001:db8::2".parse().expect("ip")),
+        "peer_2001_db8__2"
+    );
+}
+
+#[test]
+fn older_prefixes_still_held_are_announced_beside_the_current_ones() {
+    let s = settings(serde_json::json!({"cidr4": "198.18.1.0/24"}));
+    let text = render(&BirdInput {
+        settings: &s,
+        prefixes: &nets(&["198.18.1.0/24", "198.18.0.0/24"]),
+        announced: &BTreeSet::new(),
+        interfaces: &[],
+    })
+    .expect("render");
+    assert!(
+        text.contains("route 198.18.0.0/24 blackhole;\n  route 198.18.1.0/24 blackhole;"),
+        "{text}"
     );
 }

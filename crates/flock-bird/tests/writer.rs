@@ -17,6 +17,15 @@ struct Recorder {
 }
 
 impl Reload for Recorder {
+    fn check(&self, config: &Path) -> Result<(), String> {
+        let text = std::fs::read_to_string(config).map_err(|e| e.to_string())?;
+        if text.contains("refuse me") {
+            Err("syntax error".into())
+        } else {
+            Ok(())
+        }
+    }
+
     fn reload(&self, config: &Path, _socket: &Path) -> Result<(), String> {
         let mut fail = self.fail_next.lock().expect("lock");
         if *fail > 0 {
@@ -172,20 +181,60 @@ async fn real_bird_loads_what_the_writer_installs() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(writer.status().reloads, 1);
-    // A config BIRD refuses is reported, and BIRD keeps the good one.
+    // A config BIRD refuses is reported and never replaces the good file;
+    // BIRD keeps the good one loaded.
     writer.submit("this is not bird syntax\n".into());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while writer.status().failures == 0 {
+    while writer.status().refused == 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "failure never reported"
+            "refusal never reported"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(
+        writer
+            .status()
+            .last_error
+            .is_some_and(|e| e.contains("bird -p")),
+        "{:?}",
+        writer.status()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config).expect("file"),
+        rendered,
+        "the file on disk is the last good one"
+    );
+    assert!(
+        !config.with_extension("conf.tmp").exists(),
+        "no temp file left"
+    );
     assert!(
         birdc(&socket, &["show", "route"]).contains("198.18.0.0/24"),
         "the last good config stays loaded"
     );
     drop(bird);
     drop(ns);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_text_keeps_the_good_file_and_is_not_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("bird.conf");
+    let rec = Recorder::default();
+    let writer = Writer::start(config.clone(), dir.path().join("bird.ctl"), rec.clone());
+    writer.submit("good\n".into());
+    settle().await;
+    writer.submit("refuse me\n".into());
+    tokio::time::sleep(RELOAD_INTERVAL * 10).await;
+    settle().await;
+    let status = writer.status();
+    assert_eq!((status.reloads, status.refused, status.failures), (1, 1, 0));
+    assert_eq!(std::fs::read_to_string(&config).expect("file"), "good\n");
+    assert_eq!(rec.texts(), ["good\n"], "nothing refused is loaded");
+    writer.submit("better\n".into());
+    tokio::time::sleep(RELOAD_INTERVAL * 2).await;
+    settle().await;
+    assert_eq!(std::fs::read_to_string(&config).expect("file"), "better\n");
+    assert_eq!(writer.status().last_error, None);
 }

@@ -381,6 +381,13 @@ fn up() -> anyhow::Result<()> {
         );
     }
     manifest("nodeconfigs", &configs)?;
+    // The operator's consent for the DNS service's anycast IPs, for team web only.
+    manifest(
+        "addresspools",
+        &format!(
+            "apiVersion: flock.fritzlab.net/v1alpha1\nkind: AddressPool\nmetadata: {{name: dns-anycast}}\nspec:\n  cidrs: ['{ANYCAST4}/32', '{ANYCAST6}/128']\n  use: anycast\n  namespaceSelector: {{matchLabels: {{team: web}}}}\n"
+        ),
+    )?;
 
     // The ToR, and each node wired to it.
     run("ip", &["netns", "add", TOR])?;

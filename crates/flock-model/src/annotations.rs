@@ -138,6 +138,15 @@ pub fn parse_pod_annotations(
     ))
 }
 
+/// The IPs a pod claims under `key` (`anycast` or `addresses`), leniently:
+/// items that do not parse are left out (for other pods' annotations,
+/// which their own node judges).
+pub fn claimed_ips(annotations: &BTreeMap<String, String>, key: &str) -> Vec<IpAddr> {
+    items(annotations.get(key).map(String::as_str))
+        .filter_map(|item| routable_ip(item).ok())
+        .collect()
+}
+
 /// The non-empty, trimmed items of a comma-separated value.
 fn items(value: Option<&str>) -> impl Iterator<Item = &str> {
     value

@@ -21,7 +21,7 @@ mod workload;
 
 pub use addresspool::{AddressPool, AddressPoolSpec, AddressPoolStatus, Pool, PoolUse};
 pub use annotations::{
-    ADDRESSES, ANYCAST, CIDR4, CIDR6, FamilyDefaults, IP_ALGO, IPV4, IPV6, PodNetwork,
+    ADDRESSES, ANYCAST, CIDR4, CIDR6, FamilyDefaults, IP_ALGO, IPV4, IPV6, PodNetwork, claimed_ips,
     parse_pod_annotations,
 };
 pub use cni_args::CniArgs;

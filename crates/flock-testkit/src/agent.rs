@@ -39,6 +39,24 @@ pub fn default_node_config() -> String {
     )
 }
 
+/// AddressPools for the IPs the tests claim: anycast and `addresses` from
+/// 203.0.113.0/24, 198.51.100.0/24, 2001:db8:aa::/48 and 2001:db8:ffff::/48,
+/// every namespace. (With no pool, no claim is accepted.)
+pub const TEST_POOLS: &str = "apiVersion: flock.fritzlab.net/v1alpha1
+kind: AddressPool
+metadata: {name: test-anycast}
+spec:
+  cidrs: [203.0.113.0/24, 198.51.100.0/24, 2001:db8:aa::/48, 2001:db8:ffff::/48]
+  use: anycast
+---
+apiVersion: flock.fritzlab.net/v1alpha1
+kind: AddressPool
+metadata: {name: test-addresses}
+spec:
+  cidrs: [203.0.113.0/24, 198.51.100.0/24, 2001:db8:aa::/48, 2001:db8:ffff::/48]
+  use: addresses
+";
+
 /// A running agent in a node namespace of its own.
 #[derive(Debug)]
 pub struct AgentNode {
@@ -306,6 +324,13 @@ impl AgentNode {
             .args(["-TERM", &child.id().to_string()])
             .status();
         child.wait().expect("wait")
+    }
+
+    /// Writes [`TEST_POOLS`] into the datastore directory and gives the
+    /// agent time to read them (it rescans at least every 200 ms).
+    pub fn put_test_pools(&self) {
+        self.put_manifest("test-pools", TEST_POOLS);
+        std::thread::sleep(Duration::from_millis(450));
     }
 
     /// Writes a pod manifest on this node (its file is `<name>.yaml`).

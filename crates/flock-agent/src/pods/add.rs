@@ -173,6 +173,7 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
         for warning in warnings.iter().chain(&algo_warnings) {
             warn!(%warning, "annotation ignored");
         }
+        self.judge_claims(pod, &cached, &intent.anycast, &intent.addresses)?;
         let req = pod.request;
         let template = Allocation {
             container_id: req.container_id.clone(),
@@ -227,6 +228,66 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
             self.metrics.set_usage(usage);
         }
         Ok(reserved)
+    }
+
+    /// Refuses the ADD (code 7, naming pod, key, value and reason) when a
+    /// claimed IP lacks an AddressPool's consent or would take another's.
+    fn judge_claims(
+        &self,
+        pod: &PodRef<'_>,
+        cached: &flock_datastore::PodInfo,
+        anycast: &[std::net::IpAddr],
+        addresses: &[std::net::IpAddr],
+    ) -> Result<(), CniError> {
+        if anycast.is_empty() && addresses.is_empty() {
+            return Ok(());
+        }
+        let Some(consent) = self.consent.borrow().clone() else {
+            return Err(err(
+                ErrorCode::TRY_AGAIN_LATER,
+                format!(
+                    "pod {}: AddressPools and NodeConfigs are not listed yet, so its claimed IPs cannot be judged",
+                    pod.text
+                ),
+            ));
+        };
+        let (mut unicast, claims) = crate::claims::cluster_claims(&self.cache.pods());
+        for a in self.allocations.snapshot() {
+            for ip in a.unicast() {
+                unicast.insert(ip, format!("{}/{}", a.namespace, a.pod));
+            }
+        }
+        let namespaces = self.cache.namespaces();
+        let held = self.prefixes.borrow().clone();
+        let labels = namespaces.get(&pod.namespace).cloned().unwrap_or_default();
+        let ctx = crate::claims::Context {
+            namespace_labels: &labels,
+            held_prefixes: &held,
+            unicast: &unicast,
+            claims: &claims,
+        };
+        let wanted = anycast
+            .iter()
+            .map(|ip| (*ip, flock_model::PoolUse::Anycast))
+            .chain(
+                addresses
+                    .iter()
+                    .map(|ip| (*ip, flock_model::PoolUse::Addresses)),
+            );
+        for (ip, usage) in wanted {
+            if let Err(reason) = crate::claims::judge(&consent, cached, usage, ip, &ctx) {
+                self.metrics.error("claim_refused");
+                return Err(err(
+                    ErrorCode::INVALID_NETWORK_CONFIG,
+                    format!(
+                        "pod {}: annotation {}: {ip}: refused: {reason}",
+                        pod.text,
+                        usage.annotation()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Builds the network of a pending (or committed, to rebuild) entry in

@@ -54,6 +54,10 @@ pub struct Pods<K, S> {
     pub anycast: Arc<Notify>,
     /// Reaches the NetworkPolicy loop.
     pub policy: PolicyHandle,
+    /// The AddressPools in force, for claimed IPs.
+    pub consent: crate::claims::Consented,
+    /// The node's prefixes (current and older ones still held).
+    pub prefixes: crate::settings::Prefixes,
     /// Warnings the other parts post.
     pub board: Arc<Board>,
     /// Background work (finishing releases), stopped on shutdown.
