@@ -256,7 +256,14 @@ impl<S: AllocationStore> Allocations<S> {
 
     fn failed(&self, failure: &StoreFailure) {
         if failure.refusing {
-            self.lock().refusing = Some(failure.message.clone());
+            let first = self
+                .lock()
+                .refusing
+                .replace(failure.message.clone())
+                .is_none();
+            if first {
+                tracing::error!(reason = %failure.message, "the allocation store takes no more writes until flock-agent restarts; ADD answers 11, DEL tears down but reports the failure");
+            }
         }
     }
 

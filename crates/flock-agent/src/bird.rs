@@ -65,9 +65,15 @@ impl<K: Kernel> BirdLoop<K> {
     /// Runs until cancelled; dropping the loop stops its writer.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(BIRD_TICK);
+        let mut attempts = self.writer.attempts();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
+                changed = attempts.changed() => {
+                    if changed.is_err() { return }
+                    self.report();
+                    continue;
+                }
                 changed = self.announced.changed() => if changed.is_err() { return },
                 changed = self.settings.changed() => if changed.is_err() { return },
                 changed = self.prefixes.changed() => if changed.is_err() { return },
@@ -79,6 +85,11 @@ impl<K: Kernel> BirdLoop<K> {
 
     async fn pass(&mut self) {
         self.render().await;
+        self.report();
+    }
+
+    /// Posts the writer's last failure and the last render problem.
+    fn report(&self) {
         let status = self.writer.status();
         let reload = status.last_error.map(|e| {
             format!(

@@ -181,12 +181,63 @@ fn node_prefixes(cache: &Cache) -> Vec<(String, IpNet)> {
 /// The consent in force: `None` until pools and NodeConfigs are listed.
 pub type Consented = watch::Receiver<Option<Arc<Consent>>>;
 
+/// Where each pool's `Valid` condition is written: the API server's
+/// AddressPool status (the kubernetes datastore; with `dir:` refusals are
+/// logged only).
+#[derive(Clone)]
+pub struct PoolStatus {
+    pools: kube::Api<AddressPool>,
+}
+
+impl PoolStatus {
+    /// Through `client`.
+    pub fn new(client: kube::Client) -> PoolStatus {
+        PoolStatus {
+            pools: kube::Api::all(client),
+        }
+    }
+
+    /// Writes `Valid` (with why not, when refused) unless `pool` says so already.
+    async fn report(&self, pool: &AddressPool, refused: Option<&str>) -> Result<(), kube::Error> {
+        let (status, reason, message) = match refused {
+            None => ("True", "Accepted", "the pool is in force"),
+            Some(why) => ("False", "Refused", why),
+        };
+        let current = pool
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Valid"));
+        if current.is_some_and(|c| c.status == status && c.message == message) {
+            return Ok(());
+        }
+        let patch = serde_json::json!({
+            "status": {"conditions": [{
+                "type": "Valid",
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+                "observedGeneration": pool.metadata.generation,
+            }]}
+        });
+        self.pools
+            .patch_status(
+                &pool.name_any(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(patch),
+            )
+            .await
+            .map(drop)
+    }
+}
+
 /// Rebuilds the [`Consent`] on every change of pools or NodeConfigs.
 pub struct ConsentLoop {
     cache: Cache,
     published: watch::Sender<Option<Arc<Consent>>>,
     board: Arc<Board>,
     metrics: Metrics,
+    status: Option<PoolStatus>,
 }
 
 impl ConsentLoop {
@@ -199,9 +250,16 @@ impl ConsentLoop {
                 published,
                 board,
                 metrics,
+                status: None,
             },
             rx,
         )
+    }
+
+    /// Reports each pool's validity in its status too.
+    pub fn reporting(mut self, status: PoolStatus) -> ConsentLoop {
+        self.status = Some(status);
+        self
     }
 
     /// Runs until cancelled.
@@ -233,7 +291,16 @@ impl ConsentLoop {
     }
 
     async fn pass(&self) {
-        let consent = Consent::build(&self.cache.pools(), node_prefixes(&self.cache));
+        let pools = self.cache.pools();
+        let consent = Consent::build(&pools, node_prefixes(&self.cache));
+        if let Some(status) = &self.status {
+            for pool in &pools {
+                let refused = consent.refused.get(&pool.name_any()).map(String::as_str);
+                if let Err(error) = status.report(pool, refused).await {
+                    warn!(pool = %pool.name_any(), %error, "cannot write the AddressPool's Valid condition");
+                }
+            }
+        }
         let before = self.published.borrow().clone();
         if before.as_deref() == Some(&consent) {
             return;

@@ -40,8 +40,9 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = "/etc/flock/bird/bird.conf")]
     pub bird_config: PathBuf,
 
-    /// BIRD's control socket, for `birdc configure`.
-    #[arg(long, value_name = "PATH", default_value = "/run/flock/bird.ctl")]
+    /// BIRD's control socket, for `birdc configure` (in a directory shared
+    /// only by the agent and BIRD).
+    #[arg(long, value_name = "PATH", default_value = "/run/flock-bird/bird.ctl")]
     pub bird_socket: PathBuf,
 
     /// The `nft` program that loads the NetworkPolicy ruleset.

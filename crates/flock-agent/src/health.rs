@@ -45,20 +45,51 @@ pub async fn serve(
         .await
 }
 
+/// One line: `ready`, with how many warnings of which parts (the details
+/// are in the log), or `not ready: REASON`. 503 means only "cannot serve
+/// ADD"; warnings never fail the probe.
 async fn readyz(State(slot): State<HandlerSlot>) -> (StatusCode, String) {
     let handler = slot.current();
     match handler.readiness() {
-        Ok(()) => {
-            let mut body = String::from("ready\n");
-            for warning in handler.warnings() {
-                body.push_str(&warning);
-                body.push('\n');
-            }
-            (StatusCode::OK, body)
-        }
+        Ok(()) => (StatusCode::OK, ready_line(&handler.warnings())),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
+            format!("not ready: {}\n", reason.replace('\n', " ")),
         ),
+    }
+}
+
+/// `ready` or `ready; 2 warnings (bird, networkpolicy): details in the log`.
+fn ready_line(warnings: &[String]) -> String {
+    if warnings.is_empty() {
+        return "ready\n".into();
+    }
+    let mut sources: Vec<&str> = warnings
+        .iter()
+        .map(|w| w.split(':').next().unwrap_or("agent"))
+        .collect();
+    sources.dedup();
+    format!(
+        "ready; {} warning{} ({}): details in the log\n",
+        warnings.len(),
+        if warnings.len() == 1 { "" } else { "s" },
+        sources.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_ready_line_counts_warnings_by_part_on_one_line() {
+        assert_eq!(super::ready_line(&[]), "ready\n");
+        let line = super::ready_line(&[
+            "bird: last configuration not loaded".into(),
+            "bird: another".into(),
+            "allocations: 198.18.0.2 is held by 2 entries".into(),
+        ]);
+        assert_eq!(
+            line,
+            "ready; 3 warnings (bird, allocations): details in the log\n"
+        );
     }
 }

@@ -242,6 +242,10 @@ async fn start(
         }
     };
 
+    let consent = match &client {
+        Some(client) => consent.reporting(crate::claims::PoolStatus::new(client.clone())),
+        None => consent,
+    };
     let tasks = &pods.tasks;
     let cancel = &pods.cancel;
     let metrics = pods.metrics.clone();

@@ -6,24 +6,14 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flock_testkit::agent::{AgentNode, node_config};
+use flock_testkit::fabric::{FabricNode, RouteMonitor, until};
 use flock_testkit::{Bird, NetnsGuard, fabric};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
 const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
-
-fn until(what: &str, within: Duration, mut ok: impl FnMut() -> Option<String>) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = ok() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 const TOR_CONF: &str = "log stderr all;
 router id 198.18.255.254;
@@ -118,52 +108,6 @@ fn the_tor_learns_node_prefixes_and_anycast_only_while_ready() {
     );
 }
 
-/// One node of a two-node fabric: the agent, its BIRD, and its uplink.
-struct FabricNode {
-    node: AgentNode,
-    /// The node's uplink addresses (v4, v6).
-    uplink: (&'static str, &'static str),
-    bird: Option<Bird>,
-}
-
-fn fabric_node(tor: &NetnsGuard, name: &str, n: u8, asn: u32) -> FabricNode {
-    let plugin: PathBuf = Path::new(AGENT).with_file_name("flock");
-    let spec = fabric::node_spec(n, asn);
-    let config = flock_testkit::agent::node_config_for(name, &spec, "");
-    let mut node = AgentNode::start_named(Path::new(AGENT), &plugin, name, &config);
-    node.put_test_pools();
-    fabric::uplink(tor.name(), node.node.name(), n).expect("uplink");
-    // Render again now that the uplink address (BIRD's `local`) exists.
-    node.kill();
-    node.spawn();
-    let want = format!("local 198.19.{n}.1 as {asn};");
-    until(
-        "bird.conf with the uplink's local address",
-        Duration::from_secs(10),
-        || {
-            let c = std::fs::read_to_string(node.bird_config()).ok()?;
-            c.contains(&want).then_some(c)
-        },
-    );
-    // As the DaemonSet's sidecar: always in graceful restart recovery, so
-    // a restarted BIRD tells its peers to keep its routes.
-    let bird = Bird::start_with(
-        node.node.name(),
-        &node.bird_config(),
-        &node.bird_socket(),
-        &["-R"],
-    );
-    let uplink = match n {
-        1 => ("198.19.1.1", "2001:db8:ff:1::1"),
-        _ => ("198.19.2.1", "2001:db8:ff:2::1"),
-    };
-    FabricNode {
-        node,
-        uplink,
-        bird: Some(bird),
-    }
-}
-
 /// Every UDP flow from a fresh source port of the ToR to `to`; returns
 /// once each echo server has answered at least once, or panics.
 fn spread_until_all_answer(
@@ -194,8 +138,22 @@ fn two_nodes_route_pods_anycast_and_addresses_through_the_tor() {
     // The ToR routes between its ports, and spreads flows to one anycast
     // IP over the nodes by ports, too.
     fabric::tor_forwarding(tor.name()).expect("ToR sysctls");
-    let a = fabric_node(&tor, "node-a", 1, 65001);
-    let b = fabric_node(&tor, "node-b", 2, 65002);
+    let a = FabricNode::start(
+        &tor,
+        Path::new(AGENT),
+        &Path::new(AGENT).with_file_name("flock"),
+        "node-a",
+        1,
+        65001,
+    );
+    let b = FabricNode::start(
+        &tor,
+        Path::new(AGENT),
+        &Path::new(AGENT).with_file_name("flock"),
+        "node-b",
+        2,
+        65002,
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let tor_conf = dir.path().join("tor.conf");
     let tor_bird = fabric::tor_bird_config(&[("a", 1, 65001), ("b", 2, 65002)]);
@@ -388,39 +346,6 @@ fn assert_withdrew_nothing(during: &str, changes: &str) {
         !withdrawn,
         "{during} withdrew routes on the ToR:\n{changes}"
     );
-}
-
-/// `ip monitor route` in a namespace, collecting what it prints; killed
-/// by PID on drop.
-struct RouteMonitor(Option<std::process::Child>);
-
-impl RouteMonitor {
-    fn start(ns: &NetnsGuard) -> RouteMonitor {
-        let child = std::process::Command::new("ip")
-            .args(["-n", ns.name(), "monitor", "route"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("ip monitor");
-        // Give it a moment to subscribe before anything happens.
-        std::thread::sleep(Duration::from_millis(200));
-        RouteMonitor(Some(child))
-    }
-
-    fn stop(mut self) -> String {
-        let mut child = self.0.take().expect("running");
-        let _ = child.kill();
-        let out = child.wait_with_output().expect("ip monitor output");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for RouteMonitor {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[test]

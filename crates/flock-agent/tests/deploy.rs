@@ -37,6 +37,21 @@ fn container<'a>(list: &'a [Container], name: &str) -> &'a Container {
 }
 
 /// The host path behind the volume mounted at a path that `path` is under.
+/// The volume (and the path inside it) that holds `path` in container `c`.
+fn volume_of(c: &Container, path: &str) -> (String, String) {
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| Path::new(path).starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .unwrap_or_else(|| panic!("{}: nothing mounted over {path}", c.name));
+    let rest = Path::new(path)
+        .strip_prefix(&mount.mount_path)
+        .expect("under the mount");
+    (mount.name.clone(), rest.display().to_string())
+}
+
 fn host_path(c: &Container, volumes: &[Volume], path: &str) -> String {
     let mount = c
         .volume_mounts
@@ -157,8 +172,23 @@ fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
         host_path(agent, &volumes, &config)
     );
     assert_eq!(
-        host_path(bird, &volumes, &bird_socket),
-        host_path(agent, &volumes, &bird_socket)
+        volume_of(bird, &bird_socket),
+        volume_of(agent, &bird_socket),
+        "BIRD's control socket in one volume the two share"
+    );
+    assert!(
+        bird_socket.starts_with("/run/flock-bird/"),
+        "{bird_socket}: not the plugin's /run/flock"
+    );
+    let bird_volumes: Vec<&str> = bird
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    assert!(
+        !bird_volumes.contains(&"run-flock"),
+        "BIRD does not get the plugin's /run/flock: {bird_volumes:?}"
     );
     let sc = bird
         .security_context
@@ -235,7 +265,19 @@ fn rbac_grants_exactly_what_the_agent_uses() {
             "networking.k8s.io/networkpolicies".to_owned(),
             read_only.clone(),
         ),
-        ("flock.fritzlab.net/nodeconfigs".to_owned(), read_only),
+        (
+            "flock.fritzlab.net/nodeconfigs".to_owned(),
+            read_only.clone(),
+        ),
+        ("flock.fritzlab.net/addresspools".to_owned(), read_only),
+        (
+            "flock.fritzlab.net/nodeconfigs/status".to_owned(),
+            vec!["patch".to_owned()],
+        ),
+        (
+            "flock.fritzlab.net/addresspools/status".to_owned(),
+            vec!["patch".to_owned()],
+        ),
         ("/nodes/status".to_owned(), vec!["patch".to_owned()]),
     ]);
     assert_eq!(got, want);

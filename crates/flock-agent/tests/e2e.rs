@@ -427,18 +427,30 @@ fn a_nodeconfig_change_applies_to_new_pods_and_old_pods_keep_their_addresses() {
         }
     };
     let holes = || node.node.ip_output(&["route", "show", "type", "blackhole"]);
-    wait("both prefixes blackholed and announced while the old one is held", &|| {
-        let h = holes();
-        h.contains("198.19.0.0/24")
-            && h.contains("198.18.0.0/24")
-            && bird_has("198.19.0.0/24")
-            && bird_has("198.18.0.0/24")
-    });
-    assert!(node.cni("DEL", &old.id, Some(&old.ns.path()), &old.name, CONF).status.success());
-    wait("the old prefix withdrawn once no pod holds an address in it", &|| {
-        let h = holes();
-        h.contains("198.19.0.0/24") && !h.contains("198.18.0.0/24") && !bird_has("198.18.0.0/24")
-    });
+    wait(
+        "both prefixes blackholed and announced while the old one is held",
+        &|| {
+            let h = holes();
+            h.contains("198.19.0.0/24")
+                && h.contains("198.18.0.0/24")
+                && bird_has("198.19.0.0/24")
+                && bird_has("198.18.0.0/24")
+        },
+    );
+    assert!(
+        node.cni("DEL", &old.id, Some(&old.ns.path()), &old.name, CONF)
+            .status
+            .success()
+    );
+    wait(
+        "the old prefix withdrawn once no pod holds an address in it",
+        &|| {
+            let h = holes();
+            h.contains("198.19.0.0/24")
+                && !h.contains("198.18.0.0/24")
+                && !bird_has("198.18.0.0/24")
+        },
+    );
 }
 
 #[test]

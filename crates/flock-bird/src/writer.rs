@@ -106,6 +106,7 @@ pub enum Outcome {
 pub struct Writer {
     tx: Arc<watch::Sender<Option<String>>>,
     status: Arc<Mutex<WriterStatus>>,
+    attempts: watch::Receiver<u64>,
 }
 
 impl Writer {
@@ -124,17 +125,22 @@ impl Writer {
     ) -> Writer {
         let (tx, rx) = watch::channel(None);
         let status = Arc::new(Mutex::new(WriterStatus::default()));
+        let (attempted, attempts) = watch::channel(0u64);
         let task = Task {
             config,
             socket,
             reload: Arc::new(reload),
-            observe: Box::new(observe),
+            observe: Box::new(move |outcome: &Outcome| {
+                observe(outcome);
+                attempted.send_modify(|n| *n += 1);
+            }),
             status: status.clone(),
         };
         tokio::spawn(run(task, rx));
         Writer {
             tx: Arc::new(tx),
             status,
+            attempts,
         }
     }
 
@@ -147,6 +153,11 @@ impl Writer {
             *current = Some(text);
             true
         });
+    }
+
+    /// Wakes after every attempt (its outcome is in [`Writer::status`]).
+    pub fn attempts(&self) -> watch::Receiver<u64> {
+        self.attempts.clone()
     }
 
     /// The writer's record so far.

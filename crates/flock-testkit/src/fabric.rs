@@ -3,7 +3,12 @@
 //! 198.19.`n`.0/24 and 2001:db8:ff:`n`::/64 (ToR .254 / ::fe, node .1 /
 //! ::1) and owns the pod prefixes 198.18.`n`.0/24 and 2001:db8:0:`n`::/64.
 
+use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::agent::AgentNode;
+use crate::{Bird, NetnsGuard};
 
 /// The ToR's AS number.
 pub const TOR_ASN: u32 = 65000;
@@ -105,4 +110,109 @@ pub fn tor_bird_config(nodes: &[(&str, u8, u32)]) -> String {
         );
     }
     conf
+}
+
+/// Polls `ok` every 100 ms until it gives a value, or panics naming `what`.
+pub fn until(what: &str, within: Duration, mut ok: impl FnMut() -> Option<String>) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = ok() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One node of a two-node fabric: the agent, its BIRD, and its uplink.
+pub struct FabricNode {
+    /// The agent's node.
+    pub node: AgentNode,
+    /// The node's uplink addresses (v4, v6).
+    pub uplink: (&'static str, &'static str),
+    /// The node's BIRD, as the DaemonSet's sidecar runs it.
+    pub bird: Option<Bird>,
+}
+
+impl FabricNode {
+    /// Node `n` of the rack: the agent (with the test pools), its uplink to
+    /// `tor`, and BIRD started with `-R` once the agent rendered its config.
+    pub fn start(
+        tor: &NetnsGuard,
+        agent: &Path,
+        plugin: &Path,
+        name: &str,
+        n: u8,
+        asn: u32,
+    ) -> FabricNode {
+        let spec = node_spec(n, asn);
+        let config = crate::agent::node_config_for(name, &spec, "");
+        let mut node = AgentNode::start_named(agent, plugin, name, &config);
+        node.put_test_pools();
+        uplink(tor.name(), node.node.name(), n).expect("uplink");
+        // Render again now that the uplink address (BIRD's `local`) exists.
+        node.kill();
+        node.spawn();
+        let want = format!("local 198.19.{n}.1 as {asn};");
+        until(
+            "bird.conf with the uplink's local address",
+            Duration::from_secs(10),
+            || {
+                let c = std::fs::read_to_string(node.bird_config()).ok()?;
+                c.contains(&want).then_some(c)
+            },
+        );
+        // As the DaemonSet's sidecar: always in graceful restart recovery, so
+        // a restarted BIRD tells its peers to keep its routes.
+        let bird = Bird::start_with(
+            node.node.name(),
+            &node.bird_config(),
+            &node.bird_socket(),
+            &["-R"],
+        );
+        let uplink = match n {
+            1 => ("198.19.1.1", "2001:db8:ff:1::1"),
+            _ => ("198.19.2.1", "2001:db8:ff:2::1"),
+        };
+        FabricNode {
+            node,
+            uplink,
+            bird: Some(bird),
+        }
+    }
+}
+
+/// `ip monitor route` in a namespace, collecting what it prints; killed
+/// by PID on drop.
+pub struct RouteMonitor(Option<std::process::Child>);
+
+impl RouteMonitor {
+    /// Starts `ip monitor route` in `ns`.
+    pub fn start(ns: &NetnsGuard) -> RouteMonitor {
+        let child = std::process::Command::new("ip")
+            .args(["-n", ns.name(), "monitor", "route"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip monitor");
+        // Give it a moment to subscribe before anything happens.
+        std::thread::sleep(Duration::from_millis(200));
+        RouteMonitor(Some(child))
+    }
+
+    /// Stops it and returns what it printed.
+    pub fn stop(mut self) -> String {
+        let mut child = self.0.take().expect("running");
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("ip monitor output");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RouteMonitor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -1,0 +1,225 @@
+//! Claimed addresses and what the node announces, for real: a ToR running
+//! BIRD peered with a node running BIRD and the real agent, pods through
+//! the real plugin. A tenant's claim of another pod's addresses or of an
+//! IP no AddressPool covers is refused and changes nothing, on the node or
+//! the ToR; a narrowed pool withdraws; a terminating pod leaves its
+//! nexthops; a new peer restarts no other session; a configuration BIRD
+//! would refuse never replaces the good bird.conf.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use flock_testkit::agent::{AgentNode, TEST_POOLS, node_config_for};
+use flock_testkit::fabric::{self, FabricNode, RouteMonitor, until};
+use flock_testkit::{Bird, NetnsGuard};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
+const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
+
+fn failure(out: &std::process::Output) -> (u64, String) {
+    assert!(
+        !out.status.success(),
+        "expected a refusal: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+    (v["code"].as_u64().expect("code"), v["msg"].to_string())
+}
+
+fn tor_routes(tor: &NetnsGuard) -> String {
+    tor.ip_output(&["route"]) + &tor.ip_output(&["-6", "route"])
+}
+
+/// A pod manifest with `annotations`, optionally being deleted.
+fn pod(name: &str, annotations: &str, deleting: bool) -> String {
+    let deletion = if deleting {
+        "\n  deletionTimestamp: '2026-12-01T00:00:00Z'"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: uid-default-{name}\n  creationTimestamp: '2026-11-01T00:00:00Z'{deletion}\n  annotations: {{{annotations}}}\nspec:\n  nodeName: node-a\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  conditions: [{{type: Ready, status: 'True'}}]\n"
+    )
+}
+
+fn add(node: &AgentNode, name: &str, ns: &NetnsGuard) -> std::process::Output {
+    node.cni(
+        "ADD",
+        &format!("c0ffee{name}"),
+        Some(&ns.path()),
+        name,
+        CONF,
+    )
+}
+
+#[test]
+fn claims_need_consent_take_nothing_and_what_is_announced_is_what_is_routed() {
+    let tor = NetnsGuard::new("tor");
+    fabric::tor_forwarding(tor.name()).expect("ToR sysctls");
+    let plugin = Path::new(AGENT).with_file_name("flock");
+    let mut a = FabricNode::start(&tor, Path::new(AGENT), &plugin, "node-a", 1, 65001);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tor_conf = dir.path().join("tor.conf");
+    std::fs::write(&tor_conf, fabric::tor_bird_config(&[("a", 1, 65001)])).expect("tor conf");
+    let _tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
+    until(
+        "the ToR learns node-a's prefix",
+        Duration::from_secs(30),
+        || {
+            let r = tor_routes(&tor);
+            r.contains("198.18.1.0/24 via 198.19.1.1").then_some(r)
+        },
+    );
+    let node = &a.node;
+
+    // The victim, and tenants who try to take its addresses or an IP no
+    // pool covers.
+    let victim_ns = NetnsGuard::new("pod");
+    node.put_manifest("victim", &pod("victim", "", false));
+    let victim = flock_testkit::agent::result_ips(
+        &serde_json::from_slice(&add(node, "victim", &victim_ns).stdout).expect("victim"),
+    );
+    let (v4, v6) = (victim[0], victim[1]);
+    let host_routes = || {
+        node.node.ip_output(&["route", "show", &v4.to_string()])
+            + &node
+                .node
+                .ip_output(&["-6", "route", "show", &v6.to_string()])
+    };
+    let before = (host_routes(), tor_routes(&tor));
+    for (name, annotation, reason) in [
+        (
+            "thief",
+            format!("flock.fritzlab.net/addresses: '{v4},{v6}'"),
+            "inside NodeConfig node-a's pod prefix",
+        ),
+        (
+            "resolver",
+            "flock.fritzlab.net/anycast: '8.8.8.8'".to_owned(),
+            "no AddressPool of use anycast contains it",
+        ),
+    ] {
+        node.put_manifest(name, &pod(name, &annotation, false));
+        let ns = NetnsGuard::new("pod");
+        let (code, msg) = failure(&add(node, name, &ns));
+        assert_eq!(code, 7, "{msg}");
+        assert!(
+            msg.contains(&format!("pod default/{name}")) && msg.contains(reason),
+            "{msg}"
+        );
+        // Its sandbox is torn down by the runtime; nothing was left anyway.
+        let _ = node.cni(
+            "DEL",
+            &format!("c0ffee{name}"),
+            Some(&ns.path()),
+            name,
+            CONF,
+        );
+    }
+    std::thread::sleep(flock_agent::anycast::ANYCAST_TICK + Duration::from_millis(500));
+    assert_eq!(
+        host_routes(),
+        before.0,
+        "the victim's host routes are untouched"
+    );
+    assert_eq!(tor_routes(&tor), before.1, "the ToR's routes are untouched");
+    assert!(!node.node.ip_output(&["route"]).contains("8.8.8.8"));
+    assert_eq!(node.flock_links().len(), 1, "only the victim's veth");
+
+    // An anycast service: announced while a pool covers it.
+    let svc: IpAddr = "203.0.113.77".parse().expect("ip");
+    let ann = format!("flock.fritzlab.net/anycast: '{svc}'");
+    let (s1, s2) = (NetnsGuard::new("pod"), NetnsGuard::new("pod"));
+    for (name, ns) in [("svc-1", &s1), ("svc-2", &s2)] {
+        node.put_manifest(name, &pod(name, &ann, false));
+        assert!(add(node, name, ns).status.success(), "{name}");
+    }
+    let route_to_svc = || node.node.ip_output(&["route", "show", &svc.to_string()]);
+    until("two nexthops, announced", Duration::from_secs(15), || {
+        let r = route_to_svc();
+        (r.matches("nexthop").count() == 2 && tor_routes(&tor).contains(&svc.to_string()))
+            .then_some(r)
+    });
+    // svc-2 is being deleted (a preStop drain): out of the nexthops at once.
+    node.put_manifest("svc-2", &pod("svc-2", &ann, true));
+    until("one nexthop", Duration::from_secs(5), || {
+        let r = route_to_svc();
+        (!r.is_empty() && !r.contains("nexthop")).then_some(r)
+    });
+    // The pool narrows so that it no longer covers the IP: withdrawn on
+    // the node and on the ToR, and logged.
+    node.put_manifest(
+        "test-pools",
+        &TEST_POOLS.replacen("203.0.113.0/24", "203.0.113.0/26", 1),
+    );
+    until(
+        "withdrawn from the node and the ToR",
+        Duration::from_secs(15),
+        || {
+            (route_to_svc().is_empty() && !tor_routes(&tor).contains(&svc.to_string()))
+                .then_some(String::new())
+        },
+    );
+    assert!(
+        node.log()
+            .contains("203.0.113.77 withdrawn: no AddressPool of use anycast contains it")
+    );
+    let (_, metrics) = node.http("/metrics");
+    assert!(metrics.contains("flock_withdrawn_claims 1"), "{metrics}");
+    node.put_test_pools();
+    until("announced again", Duration::from_secs(15), || {
+        tor_routes(&tor)
+            .contains(&svc.to_string())
+            .then_some(String::new())
+    });
+
+    // A new peer (sorting before the ToR): no other session restarts.
+    let monitor = RouteMonitor::start(&tor);
+    let spec = fabric::node_spec(1, 65001) + "\n    - {address: 198.19.1.2, asn: 65010}";
+    node.put_manifest("nodeconfig", &node_config_for("node-a", &spec, ""));
+    until(
+        "bird.conf with the new peer",
+        Duration::from_secs(10),
+        || {
+            let c = std::fs::read_to_string(node.bird_config()).ok()?;
+            c.contains("protocol bgp peer_198_19_1_2 {").then_some(c)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let changes = monitor.stop();
+    assert!(
+        !changes.lines().any(|l| l.starts_with("Deleted")
+            && (l.contains("198.18.1.0/24")
+                || l.contains("2001:db8:0:1::/64")
+                || l.contains("203.0.113.77"))),
+        "adding a peer withdrew routes on the ToR:\n{changes}"
+    );
+
+    // A peer BIRD would refuse (link-local, no interface): the good
+    // bird.conf stays on disk, and it shows as a warning, not a failure.
+    let good = std::fs::read_to_string(node.bird_config()).expect("bird.conf");
+    let spec = fabric::node_spec(1, 65001) + "\n    - {address: 'fe80::1', asn: 65010}";
+    node.put_manifest("nodeconfig", &node_config_for("node-a", &spec, ""));
+    until("the refusal is counted", Duration::from_secs(10), || {
+        let (_, m) = node.http("/metrics");
+        m.contains("flock_bird_reloads_total{result=\"refused\"}")
+            .then_some(m)
+    });
+    assert_eq!(
+        std::fs::read_to_string(node.bird_config()).expect("bird.conf"),
+        good,
+        "the good bird.conf is kept"
+    );
+    let (status, body) = node.http("/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("ready; ") && body.contains("bird"),
+        "{body}"
+    );
+    assert!(
+        node.log()
+            .contains("Link-local addresses require defined interface")
+    );
+    drop(a.bird.take());
+}
