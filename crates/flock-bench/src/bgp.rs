@@ -123,6 +123,45 @@ pub fn run(trials: usize, flips: usize) -> anyhow::Result<()> {
         ratio(configure.median, TRANSITION_BUDGET)
     );
 
+    // Terminating: a second replica gets a deletionTimestamp (still Ready);
+    // timed until the node's route to the anycast IP has one nexthop.
+    let _second = node.add_pod("web-2", &ann, CONF);
+    let nexthops = || -> usize {
+        rt.block_on(dataplane.flock_routes())
+            .ok()
+            .and_then(|routes| {
+                routes
+                    .into_iter()
+                    .find(|r| r.dst.addr().to_string() == ANYCAST)
+                    .map(|r| r.nexthops.len())
+            })
+            .unwrap_or(0)
+    };
+    let mut to_drain = Vec::new();
+    for _ in 0..trials {
+        node.put_pod("web-2", &ann, true);
+        wait("two nexthops", Duration::from_secs(5), || nexthops() == 2)?;
+        std::thread::sleep(Duration::from_millis(50));
+        let start = Instant::now();
+        node.put_pod_in_state("web-2", &ann, true, true);
+        while nexthops() != 1 {
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("the terminating pod stayed a nexthop for 5 s");
+            }
+        }
+        to_drain.push(start.elapsed());
+    }
+    let drain = Summary::of(to_drain);
+    println!(
+        "terminating pod (deletionTimestamp) → out of the anycast nexthops in the node's kernel ({trials} runs): median {}, p90 {} (budget {}, ratio {:.2})",
+        ms(drain.median),
+        ms(drain.p90),
+        ms(TRANSITION_BUDGET),
+        ratio(drain.median, TRANSITION_BUDGET)
+    );
+    node.put_pod("web-2", &ann, false);
+    wait("one nexthop again", Duration::from_secs(5), || nexthops() == 1)?;
+
     // Flips: `flips` readiness changes spread over 2 s, then a quiet
     // period for the trailing reload.
     std::thread::sleep(Duration::from_secs(1));

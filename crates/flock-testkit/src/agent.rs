@@ -335,12 +335,29 @@ impl AgentNode {
 
     /// Writes a pod manifest on this node (its file is `<name>.yaml`).
     pub fn put_pod(&self, name: &str, annotations: &[(&str, &str)], ready: bool) {
+        self.put_pod_in_state(name, annotations, ready, false);
+    }
+
+    /// [`AgentNode::put_pod`], with a `deletionTimestamp` when `deleting`
+    /// (the pod is terminating: its preStop hooks run, it is still Ready).
+    pub fn put_pod_in_state(
+        &self,
+        name: &str,
+        annotations: &[(&str, &str)],
+        ready: bool,
+        deleting: bool,
+    ) {
         let annotations: Vec<String> = annotations
             .iter()
             .map(|(k, v)| format!("{k:?}: {v:?}"))
             .collect();
+        let deletion = if deleting {
+            "\n  deletionTimestamp: '2026-01-01T00:00:00Z'"
+        } else {
+            ""
+        };
         let manifest = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {}\n  labels: {{app: {name}}}\n  annotations: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  conditions: [{{type: Ready, status: '{}'}}]\n",
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: {}{deletion}\n  labels: {{app: {name}}}\n  annotations: {{{}}}\nspec:\n  nodeName: {}\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  conditions: [{{type: Ready, status: '{}'}}]\n",
             pod_uid("default", name),
             annotations.join(", "),
             self.name,
