@@ -327,6 +327,19 @@ async fn start(
     if consented.wait_for(Option::is_some).await.is_err() {
         anyhow::bail!("the AddressPool loop stopped");
     }
+    readiness.send_replace(Readiness::Starting(format!(
+        "node {}: waiting for pods, namespaces and NetworkPolicies to be listed",
+        cfg.node
+    )));
+    while !pods
+        .cache
+        .wait_for_policy_inputs(cfg.nodeconfig_timeout)
+        .await
+    {
+        warn!(
+            "pods, namespaces or NetworkPolicies not listed yet; not ready for ADD until they are"
+        );
+    }
     readiness.send_replace(Readiness::Ready);
     if let Some(usage) = pods.allocations.usage() {
         pods.metrics.set_usage(usage);

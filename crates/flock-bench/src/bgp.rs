@@ -160,7 +160,9 @@ pub fn run(trials: usize, flips: usize) -> anyhow::Result<()> {
         ratio(drain.median, TRANSITION_BUDGET)
     );
     node.put_pod("web-2", &ann, false);
-    wait("one nexthop again", Duration::from_secs(5), || nexthops() == 1)?;
+    wait("one nexthop again", Duration::from_secs(5), || {
+        nexthops() == 1
+    })?;
 
     // Flips: `flips` readiness changes spread over 2 s, then a quiet
     // period for the trailing reload.
