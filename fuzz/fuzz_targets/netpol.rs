@@ -1,4 +1,4 @@
-//! NetworkPolicy translate + render: never panics on any policy the API
+//! NetworkPolicy engine + render: never panics on any policy the API
 //! types can hold (garbage CIDRs, operators, protocols, ports, endPorts);
 //! the script is deterministic and only ever holds flock's own words,
 //! addresses and numbers, so no policy can inject nft syntax.
@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use arbitrary::Arbitrary;
-use flock_netpol::{ClusterPod, Input, LocalPod, NamedPort, Protocol, render, translate};
+use flock_netpol::{ClusterPod, Engine, LocalPod, NamedPort, Protocol, render_delta, render_table};
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
     NetworkPolicyPort, NetworkPolicySpec,
@@ -165,17 +165,48 @@ fuzz_target!(|input: Vec<Policy>| {
         ("x".to_owned(), BTreeMap::from([("a".to_owned(), "x".to_owned())])),
         ("y".to_owned(), BTreeMap::new()),
     ]);
-    let run = || {
-        render(&translate(&Input { pods: &pods, local: &local, namespaces: &namespaces, policies: &policies }))
-            .expect("flock's own interface names always render")
+    let build = || {
+        let mut e = Engine::new();
+        e.set_namespaces(namespaces.clone());
+        for p in &pods {
+            e.upsert_pod(p.clone());
+        }
+        for lp in &local {
+            e.upsert_local(lp.clone());
+        }
+        e.set_policies(&policies);
+        e.refresh();
+        e
     };
-    let text = run();
-    assert_eq!(text, run(), "deterministic");
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
+    let whole = build();
+    let text = render_table(whole.desired()).expect("flock's own interface names always render");
+    assert_eq!(text, render_table(build().desired()).expect("render"), "deterministic");
+    // Built change by change, with a delta after each, it ends where the
+    // whole translation is; the deltas render with flock's words only.
+    let mut inc = Engine::new();
+    let mut deltas = String::new();
+    for p in &policies {
+        inc.upsert_policy(p);
+        deltas += &render_delta(&inc.refresh()).expect("delta");
+    }
+    inc.set_namespaces(namespaces.clone());
+    for lp in &local {
+        inc.upsert_local(lp.clone());
+        deltas += &render_delta(&inc.refresh()).expect("delta");
+    }
+    for p in &pods {
+        inc.upsert_pod(p.clone());
+        deltas += &render_delta(&inc.refresh()).expect("delta");
+    }
+    assert_eq!(inc.desired(), whole.desired(), "incremental = whole");
+    for line in text.lines().chain(deltas.lines()).filter(|l| !l.starts_with('#')) {
         assert!(
             line.chars().all(|c| c.is_ascii_alphanumeric() || " \t_.:,/{}@=-\";".contains(c)),
             "unexpected character in {line:?}"
         );
-        assert!(!line.contains(';') || line.contains("policy accept;"), "{line:?}");
+        assert!(
+            !line.contains(';') || line.contains("policy accept;") || line.starts_with("add set "),
+            "{line:?}"
+        );
     }
 });

@@ -509,7 +509,7 @@ impl AllocationStore for FakeStore {
     }
 }
 
-/// An nft loader that records each script.
+/// An nft loader that records each script it loads.
 #[derive(Debug, Default, Clone)]
 pub struct FakeLoader {
     /// The scripts loaded, in order.
@@ -517,16 +517,16 @@ pub struct FakeLoader {
 }
 
 impl flock_netpol::Loader for FakeLoader {
-    fn apply(&mut self, script: &str) -> Result<flock_netpol::Applied, flock_netpol::ApplyError> {
-        let mut loaded = self.loaded.lock().expect("loader");
-        if loaded.last().map(String::as_str) == Some(script) {
-            return Ok(flock_netpol::Applied::Unchanged);
-        }
-        loaded.push(script.to_owned());
-        Ok(flock_netpol::Applied::Loaded)
+    fn load(&mut self, script: &str) -> Result<(), flock_netpol::ApplyError> {
+        self.loaded.lock().expect("loader").push(script.to_owned());
+        Ok(())
     }
 
-    fn heal(&mut self) -> Result<flock_netpol::Applied, flock_netpol::ApplyError> {
-        Ok(flock_netpol::Applied::Unchanged)
+    fn check(&mut self, _script: &str) -> Result<(), flock_netpol::ApplyError> {
+        Ok(())
+    }
+
+    fn inventory(&mut self) -> Result<Option<flock_netpol::Inventory>, flock_netpol::ApplyError> {
+        Ok(None)
     }
 }

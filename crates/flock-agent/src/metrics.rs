@@ -55,6 +55,8 @@ pub struct Metrics {
     /// Claimed IPs of this node's pods that are not routed or announced
     /// because no AddressPool (any more) consents to them.
     pub withdrawn_claims: Gauge,
+    /// NetworkPolicies nft refused: they isolate their pods and allow nothing.
+    pub netpol_refused: Gauge,
 }
 
 /// Labels naming an outcome.
@@ -127,8 +129,15 @@ impl Metrics {
             "Claimed anycast/addresses IPs of this node's pods withdrawn for want of an AddressPool's consent (the log names each)",
             withdrawn_claims.clone(),
         );
+        let netpol_refused = Gauge::default();
+        registry.register(
+            "netpol_refused_policies",
+            "NetworkPolicies nft refused: their pods stay isolated and they allow nothing (the log names each)",
+            netpol_refused.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
+            netpol_refused,
             duplicate_addresses,
             withdrawn_claims,
             rpc,

@@ -1,18 +1,33 @@
-//! NetworkPolicy enforcement, one loop that owns the nft loader: the
-//! cluster as the cache sees it and this node's pods as the allocations
-//! record them, through `flock-netpol`, into the kernel with one `nft -f -`.
+//! NetworkPolicy enforcement, one loop that owns the translation engine and
+//! the nft loader. The cluster as the cache sees it and this node's pods
+//! as the allocations record them go into a `flock_netpol::Engine`; each
+//! change comes out as a transaction of just the set elements, chains and
+//! map elements it touched. The whole table is loaded at start-up (unless
+//! the kernel already holds it) and when the 30 s check finds it changed.
+//!
+//! An address belongs to one pod: on this node the allocation that holds
+//! it, elsewhere the newest pod reporting it; pods being deleted, finished
+//! or on the host network are in no peer set.
 //!
 //! An ADD of a pod a policy selects asks the loop, through a
 //! [`PolicyHandle`], to put the pod's isolation in place before the ADD
-//! answers; the loop serves such requests before any other pass.
+//! answers; the loop serves such requests before any other change.
+//!
+//! Should nft refuse a load, the policies it refuses are found (`nft -c`,
+//! halving the suspects) and disabled: their pods stay isolated, those
+//! policies allow nothing, and everything else is enforced. They are
+//! reported by name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flock_datastore::{Cache, Event};
-use flock_netpol::{Applied, ClusterPod, Input, Loader, LocalPod, NamedPort, Protocol, Ruleset};
+use flock_datastore::{Cache, Event, PodInfo};
+use flock_netpol::{
+    ClusterPod, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, render_delta,
+    render_table,
+};
 use flock_store::AllocState;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +47,8 @@ const SYNC_WAIT: Duration = Duration::from_secs(3);
 
 /// How long the loop waits at a time for the first lists after a start.
 const LIST_WAIT: Duration = Duration::from_secs(60);
+
+type Key = (String, String);
 
 /// Why a new pod's rules are not in place.
 #[derive(Debug)]
@@ -84,6 +101,126 @@ impl PolicyHandle {
     }
 }
 
+/// Who owns each address, for the peer sets.
+#[derive(Default)]
+struct Ownership {
+    /// Live cluster pods (not finished, not terminating, not host network).
+    pods: HashMap<Key, PodInfo>,
+    /// Which of them report each address.
+    reported: HashMap<IpAddr, BTreeSet<Key>>,
+    /// This node's allocations: address → the pod it belongs to.
+    store: HashMap<IpAddr, Key>,
+    /// This node's pods' addresses by pod, from the allocations.
+    local_ips: HashMap<Key, Vec<IpAddr>>,
+}
+
+fn key_of(p: &PodInfo) -> Key {
+    (p.namespace.clone(), p.name.clone())
+}
+
+impl Ownership {
+    /// Replaces one pod (`None`: gone); returns the pods whose effective
+    /// addresses may have changed.
+    fn set_pod(&mut self, key: Key, pod: Option<PodInfo>) -> BTreeSet<Key> {
+        let mut affected = BTreeSet::from([key.clone()]);
+        if let Some(old) = self.pods.remove(&key) {
+            for ip in &old.ips {
+                if let Some(r) = self.reported.get_mut(ip) {
+                    r.remove(&key);
+                    affected.extend(r.iter().cloned());
+                    if r.is_empty() {
+                        self.reported.remove(ip);
+                    }
+                }
+            }
+        }
+        let live = pod.filter(|p| !p.terminated && !p.deleting && !p.host_network);
+        if let Some(p) = live {
+            for ip in &p.ips {
+                let r = self.reported.entry(*ip).or_default();
+                affected.extend(r.iter().cloned());
+                r.insert(key.clone());
+            }
+            self.pods.insert(key, p);
+        }
+        affected
+    }
+
+    /// Replaces this node's allocations; returns the pods affected.
+    fn set_store(&mut self, local_ips: HashMap<Key, Vec<IpAddr>>) -> BTreeSet<Key> {
+        let mut affected = BTreeSet::new();
+        let mut store = HashMap::new();
+        for (key, ips) in &local_ips {
+            for ip in ips {
+                store.insert(*ip, key.clone());
+            }
+        }
+        for (ip, key) in self.store.iter().chain(store.iter()) {
+            if self.store.get(ip) != store.get(ip) {
+                affected.insert(key.clone());
+                affected.extend(self.reported.get(ip).into_iter().flatten().cloned());
+            }
+        }
+        for key in self.local_ips.keys().chain(local_ips.keys()) {
+            if self.local_ips.get(key) != local_ips.get(key) {
+                affected.insert(key.clone());
+            }
+        }
+        self.store = store;
+        self.local_ips = local_ips;
+        affected
+    }
+
+    /// The pod as the peer sets see it, with only the addresses it owns.
+    fn effective(&self, key: &Key) -> Option<ClusterPod> {
+        let p = self.pods.get(key)?;
+        let ips = match self.local_ips.get(key) {
+            // The allocation knows a local pod's addresses before the API does.
+            Some(ips) => ips.clone(),
+            None => p
+                .ips
+                .iter()
+                .copied()
+                .filter(|ip| self.store.get(ip).is_none_or(|owner| owner == key))
+                .filter(|ip| self.newest_reporter(*ip).as_ref() == Some(key))
+                .collect(),
+        };
+        Some(ClusterPod {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            labels: p.labels.clone(),
+            ips,
+            ports: p
+                .ports
+                .iter()
+                .filter_map(|cp| {
+                    Some(NamedPort {
+                        name: cp.name.clone()?,
+                        port: cp.port,
+                        protocol: Protocol::parse(Some(&cp.protocol))?,
+                    })
+                })
+                .collect(),
+        })
+    }
+
+    /// Of the pods reporting `ip`, the newest (`creationTimestamp`, then uid).
+    fn newest_reporter(&self, ip: IpAddr) -> Option<Key> {
+        self.reported
+            .get(&ip)?
+            .iter()
+            .filter_map(|k| self.pods.get(k).map(|p| (k, p)))
+            .max_by(|(_, a), (_, b)| {
+                if a.older_than(b) {
+                    std::cmp::Ordering::Less
+                } else {
+                    std::cmp::Ordering::Greater
+                }
+            })
+            .map(|(k, _)| k.clone())
+    }
+}
+
 /// The policy loop's own state.
 pub struct PolicyLoop<L, S> {
     cache: Cache,
@@ -93,8 +230,14 @@ pub struct PolicyLoop<L, S> {
     trigger: Arc<Notify>,
     board: Arc<Board>,
     metrics: Metrics,
-    warnings: Vec<String>,
+    engine: Engine,
+    owners: Ownership,
+    /// Whether the kernel holds the engine's table (loaded or adopted).
+    loaded: bool,
     last_error: Option<String>,
+    /// Policies nft refused, with its words.
+    refused: Vec<(Key, String)>,
+    warnings: Vec<String>,
 }
 
 /// A loop and the handle that reaches it.
@@ -120,20 +263,35 @@ pub fn policy_loop<L: Loader, S: AllocationStore>(
         trigger,
         board,
         metrics,
-        warnings: Vec::new(),
+        engine: Engine::new(),
+        owners: Ownership::default(),
+        loaded: false,
         last_error: None,
+        refused: Vec::new(),
+        warnings: Vec::new(),
     };
     (policy, handle)
 }
 
+/// What the events of one burst changed.
+#[derive(Default)]
+struct Changes {
+    pods: BTreeSet<Key>,
+    namespaces: bool,
+    policies: bool,
+    everything: bool,
+}
+
 impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
     /// Keeps the kernel's table equal to the policies: on every change of
-    /// pods, namespaces or policies, after DELs, and every 30 s (then also
-    /// healing outside changes). Loads nothing until pods, namespaces and
-    /// policies have been listed once after a start, so a restart never
-    /// opens what was closed: the kernel keeps the table it has meanwhile.
+    /// pods, namespaces, policies or this node's allocations, and every
+    /// 30 s (then also healing outside changes). Loads nothing until pods,
+    /// namespaces and policies have been listed once after a start, so a
+    /// restart never opens what was closed: the kernel keeps the table it
+    /// has meanwhile.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut events = self.cache.subscribe();
+        let mut held = self.allocations.subscribe();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -143,27 +301,46 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
                 "pods, namespaces or NetworkPolicies not listed yet; the kernel keeps its NetworkPolicy table until they are"
             );
         }
+        self.rebuild();
+        let _ = self
+            .enforce(true)
+            .instrument(info_span!("netpol_start"))
+            .await;
         let mut tick = tokio::time::interval(POLICY_HEAL);
+        tick.tick().await;
         loop {
+            let mut changes = Changes::default();
             let heal = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return,
                 Some(request) = self.requests.recv() => {
-                    let outcome = self.isolate(&request.iface).await;
+                    let outcome = self.isolate(&request.iface).instrument(info_span!("netpol_isolate")).await;
                     let _ = request.reply.send(outcome);
                     continue;
                 }
                 () = self.trigger.notified() => false,
-                event = events.recv() => match event {
-                    Ok(Event::Pod { .. } | Event::PodDeleted { .. } | Event::Namespaces | Event::Policies)
-                    | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => false,
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                },
+                changed = held.changed() => { if changed.is_err() { return } false }
+                event = events.recv() => {
+                    match event {
+                        Ok(e) => note(&mut changes, e),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => changes.everything = true,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                    false
+                }
                 _ = tick.tick() => true,
             };
             // A burst of events is one pass.
-            while events.try_recv().is_ok() {}
+            loop {
+                match events.try_recv() {
+                    Ok(e) => note(&mut changes, e),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {
+                        changes.everything = true
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.absorb(changes);
             let _ = self
                 .enforce(heal)
                 .instrument(info_span!("netpol_pass", heal))
@@ -171,141 +348,310 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         }
     }
 
-    async fn isolate(&mut self, iface: &str) -> Result<(), NotEnforced> {
-        let rules = self.ruleset();
-        if rules.pod(iface).is_none() {
-            self.trigger.notify_one();
-            return Ok(());
+    /// Everything from scratch (after a start or a lagged event stream).
+    fn rebuild(&mut self) {
+        self.owners = Ownership::default();
+        self.engine = Engine::new();
+        self.engine.set_namespaces(self.cache.namespaces());
+        self.engine.set_policies(&self.cache.policies());
+        self.sync_locals();
+        let pods = self.cache.pods();
+        let keys: BTreeSet<Key> = pods.iter().map(key_of).collect();
+        for p in pods {
+            self.owners.set_pod(key_of(&p), Some(p));
         }
-        self.load(&rules, false).await.map_err(NotEnforced::Failed)
+        self.feed(keys);
     }
 
-    async fn enforce(&mut self, heal: bool) -> Result<(), String> {
-        let rules = self.ruleset();
-        self.load(&rules, heal).await
+    fn absorb(&mut self, changes: Changes) {
+        if changes.everything {
+            self.rebuild();
+            return;
+        }
+        if changes.namespaces {
+            self.engine.set_namespaces(self.cache.namespaces());
+        }
+        if changes.policies {
+            self.engine.set_policies(&self.cache.policies());
+            if !self.refused.is_empty() {
+                // A policy changed: give the refused ones another chance.
+                self.refused.clear();
+                self.engine.set_disabled(BTreeSet::new());
+                self.metrics.netpol_refused.set(0);
+                self.loaded = false;
+            }
+        }
+        self.sync_locals();
+        let mut affected = BTreeSet::new();
+        for key in changes.pods {
+            let pod = self.cache.pod(&key.0, &key.1);
+            affected.extend(self.owners.set_pod(key, pod));
+        }
+        self.feed(affected);
     }
 
-    /// The translation for the current state.
-    fn ruleset(&self) -> Ruleset {
-        let policies = self.cache.policies();
-        if policies.is_empty() {
-            // Nothing isolates anyone: no need to look at a single pod.
-            return Ruleset::default();
-        }
-        let mut local = Vec::new();
-        let mut local_ips: HashMap<(String, String), Vec<IpAddr>> = HashMap::new();
+    /// This node's pods from the allocations (not those being released).
+    fn sync_locals(&mut self) {
+        let mut local_ips: HashMap<Key, Vec<IpAddr>> = HashMap::new();
+        let mut wanted: HashMap<String, LocalPod> = HashMap::new();
         for a in self.allocations.snapshot() {
             if a.state == AllocState::Releasing {
                 continue; // its veth is going away
             }
-            local.push(LocalPod {
-                namespace: a.namespace.clone(),
-                name: a.pod.clone(),
-                iface: a.host_iface.clone(),
-            });
-            local_ips
-                .entry((a.namespace.clone(), a.pod.clone()))
-                .or_default()
-                .extend(a.unicast());
+            let key = (a.namespace.clone(), a.pod.clone());
+            local_ips.entry(key).or_default().extend(a.unicast());
+            wanted.insert(
+                a.host_iface.clone(),
+                LocalPod {
+                    namespace: a.namespace.clone(),
+                    name: a.pod.clone(),
+                    iface: a.host_iface.clone(),
+                },
+            );
         }
-        // The store knows this node's pods' addresses before the API does.
-        let pods: Vec<ClusterPod> = self
-            .cache
-            .pods()
-            .into_iter()
-            .filter(|p| !p.terminated)
-            .map(|p| {
-                let ips = local_ips
-                    .remove(&(p.namespace.clone(), p.name.clone()))
-                    .unwrap_or(p.ips);
-                ClusterPod {
-                    ports: p
-                        .ports
-                        .iter()
-                        .filter_map(|cp| {
-                            Some(NamedPort {
-                                name: cp.name.clone()?,
-                                port: cp.port,
-                                protocol: Protocol::parse(Some(&cp.protocol))?,
-                            })
-                        })
-                        .collect(),
-                    namespace: p.namespace,
-                    name: p.name,
-                    labels: p.labels,
-                    ips,
-                }
-            })
+        let gone: Vec<String> = self
+            .engine
+            .locals()
+            .filter(|l| !wanted.contains_key(&l.iface))
+            .map(|l| l.iface.clone())
             .collect();
-        let namespaces = self.cache.namespaces();
-        flock_netpol::translate(&Input {
-            pods: &pods,
-            local: &local,
-            namespaces: &namespaces,
-            policies: &policies,
-        })
+        for iface in gone {
+            self.engine.remove_local(&iface);
+        }
+        for lp in wanted.into_values() {
+            self.engine.upsert_local(lp);
+        }
+        let affected = self.owners.set_store(local_ips);
+        self.feed(affected);
     }
 
-    /// Renders and loads `rules`; `heal` also re-loads a table changed
-    /// behind flock's back. A failure keeps the kernel's previous table.
-    async fn load(&mut self, rules: &Ruleset, heal: bool) -> Result<(), String> {
-        let outcome = match flock_netpol::render(rules) {
-            Err(e) => Err(e.to_string()),
-            Ok(script) => {
-                let loader = self.loader.clone();
-                tokio::task::spawn_blocking(move || {
-                    let mut l = loader.lock().unwrap_or_else(|p| p.into_inner());
-                    let loaded = l.apply(&script)?;
-                    // A table loaded just now needs no check.
-                    let healed = if heal && loaded == Applied::Unchanged {
-                        l.heal()?
-                    } else {
-                        Applied::Unchanged
-                    };
-                    Ok::<_, flock_netpol::ApplyError>((loaded, healed))
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
+    /// Gives the engine the pods' effective views.
+    fn feed(&mut self, keys: BTreeSet<Key>) {
+        for key in keys {
+            match self.owners.effective(&key) {
+                Some(pod) => self.engine.upsert_pod(pod),
+                None => self.engine.remove_pod(&key.0, &key.1),
             }
-        };
-        if self.warnings != rules.warnings {
-            for w in &rules.warnings {
-                warn!(problem = %w, "NetworkPolicy part ignored");
-            }
-            self.warnings = rules.warnings.clone();
         }
-        let result = match outcome {
-            Ok((loaded, healed)) => {
-                if loaded == Applied::Loaded {
-                    self.metrics.reconciled("netpol_loaded");
-                }
-                if healed == Applied::Healed {
-                    self.metrics.reconciled("netpol_healed");
-                    warn!(
-                        "the nft table inet flock was changed or deleted outside flock; loaded again"
-                    );
-                }
-                if self.last_error.take().is_some() {
-                    info!("NetworkPolicy ruleset loaded again after a failure");
-                }
+    }
+
+    async fn isolate(&mut self, iface: &str) -> Result<(), NotEnforced> {
+        self.sync_locals();
+        // The new pod's labels, if the cache has them by now.
+        let keys: BTreeSet<Key> = self
+            .engine
+            .locals()
+            .filter(|l| l.iface == iface)
+            .map(|l| (l.namespace.clone(), l.name.clone()))
+            .collect();
+        let mut affected = BTreeSet::new();
+        for key in keys {
+            let pod = self.cache.pod(&key.0, &key.1);
+            affected.extend(self.owners.set_pod(key, pod));
+        }
+        self.feed(affected);
+        if !self.engine.isolates(iface) {
+            self.trigger.notify_one();
+            return Ok(());
+        }
+        self.enforce(false).await.map_err(NotEnforced::Failed)
+    }
+
+    /// Brings the kernel to the engine's state: the changes since the last
+    /// pass, or the whole table when it is not known to be loaded; `heal`
+    /// first checks the kernel's table against what it should hold.
+    async fn enforce(&mut self, heal: bool) -> Result<(), String> {
+        let delta = self.engine.refresh();
+        if heal && self.loaded {
+            let want = Inventory::of(self.engine.desired());
+            let have = self
+                .blocking(|l| l.inventory())
+                .await
+                .map_err(|e| e.to_string());
+            if have.as_ref().ok().and_then(|h| h.as_ref()) != Some(&want) {
+                self.metrics.reconciled("netpol_healed");
+                warn!(
+                    "the nft table inet flock was changed or deleted outside flock; loading it again"
+                );
+                self.loaded = false;
+            }
+        }
+        if !self.loaded {
+            return self.load_table(heal).await;
+        }
+        if delta.is_empty() {
+            return Ok(());
+        }
+        let script = render_delta(&delta).map_err(|e| e.to_string())?;
+        match self.blocking(move |l| l.load(&script)).await {
+            Ok(()) => {
+                self.metrics.reconciled("netpol_changed");
+                self.settle(None);
                 Ok(())
             }
             Err(e) => {
+                warn!(error = %e, "a NetworkPolicy change was refused; loading the whole table");
+                self.loaded = false;
+                self.load_table(false).await
+            }
+        }
+    }
+
+    /// Loads the whole table; at start (`adopt`), not when the kernel holds
+    /// it already. When nft refuses it, finds the policies it refuses and
+    /// disables them.
+    async fn load_table(&mut self, adopt: bool) -> Result<(), String> {
+        if adopt {
+            let want = Inventory::of(self.engine.desired());
+            if let Ok(Some(have)) = self.blocking(|l| l.inventory()).await
+                && have == want
+            {
+                info!("the kernel holds this NetworkPolicy table already; nothing loaded");
+                self.loaded = true;
+                self.settle(None);
+                return Ok(());
+            }
+        }
+        let script = render_table(self.engine.desired()).map_err(|e| e.to_string())?;
+        let first = match self.blocking(move |l| l.load(&script)).await {
+            Ok(()) => {
+                self.loaded = true;
+                self.metrics.reconciled("netpol_loaded");
+                self.settle(None);
+                return Ok(());
+            }
+            Err(e) => e.to_string(),
+        };
+        warn!(error = %first, "nft refused the NetworkPolicy table; finding the policies it refuses");
+        let refused = self.find_refused().await;
+        self.engine
+            .set_disabled(refused.iter().map(|(k, _)| k.clone()).collect());
+        self.engine.refresh();
+        let script = render_table(self.engine.desired()).map_err(|e| e.to_string())?;
+        let outcome = self.blocking(move |l| l.load(&script)).await;
+        self.refused = refused;
+        for (key, why) in &self.refused {
+            self.metrics.error("netpol_refused");
+            warn!(policy = %format!("{}/{}", key.0, key.1), error = %why, "NetworkPolicy refused by nft: its pods stay isolated and it allows nothing");
+        }
+        self.metrics.netpol_refused.set(self.refused.len() as i64);
+        match outcome {
+            Ok(()) => {
+                self.loaded = true;
+                self.metrics.reconciled("netpol_loaded");
+                self.settle(Some(first));
+                Ok(())
+            }
+            Err(e) => {
+                let e = e.to_string();
                 self.metrics.error("netpol");
-                warn!(error = %e, "NetworkPolicy ruleset not loaded; the kernel keeps the previous one");
-                self.last_error = Some(e.clone());
+                warn!(error = %e, "NetworkPolicy table not loaded; the kernel keeps the previous one");
+                self.settle(Some(e.clone()));
                 Err(e)
             }
-        };
+        }
+    }
+
+    /// The policies without which nft accepts the table: each found by
+    /// halving the suspects (`nft -c`), at most 32 of them.
+    async fn find_refused(&mut self) -> Vec<(Key, String)> {
+        let mut refused: Vec<(Key, String)> = Vec::new();
+        let keys = self.engine.policy_keys();
+        for _ in 0..32 {
+            let off: BTreeSet<Key> = refused.iter().map(|(k, _)| k.clone()).collect();
+            if self.check_with(&keys, &off).await.is_ok() {
+                break;
+            }
+            // The shortest prefix of the others whose rules nft refuses ends in a culprit.
+            let candidates: Vec<Key> = keys.iter().filter(|k| !off.contains(*k)).cloned().collect();
+            let (mut lo, mut hi) = (1usize, candidates.len());
+            let mut why = String::new();
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                let on: BTreeSet<&Key> = candidates[..mid].iter().collect();
+                let disabled: BTreeSet<Key> =
+                    keys.iter().filter(|k| !on.contains(k)).cloned().collect();
+                match self.check_with(&keys, &disabled).await {
+                    Ok(()) => lo = mid + 1,
+                    Err(e) => {
+                        why = e;
+                        hi = mid;
+                    }
+                }
+            }
+            let Some(culprit) = candidates.get(lo - 1).cloned() else {
+                break;
+            };
+            refused.push((culprit, why));
+        }
+        refused
+    }
+
+    /// `nft -c` of the table with `disabled` policies allowing nothing.
+    async fn check_with(&mut self, _keys: &[Key], disabled: &BTreeSet<Key>) -> Result<(), String> {
+        self.engine.set_disabled(disabled.clone());
+        self.engine.refresh();
+        let script = render_table(self.engine.desired()).map_err(|e| e.to_string())?;
+        self.blocking(move |l| l.check(&script))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut L) -> Result<T, flock_netpol::ApplyError> + Send + 'static,
+    ) -> Result<T, flock_netpol::ApplyError> {
+        let loader = self.loader.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut l = loader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut l)
+        })
+        .await
+        .unwrap_or_else(|e| Err(flock_netpol::ApplyError::Spawn(std::io::Error::other(e))))
+    }
+
+    /// Records the outcome and posts warnings.
+    fn settle(&mut self, error: Option<String>) {
+        match (&self.last_error, &error) {
+            (Some(_), None) => info!("NetworkPolicy table in force again"),
+            (_, Some(e)) => {
+                self.metrics.error("netpol");
+                warn!(error = %e, "NetworkPolicy load failed");
+            }
+            _ => {}
+        }
+        self.last_error = error;
+        let warnings = self.engine.warnings();
+        if warnings != self.warnings {
+            for w in &warnings {
+                warn!(problem = %w, "NetworkPolicy part ignored");
+            }
+            self.warnings = warnings;
+        }
         self.board.set(
             "networkpolicy",
             self.last_error
                 .iter()
                 .map(|e| format!("last load failed: {e}"))
+                .chain(self.refused.iter().map(|(k, why)| {
+                    format!(
+                        "NetworkPolicy {}/{} refused by nft (its pods stay isolated, it allows nothing): {why}",
+                        k.0, k.1
+                    )
+                }))
                 .chain(self.warnings.iter().cloned())
                 .collect(),
         );
-        result
+    }
+}
+
+fn note(changes: &mut Changes, event: Event) {
+    match event {
+        Event::Pod { namespace, name } | Event::PodDeleted { namespace, name } => {
+            changes.pods.insert((namespace, name));
+        }
+        Event::Namespaces => changes.namespaces = true,
+        Event::Policies => changes.policies = true,
+        _ => {}
     }
 }

@@ -57,6 +57,7 @@ fn pod_info(name: &str, uid: &str) -> PodInfo {
         terminated: false,
         created: None,
         deleting: false,
+        host_network: false,
     }
 }
 

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use flock_netpol::{Applier, ClusterPod, Input, LocalPod, NamedPort, Protocol};
+use flock_netpol::{Applier, ClusterPod, Engine, Loader, LocalPod, NamedPort, Protocol};
 use flock_testkit::agent::{AgentNode, Pod, default_node_config};
 use flock_testkit::{NetnsGuard, tcp_connects, tcp_listen};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -118,14 +118,18 @@ fn translate_render(s: &Synthetic, local: &[LocalPod]) -> anyhow::Result<String>
 /// The script, and the time translation took.
 fn translate_render_timed(s: &Synthetic, local: &[LocalPod]) -> anyhow::Result<(String, Duration)> {
     let start = Instant::now();
-    let rules = flock_netpol::translate(&Input {
-        pods: &s.pods,
-        local,
-        namespaces: &s.namespaces,
-        policies: &s.policies,
-    });
+    let mut engine = Engine::new();
+    engine.set_namespaces(s.namespaces.clone());
+    engine.set_policies(&s.policies);
+    for p in &s.pods {
+        engine.upsert_pod(p.clone());
+    }
+    for lp in local {
+        engine.upsert_local(lp.clone());
+    }
+    engine.refresh();
     let translated = start.elapsed();
-    Ok((flock_netpol::render(&rules)?, translated))
+    Ok((flock_netpol::render_table(engine.desired())?, translated))
 }
 
 fn synthetic() -> anyhow::Result<()> {
@@ -182,7 +186,7 @@ fn synthetic() -> anyhow::Result<()> {
     for r in 0..runs {
         let text = if r % 2 == 0 { script } else { &other };
         let start = Instant::now();
-        applier.apply(text)?;
+        applier.load(text)?;
         samples.push(start.elapsed());
     }
     let t = Summary::of(samples);

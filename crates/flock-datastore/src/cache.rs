@@ -136,6 +136,14 @@ impl Cache {
             .cloned()
     }
 
+    /// A pod of the cluster.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo> {
+        self.read()
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
     /// Every pod on this node.
     pub fn local_pods(&self) -> Vec<PodInfo> {
         self.read()

@@ -38,8 +38,11 @@ pub struct PodInfo {
     /// `metadata.creationTimestamp`: who claimed an IP first.
     pub created: Option<k8s_openapi::jiff::Timestamp>,
     /// `metadata.deletionTimestamp` is set: the pod is going (its
-    /// anycast and `addresses` IPs are withdrawn at once, Ready or not).
+    /// anycast and `addresses` IPs are withdrawn at once, Ready or not,
+    /// and it leaves every NetworkPolicy peer set).
     pub deleting: bool,
+    /// `spec.hostNetwork`: its addresses are the node's, not its own.
+    pub host_network: bool,
 }
 
 /// One declared container port.
@@ -97,6 +100,7 @@ impl PodInfo {
                 .is_some_and(|p| p == "Succeeded" || p == "Failed"),
             created: pod.metadata.creation_timestamp.as_ref().map(|t| t.0),
             deleting: pod.metadata.deletion_timestamp.is_some(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         }
     }
 

@@ -1,12 +1,15 @@
-//! Loading a rendered script with `nft -f -`, and healing the table.
+//! Loading scripts with `nft -f -`, checking them with `nft -c`, and
+//! looking at what the kernel holds (for healing).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use crate::engine::Desired;
 use crate::render::TABLE;
 
-/// Why a script was not loaded. The kernel keeps the previous table: nft
-/// applies a script as one transaction.
+/// Why a script was not loaded. The kernel keeps what it had: nft applies
+/// a script as one transaction.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// `nft` could not be run.
@@ -17,27 +20,77 @@ pub enum ApplyError {
     Refused(String),
 }
 
-/// What [`Applier::apply`] or [`Applier::heal`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// The kernel already had it.
-    Unchanged,
-    /// A new script was loaded.
-    Loaded,
-    /// The table had been changed or deleted behind flock's back and was
-    /// loaded again.
-    Healed,
+/// How many objects the table holds, to tell whether someone changed it:
+/// elements per set and map, rules per chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// Sets and maps by name, with their element counts.
+    pub sets: BTreeMap<String, usize>,
+    /// Chains by name, with their rule counts.
+    pub chains: BTreeMap<String, usize>,
 }
 
-/// Loads scripts, skipping unchanged ones, and notices outside changes.
+impl Inventory {
+    /// What the kernel should hold once `d` is loaded.
+    pub fn of(d: &Desired) -> Inventory {
+        let mut inv = Inventory::default();
+        for (name, spec) in &d.sets {
+            inv.sets.insert(name.clone(), spec.elements.len());
+        }
+        inv.sets.insert("egress_pods".into(), d.egress.len());
+        inv.sets.insert("ingress_pods".into(), d.ingress.len());
+        for (name, rules) in &d.chains {
+            inv.chains.insert(name.clone(), rules.len());
+        }
+        inv.chains.insert("forward".into(), 3);
+        inv
+    }
+
+    /// Parses `nft -j list table inet flock`.
+    pub fn parse(json: &str) -> Option<Inventory> {
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        let mut inv = Inventory::default();
+        for item in v.get("nftables")?.as_array()? {
+            for kind in ["set", "map"] {
+                if let Some(s) = item.get(kind) {
+                    let n = s.get("elem").and_then(|e| e.as_array()).map_or(0, |e| {
+                        // An interval set lists a range as one element.
+                        e.len()
+                    });
+                    inv.sets.insert(s.get("name")?.as_str()?.to_owned(), n);
+                }
+            }
+            if let Some(c) = item.get("chain") {
+                inv.chains
+                    .entry(c.get("name")?.as_str()?.to_owned())
+                    .or_insert(0);
+            }
+            if let Some(r) = item.get("rule") {
+                *inv.chains
+                    .entry(r.get("chain")?.as_str()?.to_owned())
+                    .or_insert(0) += 1;
+            }
+        }
+        Some(inv)
+    }
+}
+
+/// Loads and checks scripts; [`Applier`] is the real one, the agent's tests
+/// record what a fake is asked to do.
+pub trait Loader: Send + 'static {
+    /// Loads `script` (one transaction).
+    fn load(&mut self, script: &str) -> Result<(), ApplyError>;
+    /// Whether nft would accept `script`, without loading it.
+    fn check(&mut self, script: &str) -> Result<(), ApplyError>;
+    /// What the kernel's table holds; `None` when there is no table.
+    fn inventory(&mut self) -> Result<Option<Inventory>, ApplyError>;
+}
+
+/// Runs `nft`.
 #[derive(Debug)]
 pub struct Applier {
     /// The program and its leading arguments.
     nft: Vec<String>,
-    /// The last script loaded.
-    loaded: Option<String>,
-    /// `nft list table` right after loading it.
-    listing: Option<String>,
 }
 
 impl Default for Applier {
@@ -57,8 +110,6 @@ impl Applier {
     pub fn with_command(argv: &[&str]) -> Applier {
         Applier {
             nft: argv.iter().map(|a| (*a).to_owned()).collect(),
-            loaded: None,
-            listing: None,
         }
     }
 
@@ -68,36 +119,10 @@ impl Applier {
         c
     }
 
-    /// Loads `script` unless it is what was loaded last.
-    pub fn apply(&mut self, script: &str) -> Result<Applied, ApplyError> {
-        if self.loaded.as_deref() == Some(script) {
-            return Ok(Applied::Unchanged);
-        }
-        self.load(script)?;
-        self.loaded = Some(script.to_owned());
-        self.listing = self.list().ok();
-        Ok(Applied::Loaded)
-    }
-
-    /// Loads the last script again if the table is gone or differs from
-    /// what the kernel showed right after loading it.
-    pub fn heal(&mut self) -> Result<Applied, ApplyError> {
-        let Some(script) = self.loaded.clone() else {
-            return Ok(Applied::Unchanged);
-        };
-        let now = self.list().ok();
-        if now.is_some() && now == self.listing {
-            return Ok(Applied::Unchanged);
-        }
-        self.load(&script)?;
-        self.listing = self.list().ok();
-        Ok(Applied::Healed)
-    }
-
-    fn load(&self, script: &str) -> Result<(), ApplyError> {
+    fn run(&self, args: &[&str], script: &str) -> Result<(), ApplyError> {
         let mut child = self
             .command()
-            .args(["-f", "-"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -114,38 +139,26 @@ impl Applier {
             ))
         }
     }
-
-    fn list(&self) -> Result<String, ApplyError> {
-        let out = self
-            .command()
-            .args(["list", "table", "inet", TABLE])
-            .stdin(Stdio::null())
-            .output()?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(ApplyError::Refused(
-                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            ))
-        }
-    }
-}
-
-/// Loads rulesets into the kernel and heals them: [`Applier`] is the real
-/// one; the agent's tests record what a fake is asked to load.
-pub trait Loader: Send + 'static {
-    /// Loads `script` unless it is what was loaded last.
-    fn apply(&mut self, script: &str) -> Result<Applied, ApplyError>;
-    /// Loads the last script again if the kernel's table differs from it.
-    fn heal(&mut self) -> Result<Applied, ApplyError>;
 }
 
 impl Loader for Applier {
-    fn apply(&mut self, script: &str) -> Result<Applied, ApplyError> {
-        Applier::apply(self, script)
+    fn load(&mut self, script: &str) -> Result<(), ApplyError> {
+        self.run(&["-f", "-"], script)
     }
 
-    fn heal(&mut self) -> Result<Applied, ApplyError> {
-        Applier::heal(self)
+    fn check(&mut self, script: &str) -> Result<(), ApplyError> {
+        self.run(&["-c", "-f", "-"], script)
+    }
+
+    fn inventory(&mut self) -> Result<Option<Inventory>, ApplyError> {
+        let out = self
+            .command()
+            .args(["-j", "list", "table", "inet", TABLE])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        Ok(Inventory::parse(&String::from_utf8_lossy(&out.stdout)))
     }
 }

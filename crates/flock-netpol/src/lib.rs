@@ -1,22 +1,25 @@
 //! flock-netpol: `networking.k8s.io/v1` NetworkPolicy enforced with
 //! nftables.
 //!
-//! Three steps: [`translate`] (pure) turns the cluster's pods, namespaces
-//! and policies into per-pod allow lists for the pods on this node;
-//! [`render`] (pure) writes them as one `table inet flock` script, with
-//! verdict maps dispatching on the pod's veth and every peer and port in a
-//! named set; [`Applier`] loads it with one atomic `nft -f -` and heals the
-//! table when someone else changes it.
+//! The [`Engine`] keeps the translation of the cluster's pods, namespaces
+//! and policies into nft objects for this node's pods — named sets owned by
+//! each policy rule, a chain per isolated pod, two verdict maps — and
+//! after every change says what changed ([`Delta`]). [`render_table`]
+//! writes the whole table (start-up, healing), [`render_delta`] one
+//! transaction of changes; [`Applier`] loads them with `nft -f -`.
+//! [`translate`] is the same semantics as values, for tests.
 
 mod apply;
+mod engine;
 mod render;
 mod selector;
 mod translate;
 
-pub use apply::{Applied, Applier, ApplyError, Loader};
-pub use render::{RenderError, TABLE, render};
+pub use apply::{Applier, ApplyError, Inventory, Loader};
+pub use engine::{Delta, Desired, Engine, SetSpec};
+pub use render::{RenderError, TABLE, render_delta, render_table};
 pub use selector::selects;
 pub use translate::{
     AddrRanges, Allow, ClusterPod, Direction, Input, LocalPod, NamedPort, PodRules, PortSpec,
-    Protocol, Ruleset, translate,
+    Protocol, Ruleset, merge_ports, translate,
 };

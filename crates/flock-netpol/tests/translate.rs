@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use flock_netpol::{
-    AddrRanges, ClusterPod, Input, LocalPod, NamedPort, Protocol, Ruleset, render, translate,
+    AddrRanges, ClusterPod, Engine, Input, LocalPod, NamedPort, Protocol, Ruleset, render_table,
+    translate,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -405,7 +406,15 @@ fn bad_input_is_reported_by_policy_and_field_and_allows_nothing() {
         "{text}"
     );
     assert!(!allowed(&w, &r, ("y", "a"), ("x", "a"), TCP, 80, false));
-    assert!(render(&r).expect("test data").contains("in_flockxa"));
+    assert!(r.pod(&iface("x", "a")).is_some(), "still isolated");
+    assert!(
+        table(
+            &w,
+            "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{ipBlock: {cidr: '10.0.0.0/8; drop'}}]"
+        )
+        .contains("chain in_flockxa"),
+        "the pod keeps its chain, with nothing but drop from the bad part"
+    );
 }
 
 #[test]
@@ -441,6 +450,21 @@ const GOLDEN: &[(&str, &str)] = &[
     ),
 ];
 
+/// The whole table for `yaml` over the world.
+fn table(w: &World, yaml: &str) -> String {
+    let mut e = Engine::new();
+    e.set_namespaces(w.namespaces.clone());
+    for p in &w.pods {
+        e.upsert_pod(p.clone());
+    }
+    for lp in local_all(w) {
+        e.upsert_local(lp);
+    }
+    e.set_policies(&policies(yaml));
+    e.refresh();
+    render_table(e.desired()).expect("render")
+}
+
 #[test]
 fn golden_scripts_are_stable_and_nft_accepts_them() {
     let w = world();
@@ -449,12 +473,8 @@ fn golden_scripts_are_stable_and_nft_accepts_them() {
     flock_testkit::require_root();
     let ns = flock_testkit::NetnsGuard::new("nftc");
     for (name, yaml) in GOLDEN {
-        let text = render(&run(&w, yaml)).expect("render");
-        assert_eq!(
-            text,
-            render(&run(&w, yaml)).expect("test data"),
-            "deterministic"
-        );
+        let text = table(&w, yaml);
+        assert_eq!(text, table(&w, yaml), "deterministic");
         let path = dir.join(format!("{name}.nft"));
         if bless {
             std::fs::write(&path, &text).expect("test data");
@@ -479,4 +499,86 @@ fn golden_scripts_are_stable_and_nft_accepts_them() {
             );
         }
     }
+}
+
+#[test]
+fn ports_that_overlap_in_any_way_become_disjoint_intervals_per_protocol() {
+    let w = world();
+    // Protocol-only beside a port, a range holding a listed port, a named
+    // port inside a range, duplicates: nft refused each before (File exists).
+    let r = run(
+        &w,
+        "metadata: {name: p, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - ports: [{protocol: TCP}, {port: 443}, {port: 80}, {port: 80}, {port: 70, endPort: 90}, {port: serve-81-tcp}, {protocol: UDP, port: 53}, {protocol: UDP, port: 54}, {protocol: UDP, port: serve-81-udp}]",
+    );
+    let ports = r
+        .pod(&iface("x", "a"))
+        .expect("isolated")
+        .ingress
+        .as_ref()
+        .expect("ingress")
+        .allows[0]
+        .ports
+        .clone()
+        .expect("ports");
+    let got: Vec<(Protocol, u16, u16)> = ports.iter().map(|p| (p.protocol, p.from, p.to)).collect();
+    assert_eq!(
+        got,
+        vec![(TCP, 0, u16::MAX), (UDP, 53, 54), (UDP, 81, 81)],
+        "merged per protocol, sorted, disjoint"
+    );
+}
+
+#[test]
+fn a_delta_changes_only_what_a_pod_touches() {
+    let w = world();
+    let mut e = Engine::new();
+    e.set_namespaces(w.namespaces.clone());
+    for p in &w.pods {
+        e.upsert_pod(p.clone());
+    }
+    e.set_policies(&policies(
+        "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {role: client}}}]\n    ports: [{port: 80}]",
+    ));
+    e.upsert_local(LocalPod {
+        namespace: "x".into(),
+        name: "a".into(),
+        iface: iface("x", "a"),
+    });
+    let first = e.refresh();
+    assert_eq!(first.chains.len(), 1, "{first:?}");
+    assert!(e.refresh().is_empty(), "nothing changed, nothing to do");
+    // A new client in x: one element in each of the rule's sets, no chain.
+    let mut client = w.pods[1].clone();
+    client.name = "client".into();
+    client.labels.insert("role".into(), "client".into());
+    client.ips = vec![
+        "198.18.1.50".parse().expect("ip"),
+        "2001:db8::1:50".parse().expect("ip"),
+    ];
+    e.upsert_pod(client);
+    let d = e.refresh();
+    assert!(
+        d.chains.is_empty() && d.new_sets.is_empty() && d.add_map.is_empty(),
+        "{d:?}"
+    );
+    let added: Vec<&String> = d.add_elements.values().flatten().collect();
+    assert_eq!(added, ["198.18.1.50", "2001:db8::1:50"]);
+    // It goes: the elements go.
+    e.remove_pod("x", "client");
+    let d = e.refresh();
+    assert_eq!(d.remove_elements.values().flatten().count(), 2);
+    // A local pod that no policy selects: nothing at all.
+    e.upsert_local(LocalPod {
+        namespace: "y".into(),
+        name: "a".into(),
+        iface: iface("y", "a"),
+    });
+    assert!(e.refresh().is_empty());
+    // The policy goes: its chain, map elements and sets go.
+    e.set_policies(&[]);
+    let d = e.refresh();
+    assert_eq!(d.delete_chains.len(), 1);
+    assert_eq!(d.remove_map.len(), 1);
+    assert_eq!(d.delete_sets.len(), 2);
+    assert!(e.desired().sets.is_empty() && e.desired().chains.is_empty());
 }

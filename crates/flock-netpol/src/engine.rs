@@ -1,0 +1,1013 @@
+//! The translation, kept incrementally: the cluster's pods, namespaces and
+//! policies in, this node's nft objects out, and after each change only
+//! the objects it touched.
+//!
+//! Every policy rule owns named sets whose names derive from the policy and
+//! the rule (`r<hash>_i0_p4`: policy hash, ingress rule 0, pod peers,
+//! IPv4), so a pod joining or leaving a rule's peers changes set elements
+//! only. Every isolated pod on this node owns its chains (`in_<iface>`,
+//! `out_<iface>`) and its verdict map elements. [`Engine::refresh`] turns
+//! what changed since the last call into a [`Delta`] (set elements,
+//! chains, map elements); [`Engine::desired`] is the whole table, for
+//! start-up and healing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::selector::selects;
+use crate::translate::{
+    AddrRanges, Allow, ClusterPod, Direction, LocalPod, PodRules, PortSpec, Protocol, Ruleset,
+    ip_block, merge_ports, policy_types,
+};
+
+type Key = (String, String);
+type Labels = BTreeMap<String, String>;
+
+/// One named set: its nft type, whether it holds intervals, its elements
+/// (as nft writes them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSpec {
+    /// `ipv4_addr`, `ipv6_addr . inet_proto . inet_service`, …
+    pub ty: &'static str,
+    /// `flags interval`.
+    pub interval: bool,
+    /// The elements, sorted.
+    pub elements: BTreeSet<String>,
+}
+
+/// The whole table flock wants: named sets, pod chains and the two
+/// verdict maps (interface → chain).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Sets by name.
+    pub sets: BTreeMap<String, SetSpec>,
+    /// Pod chains by name: their rules in order.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// `egress_pods`: interface → chain.
+    pub egress: BTreeMap<String, String>,
+    /// `ingress_pods`: interface → chain.
+    pub ingress: BTreeMap<String, String>,
+}
+
+/// What changed in the table since the last [`Engine::refresh`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Sets to create (with their elements).
+    pub new_sets: BTreeMap<String, SetSpec>,
+    /// Elements to add to existing sets.
+    pub add_elements: BTreeMap<String, BTreeSet<String>>,
+    /// Elements to remove from existing sets.
+    pub remove_elements: BTreeMap<String, BTreeSet<String>>,
+    /// Chains to create or replace, with their rules.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Map elements to add: (map, interface, chain).
+    pub add_map: Vec<(&'static str, String, String)>,
+    /// Map elements to remove: (map, interface).
+    pub remove_map: Vec<(&'static str, String)>,
+    /// Chains to delete.
+    pub delete_chains: BTreeSet<String>,
+    /// Sets to delete.
+    pub delete_sets: BTreeSet<String>,
+}
+
+impl Delta {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self == &Delta::default()
+    }
+}
+
+/// One peer element with selectors.
+#[derive(Debug, Clone)]
+struct PeerSel {
+    /// `None`: the policy's own namespace.
+    namespaces: Option<LabelSelector>,
+    /// `None`: every pod of the selected namespaces.
+    pods: Option<LabelSelector>,
+}
+
+/// One rule of a policy.
+#[derive(Debug, Clone)]
+struct Rule {
+    /// Its sets' name prefix.
+    base: String,
+    egress: bool,
+    /// `None`: any peer.
+    peers: Option<Vec<PeerSel>>,
+    /// ipBlock addresses.
+    blocks: AddrRanges,
+    /// Numeric ports; `None`: any.
+    ports: Option<Vec<PortSpec>>,
+    /// Named ports (resolved on the destination).
+    named: Vec<(String, Protocol)>,
+    /// Pod peers' addresses, counted (two pods of one address count twice).
+    members: BTreeMap<IpAddr, u32>,
+    /// Egress named ports resolved on the peer pods, counted.
+    pairs: BTreeMap<(IpAddr, Protocol, u16), u32>,
+}
+
+impl Rule {
+    fn has_pod_peers(&self) -> bool {
+        self.peers.as_ref().is_some_and(|p| !p.is_empty())
+    }
+
+    fn wants_pairs(&self) -> bool {
+        self.egress && !self.named.is_empty()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Compiled {
+    /// `ns/name`.
+    name: String,
+    /// `None`: every pod of the namespace.
+    selector: Option<LabelSelector>,
+    ingress: Option<Vec<Rule>>,
+    egress: Option<Vec<Rule>>,
+    warnings: Vec<String>,
+}
+
+/// Which rule: policy, egress, index.
+type RuleId = (Key, bool, usize);
+
+/// The incremental translation.
+#[derive(Debug, Default)]
+pub struct Engine {
+    pods: HashMap<Key, ClusterPod>,
+    local: BTreeMap<String, LocalPod>,
+    local_by_key: HashMap<Key, BTreeSet<String>>,
+    namespaces: BTreeMap<String, Labels>,
+    policies: BTreeMap<Key, Compiled>,
+    by_ns: HashMap<String, BTreeSet<Key>>,
+    /// Policies nft refused: they isolate but allow nothing.
+    disabled: BTreeSet<Key>,
+    /// The policies as given, to tell a change from a repeat.
+    sources: BTreeMap<Key, NetworkPolicy>,
+    desired: Desired,
+    dirty_rules: BTreeSet<RuleId>,
+    /// Sets of removed or recompiled policies, to drop unless recreated.
+    stale_sets: BTreeSet<String>,
+    dirty_ifaces: BTreeSet<String>,
+}
+
+/// FNV-1a, 64 bits.
+fn fnv64(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn key_of(p: &NetworkPolicy) -> Key {
+    (
+        p.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        p.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Engine {
+    /// An engine with nothing in it.
+    pub fn new() -> Engine {
+        Engine::default()
+    }
+
+    // --- inputs ---------------------------------------------------------
+
+    /// Adds or replaces a cluster pod (this node's too). Pods that are
+    /// gone, terminating or whose addresses belong to another must not be
+    /// given: the caller resolves ownership.
+    pub fn upsert_pod(&mut self, pod: ClusterPod) {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        let old = self.pods.remove(&key);
+        if old.as_ref() == Some(&pod) {
+            self.pods.insert(key, pod);
+            return;
+        }
+        if let Some(old) = &old {
+            self.account(old, false);
+        }
+        self.account(&pod, true);
+        let labels_or_ports_changed = old
+            .as_ref()
+            .is_none_or(|o| o.labels != pod.labels || o.ports != pod.ports);
+        self.pods.insert(key.clone(), pod);
+        if labels_or_ports_changed {
+            self.touch_local(&key);
+        }
+    }
+
+    /// Removes a cluster pod.
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(old) = self.pods.remove(&key) {
+            self.account(&old, false);
+            self.touch_local(&key);
+        }
+    }
+
+    /// Adds or replaces a pod of this node (by interface).
+    pub fn upsert_local(&mut self, pod: LocalPod) {
+        if self.local.get(&pod.iface) == Some(&pod) {
+            return;
+        }
+        self.remove_local(&pod.iface.clone());
+        self.local_by_key
+            .entry((pod.namespace.clone(), pod.name.clone()))
+            .or_default()
+            .insert(pod.iface.clone());
+        self.dirty_ifaces.insert(pod.iface.clone());
+        self.local.insert(pod.iface.clone(), pod);
+    }
+
+    /// Removes a pod of this node.
+    pub fn remove_local(&mut self, iface: &str) {
+        if let Some(old) = self.local.remove(iface) {
+            let key = (old.namespace, old.name);
+            if let Some(set) = self.local_by_key.get_mut(&key) {
+                set.remove(iface);
+                if set.is_empty() {
+                    self.local_by_key.remove(&key);
+                }
+            }
+            self.dirty_ifaces.insert(iface.to_owned());
+        }
+    }
+
+    /// The pods of this node, by interface.
+    pub fn locals(&self) -> impl Iterator<Item = &LocalPod> {
+        self.local.values()
+    }
+
+    /// Replaces the namespaces and their labels; rules that select by
+    /// namespace are recomputed when the labels changed.
+    pub fn set_namespaces(&mut self, namespaces: BTreeMap<String, Labels>) {
+        if self.namespaces == namespaces {
+            return;
+        }
+        self.namespaces = namespaces;
+        let ids: Vec<RuleId> = self
+            .rule_ids()
+            .filter(|id| {
+                self.rule(id)
+                    .and_then(|r| r.peers.as_ref())
+                    .is_some_and(|p| p.iter().any(|s| s.namespaces.is_some()))
+                    || self.rule(id).is_some_and(|r| r.wants_pairs())
+            })
+            .collect();
+        for id in ids {
+            self.recount(&id);
+        }
+    }
+
+    /// Adds or replaces a policy.
+    pub fn upsert_policy(&mut self, policy: &NetworkPolicy) {
+        let key = key_of(policy);
+        self.drop_policy(&key);
+        let compiled = compile(policy);
+        self.sources.insert(key.clone(), policy.clone());
+        self.by_ns
+            .entry(key.0.clone())
+            .or_default()
+            .insert(key.clone());
+        self.policies.insert(key.clone(), compiled);
+        let ids: Vec<RuleId> = self.rule_ids_of(&key).collect();
+        for id in ids {
+            self.recount(&id);
+        }
+        self.touch_namespace(&key.0);
+    }
+
+    /// Removes a policy.
+    pub fn remove_policy(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.sources.remove(&key);
+        if self.policies.contains_key(&key) {
+            self.drop_policy(&key);
+            self.touch_namespace(namespace);
+        }
+    }
+
+    /// Replaces every policy, touching only those that changed.
+    pub fn set_policies(&mut self, policies: &[NetworkPolicy]) {
+        let wanted: BTreeMap<Key, &NetworkPolicy> =
+            policies.iter().map(|p| (key_of(p), p)).collect();
+        let gone: Vec<Key> = self
+            .policies
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.remove_policy(&ns, &name);
+        }
+        for (key, p) in wanted {
+            if self.sources.get(&key) != Some(p) {
+                self.upsert_policy(p);
+            }
+        }
+    }
+
+    /// Marks policies nft refused: they keep isolating their pods but
+    /// allow nothing (and own no sets) until cleared.
+    pub fn set_disabled(&mut self, disabled: BTreeSet<(String, String)>) {
+        if self.disabled == disabled {
+            return;
+        }
+        let changed: BTreeSet<Key> = self
+            .disabled
+            .symmetric_difference(&disabled)
+            .cloned()
+            .collect();
+        self.disabled = disabled;
+        for key in changed {
+            let ids: Vec<RuleId> = self.rule_ids_of(&key).collect();
+            self.dirty_rules.extend(ids);
+            self.touch_namespace(&key.0);
+        }
+    }
+
+    // --- bookkeeping ----------------------------------------------------
+
+    fn drop_policy(&mut self, key: &Key) {
+        if let Some(old) = self.policies.remove(key) {
+            for rule in old.ingress.iter().chain(&old.egress).flatten() {
+                for suffix in SET_SUFFIXES {
+                    self.stale_sets.insert(format!("{}_{suffix}", rule.base));
+                }
+            }
+            if let Some(set) = self.by_ns.get_mut(&key.0) {
+                set.remove(key);
+            }
+        }
+    }
+
+    fn rule_ids_of(&self, key: &Key) -> impl Iterator<Item = RuleId> + use<> {
+        let p = self.policies.get(key);
+        let ing = p.and_then(|p| p.ingress.as_ref()).map_or(0, Vec::len);
+        let eg = p.and_then(|p| p.egress.as_ref()).map_or(0, Vec::len);
+        let (k1, k2) = (key.clone(), key.clone());
+        (0..ing)
+            .map(move |i| (k1.clone(), false, i))
+            .chain((0..eg).map(move |i| (k2.clone(), true, i)))
+    }
+
+    fn rule_ids(&self) -> impl Iterator<Item = RuleId> + '_ {
+        self.policies.keys().flat_map(|k| self.rule_ids_of(k))
+    }
+
+    fn rule(&self, (key, egress, i): &RuleId) -> Option<&Rule> {
+        let p = self.policies.get(key)?;
+        if *egress {
+            p.egress.as_ref()
+        } else {
+            p.ingress.as_ref()
+        }?
+        .get(*i)
+    }
+
+    fn rule_mut(&mut self, (key, egress, i): &RuleId) -> Option<&mut Rule> {
+        let p = self.policies.get_mut(key)?;
+        if *egress {
+            p.egress.as_mut()
+        } else {
+            p.ingress.as_mut()
+        }?
+        .get_mut(*i)
+    }
+
+    fn touch_namespace(&mut self, namespace: &str) {
+        let ifaces: Vec<String> = self
+            .local
+            .values()
+            .filter(|l| l.namespace == namespace)
+            .map(|l| l.iface.clone())
+            .collect();
+        self.dirty_ifaces.extend(ifaces);
+    }
+
+    fn touch_local(&mut self, key: &Key) {
+        if let Some(ifaces) = self.local_by_key.get(key) {
+            self.dirty_ifaces.extend(ifaces.iter().cloned());
+        }
+    }
+
+    /// Whether a peer element selects `pod`.
+    fn selects_peer(&self, policy_ns: &str, sel: &PeerSel, pod: &ClusterPod) -> bool {
+        let ns_ok = match &sel.namespaces {
+            None => pod.namespace == policy_ns,
+            Some(s) => self
+                .namespaces
+                .get(&pod.namespace)
+                .is_some_and(|labels| selects(s, labels)),
+        };
+        ns_ok && sel.pods.as_ref().is_none_or(|s| selects(s, &pod.labels))
+    }
+
+    /// What `pod` adds to `rule`: member addresses and named-port pairs.
+    fn contribution(&self, policy_ns: &str, rule: &Rule, pod: &ClusterPod) -> Contribution {
+        let mut c = Contribution::default();
+        let selected = rule
+            .peers
+            .as_ref()
+            .is_some_and(|peers| peers.iter().any(|s| self.selects_peer(policy_ns, s, pod)));
+        if selected {
+            c.members.extend(pod.ips.iter().copied());
+        }
+        if rule.wants_pairs() {
+            let anyone = rule.peers.is_none();
+            for cp in &pod.ports {
+                if !rule
+                    .named
+                    .iter()
+                    .any(|(n, proto)| *n == cp.name && *proto == cp.protocol)
+                {
+                    continue;
+                }
+                for ip in &pod.ips {
+                    if anyone || selected || rule.blocks.contains(*ip) {
+                        c.pairs.push((*ip, cp.protocol, cp.port));
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    /// Adds (or takes away) `pod`'s contribution to every rule.
+    fn account(&mut self, pod: &ClusterPod, add: bool) {
+        let ids: Vec<RuleId> = self.rule_ids().collect();
+        for id in ids {
+            let Some(rule) = self.rule(&id) else { continue };
+            if !rule.has_pod_peers() && !rule.wants_pairs() {
+                continue;
+            }
+            let c = self.contribution(&id.0.0, rule, pod);
+            if c.members.is_empty() && c.pairs.is_empty() {
+                continue;
+            }
+            let rule = self.rule_mut(&id).expect("just looked up");
+            for ip in c.members {
+                count(&mut rule.members, ip, add);
+            }
+            for pair in c.pairs {
+                count(&mut rule.pairs, pair, add);
+            }
+            self.dirty_rules.insert(id);
+        }
+    }
+
+    /// Recomputes one rule's members and pairs from every pod.
+    fn recount(&mut self, id: &RuleId) {
+        let Some(rule) = self.rule(id) else { return };
+        let mut members = BTreeMap::new();
+        let mut pairs = BTreeMap::new();
+        if rule.has_pod_peers() || rule.wants_pairs() {
+            for pod in self.pods.values() {
+                let c = self.contribution(&id.0.0, rule, pod);
+                for ip in c.members {
+                    count(&mut members, ip, true);
+                }
+                for pair in c.pairs {
+                    count(&mut pairs, pair, true);
+                }
+            }
+        }
+        let rule = self.rule_mut(id).expect("just looked up");
+        rule.members = members;
+        rule.pairs = pairs;
+        self.dirty_rules.insert(id.clone());
+    }
+
+    // --- outputs --------------------------------------------------------
+
+    /// Turns every change since the last call into table changes, and
+    /// applies them to [`Engine::desired`].
+    pub fn refresh(&mut self) -> Delta {
+        let mut delta = Delta::default();
+        // Sets of the rules that changed, and of rules that are gone.
+        let mut touched_sets: BTreeMap<String, Option<SetSpec>> = BTreeMap::new();
+        for name in std::mem::take(&mut self.stale_sets) {
+            touched_sets.insert(name, None);
+        }
+        for id in std::mem::take(&mut self.dirty_rules) {
+            let Some(rule) = self.rule(&id) else { continue };
+            let live = !self.disabled.contains(&id.0);
+            for (name, spec) in rule_sets(rule) {
+                touched_sets.insert(name, live.then_some(spec));
+            }
+        }
+        for (name, new) in touched_sets {
+            let old = self.desired.sets.get(&name).cloned();
+            match (old, new) {
+                (None, None) => {}
+                (None, Some(new)) => {
+                    delta.new_sets.insert(name.clone(), new.clone());
+                    self.desired.sets.insert(name, new);
+                }
+                (Some(_), None) => {
+                    delta.delete_sets.insert(name.clone());
+                    self.desired.sets.remove(&name);
+                }
+                (Some(old), Some(new)) if old.ty != new.ty || old.interval != new.interval => {
+                    // Recreated under the same name: delete, then create.
+                    delta.delete_sets.insert(name.clone());
+                    delta.new_sets.insert(name.clone(), new.clone());
+                    self.desired.sets.insert(name, new);
+                }
+                (Some(old), Some(new)) => {
+                    let add: BTreeSet<String> =
+                        new.elements.difference(&old.elements).cloned().collect();
+                    let remove: BTreeSet<String> =
+                        old.elements.difference(&new.elements).cloned().collect();
+                    if !add.is_empty() {
+                        delta.add_elements.insert(name.clone(), add);
+                    }
+                    if !remove.is_empty() {
+                        delta.remove_elements.insert(name.clone(), remove);
+                    }
+                    self.desired.sets.insert(name, new);
+                }
+            }
+        }
+        for iface in std::mem::take(&mut self.dirty_ifaces) {
+            let rules = self.local.get(&iface).map(|lp| self.pod_rules(lp, false));
+            for (egress, map, prefix) in
+                [(true, "egress_pods", "out"), (false, "ingress_pods", "in")]
+            {
+                let chain = format!("{prefix}_{iface}");
+                let lines = rules.as_ref().and_then(|r| {
+                    let d = if egress {
+                        r.egress.as_ref()
+                    } else {
+                        r.ingress.as_ref()
+                    }?;
+                    Some(chain_lines(d, if egress { "daddr" } else { "saddr" }))
+                });
+                let entries = if egress {
+                    &mut self.desired.egress
+                } else {
+                    &mut self.desired.ingress
+                };
+                match lines {
+                    Some(lines) => {
+                        if self.desired.chains.get(&chain) != Some(&lines) {
+                            delta.chains.insert(chain.clone(), lines.clone());
+                            self.desired.chains.insert(chain.clone(), lines);
+                        }
+                        if entries.get(&iface) != Some(&chain) {
+                            if entries.contains_key(&iface) {
+                                delta.remove_map.push((map, iface.clone()));
+                            }
+                            delta.add_map.push((map, iface.clone(), chain.clone()));
+                            entries.insert(iface.clone(), chain);
+                        }
+                    }
+                    None => {
+                        if entries.remove(&iface).is_some() {
+                            delta.remove_map.push((map, iface.clone()));
+                        }
+                        if self.desired.chains.remove(&chain).is_some() {
+                            delta.delete_chains.insert(chain);
+                        }
+                    }
+                }
+            }
+        }
+        // A set deleted and recreated in one pass is both in the lists.
+        delta
+    }
+
+    /// The whole table (after [`Engine::refresh`]).
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Whether the pod on `iface` is isolated in either direction.
+    pub fn isolates(&self, iface: &str) -> bool {
+        let Some(lp) = self.local.get(iface) else {
+            return false;
+        };
+        let no_labels = Labels::new();
+        let labels = self
+            .pods
+            .get(&(lp.namespace.clone(), lp.name.clone()))
+            .map_or(&no_labels, |p| &p.labels);
+        self.by_ns
+            .get(&lp.namespace)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.policies.get(k))
+            .any(|p| {
+                (p.ingress.is_some() || p.egress.is_some())
+                    && p.selector.as_ref().is_none_or(|s| selects(s, labels))
+            })
+    }
+
+    /// Problems found in the policies, each naming the policy and field.
+    pub fn warnings(&self) -> Vec<String> {
+        self.policies
+            .values()
+            .flat_map(|p| p.warnings.iter().cloned())
+            .collect()
+    }
+
+    /// The policies (`ns`, `name`) that have rules, for finding one nft refuses.
+    pub fn policy_keys(&self) -> Vec<(String, String)> {
+        self.policies.keys().cloned().collect()
+    }
+
+    /// The rules of every isolated pod of this node, as values (for tests
+    /// and inspection).
+    pub fn ruleset(&self) -> Ruleset {
+        let pods = self
+            .local
+            .values()
+            .map(|lp| self.pod_rules(lp, true))
+            .filter(|r| r.ingress.is_some() || r.egress.is_some())
+            .collect();
+        Ruleset {
+            pods,
+            warnings: self.warnings(),
+        }
+    }
+
+    /// One local pod's rules, from the policies of its namespace; with
+    /// `materialize`, peers and pairs as values (else only which sets).
+    fn pod_rules(&self, lp: &LocalPod, materialize: bool) -> PodRules {
+        let cluster = self.pods.get(&(lp.namespace.clone(), lp.name.clone()));
+        let no_labels = Labels::new();
+        let labels = cluster.map_or(&no_labels, |p| &p.labels);
+        let mut rules = PodRules {
+            namespace: lp.namespace.clone(),
+            name: lp.name.clone(),
+            iface: lp.iface.clone(),
+            ingress: None,
+            egress: None,
+        };
+        for key in self.by_ns.get(&lp.namespace).into_iter().flatten() {
+            let Some(policy) = self.policies.get(key) else {
+                continue;
+            };
+            if !policy.selector.as_ref().is_none_or(|s| selects(s, labels)) {
+                continue;
+            }
+            let live = !self.disabled.contains(key);
+            for (compiled, direction, ingress) in [
+                (&policy.ingress, &mut rules.ingress, true),
+                (&policy.egress, &mut rules.egress, false),
+            ] {
+                let Some(compiled) = compiled else { continue };
+                let d = direction.get_or_insert_with(Direction::default);
+                d.policies.push(policy.name.clone());
+                if !live {
+                    continue;
+                }
+                for rule in compiled {
+                    let mut ports = rule.ports.clone();
+                    if ingress && !rule.named.is_empty() {
+                        let resolved = cluster.into_iter().flat_map(|p| &p.ports).filter(|cp| {
+                            rule.named
+                                .iter()
+                                .any(|(n, proto)| *n == cp.name && *proto == cp.protocol)
+                        });
+                        ports
+                            .get_or_insert_with(Vec::new)
+                            .extend(resolved.map(|cp| PortSpec {
+                                protocol: cp.protocol,
+                                from: cp.port,
+                                to: cp.port,
+                            }));
+                    }
+                    if let Some(list) = ports.as_mut() {
+                        merge_ports(list);
+                    }
+                    let mut peers_v = None;
+                    if rule.peers.is_some() {
+                        let mut r = AddrRanges::default();
+                        if materialize {
+                            for ip in rule.members.keys() {
+                                r.add_ip(*ip);
+                            }
+                            r.extend(&rule.blocks);
+                            r.normalize();
+                        }
+                        peers_v = Some(Arc::new(r));
+                    }
+                    d.allows.push(Allow {
+                        peers: peers_v,
+                        ports,
+                        sets: Some(rule.base.clone()),
+                        has_pod_peers: rule.has_pod_peers(),
+                        blocks: (!rule.blocks.v4.is_empty(), !rule.blocks.v6.is_empty()),
+                    });
+                    if rule.wants_pairs() {
+                        if materialize {
+                            d.pairs.push(Arc::new(rule.pairs.keys().copied().collect()));
+                        }
+                        d.pair_sets.push(rule.base.clone());
+                    }
+                }
+            }
+        }
+        for d in [&mut rules.ingress, &mut rules.egress]
+            .into_iter()
+            .flatten()
+        {
+            d.policies.sort();
+        }
+        rules
+    }
+}
+
+#[derive(Default)]
+struct Contribution {
+    members: Vec<IpAddr>,
+    pairs: Vec<(IpAddr, Protocol, u16)>,
+}
+
+fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) {
+    if add {
+        *map.entry(key).or_default() += 1;
+    } else if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+/// The suffixes of a rule's sets.
+const SET_SUFFIXES: [&str; 6] = ["p4", "p6", "b4", "b6", "n4", "n6"];
+
+/// A rule's sets with their elements.
+fn rule_sets(rule: &Rule) -> Vec<(String, SetSpec)> {
+    let mut out = Vec::new();
+    let name = |s: &str| format!("{}_{s}", rule.base);
+    if rule.has_pod_peers() {
+        let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = rule.members.keys().partition(|ip| ip.is_ipv4());
+        out.push((
+            name("p4"),
+            plain("ipv4_addr", v4.iter().map(ToString::to_string)),
+        ));
+        out.push((
+            name("p6"),
+            plain("ipv6_addr", v6.iter().map(ToString::to_string)),
+        ));
+    }
+    if !rule.blocks.v4.is_empty() {
+        out.push((
+            name("b4"),
+            intervals("ipv4_addr", rule.blocks.v4_elements()),
+        ));
+    }
+    if !rule.blocks.v6.is_empty() {
+        out.push((
+            name("b6"),
+            intervals("ipv6_addr", rule.blocks.v6_elements()),
+        ));
+    }
+    if rule.wants_pairs() {
+        let (v4, v6): (Vec<_>, Vec<_>) = rule.pairs.keys().partition(|(ip, _, _)| ip.is_ipv4());
+        let elem = |(ip, proto, port): &(IpAddr, Protocol, u16)| {
+            format!("{ip} . {} . {port}", proto.nft())
+        };
+        out.push((
+            name("n4"),
+            plain("ipv4_addr . inet_proto . inet_service", v4.iter().map(elem)),
+        ));
+        out.push((
+            name("n6"),
+            plain("ipv6_addr . inet_proto . inet_service", v6.iter().map(elem)),
+        ));
+    }
+    out
+}
+
+fn plain(ty: &'static str, elements: impl Iterator<Item = String>) -> SetSpec {
+    SetSpec {
+        ty,
+        interval: false,
+        elements: elements.collect(),
+    }
+}
+
+fn intervals(ty: &'static str, elements: Vec<String>) -> SetSpec {
+    SetSpec {
+        ty,
+        interval: true,
+        elements: elements.into_iter().collect(),
+    }
+}
+
+/// A pod chain's rules: each allow `return`s, the rest is dropped.
+fn chain_lines(d: &Direction, addr: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    for allow in &d.allows {
+        let ports = match &allow.ports {
+            None => String::new(),
+            Some(list) if list.is_empty() => continue,
+            Some(list) => {
+                let elements: Vec<String> = list
+                    .iter()
+                    .map(|p| {
+                        if p.from == p.to {
+                            format!("{} . {}", p.protocol.nft(), p.from)
+                        } else {
+                            format!("{} . {}-{}", p.protocol.nft(), p.from, p.to)
+                        }
+                    })
+                    .collect();
+                format!(" meta l4proto . th dport {{ {} }}", elements.join(", "))
+            }
+        };
+        let Some(base) = &allow.sets else { continue };
+        if allow.peers.is_none() {
+            lines.push(format!("{ports} return").trim_start().to_owned());
+            continue;
+        }
+        for (family, v) in [("ip", '4'), ("ip6", '6')] {
+            if allow.has_pod_peers {
+                lines.push(format!("{family} {addr} @{base}_p{v}{ports} return"));
+            }
+            let has_block = if v == '4' {
+                allow.blocks.0
+            } else {
+                allow.blocks.1
+            };
+            if has_block {
+                lines.push(format!("{family} {addr} @{base}_b{v}{ports} return"));
+            }
+        }
+    }
+    for base in &d.pair_sets {
+        for (family, v) in [("ip", '4'), ("ip6", '6')] {
+            lines.push(format!(
+                "{family} {addr} . meta l4proto . th dport @{base}_n{v} return"
+            ));
+        }
+    }
+    lines.push("drop".into());
+    lines
+}
+
+/// Compiles one policy (its rules' selectors, blocks and ports).
+fn compile(policy: &NetworkPolicy) -> Compiled {
+    let (ns, pname) = key_of(policy);
+    let name = format!("{ns}/{pname}");
+    let at_policy = format!("NetworkPolicy {name}");
+    let hash = fnv64(&name);
+    let mut warnings = Vec::new();
+    let Some(spec) = policy.spec.as_ref() else {
+        return Compiled {
+            name,
+            selector: None,
+            ingress: Some(Vec::new()),
+            egress: None,
+            warnings,
+        };
+    };
+    let (ingress, egress) = policy_types(spec);
+    let mut direction = |field: &str, egress: bool, rules: Vec<RuleInput<'_>>| -> Vec<Rule> {
+        rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, (peers, ports))| {
+                let at = format!("{at_policy}: spec.{field}[{i}]");
+                let base = format!("r{hash:016x}_{}{i}", if egress { 'e' } else { 'i' });
+                compile_rule(base, peers, ports, egress, &at, &mut warnings)
+            })
+            .collect()
+    };
+    let ingress = ingress.then(|| {
+        let rules = spec
+            .ingress
+            .iter()
+            .flatten()
+            .map(|r| (r.from.as_deref(), r.ports.as_deref()))
+            .collect();
+        direction("ingress", false, rules)
+    });
+    let egress = egress.then(|| {
+        let rules = spec
+            .egress
+            .iter()
+            .flatten()
+            .map(|r| (r.to.as_deref(), r.ports.as_deref()))
+            .collect();
+        direction("egress", true, rules)
+    });
+    Compiled {
+        name,
+        selector: spec.pod_selector.clone(),
+        ingress,
+        egress,
+        warnings,
+    }
+}
+
+type RuleInput<'a> = (
+    Option<&'a [NetworkPolicyPeer]>,
+    Option<&'a [NetworkPolicyPort]>,
+);
+
+fn compile_rule(
+    base: String,
+    peers: Option<&[NetworkPolicyPeer]>,
+    ports: Option<&[NetworkPolicyPort]>,
+    egress: bool,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Rule {
+    let field = if egress { "to" } else { "from" };
+    let mut rule = Rule {
+        base,
+        egress,
+        peers: None,
+        blocks: AddrRanges::default(),
+        ports: None,
+        named: Vec::new(),
+        members: BTreeMap::new(),
+        pairs: BTreeMap::new(),
+    };
+    // Peers: absent or empty is everyone.
+    if let Some(peers) = peers.filter(|p| !p.is_empty()) {
+        let mut sels = Vec::new();
+        for (i, peer) in peers.iter().enumerate() {
+            if let Some(block) = &peer.ip_block {
+                match ip_block(block) {
+                    Ok(r) => rule.blocks.extend(&r),
+                    Err(problem) => warnings.push(format!("{at}.{field}[{i}].ipBlock: {problem}")),
+                }
+                continue;
+            }
+            if peer.namespace_selector.is_none() && peer.pod_selector.is_none() {
+                warnings.push(format!(
+                    "{at}.{field}[{i}]: a peer needs podSelector, namespaceSelector or ipBlock"
+                ));
+                continue;
+            }
+            sels.push(PeerSel {
+                namespaces: peer.namespace_selector.clone(),
+                pods: peer.pod_selector.clone(),
+            });
+        }
+        rule.blocks.normalize();
+        rule.peers = Some(sels);
+    }
+    // Ports: absent or empty is every port of every protocol.
+    let Some(ports) = ports.filter(|p| !p.is_empty()) else {
+        return rule;
+    };
+    let mut numeric = Vec::new();
+    for (i, p) in ports.iter().enumerate() {
+        let Some(protocol) = Protocol::parse(p.protocol.as_deref()) else {
+            warnings.push(format!(
+                "{at}.ports[{i}].protocol: {:?} is not TCP, UDP or SCTP; the entry matches nothing",
+                p.protocol.as_deref().unwrap_or_default()
+            ));
+            continue;
+        };
+        match &p.port {
+            None => numeric.push(PortSpec {
+                protocol,
+                from: 0,
+                to: u16::MAX,
+            }),
+            Some(IntOrString::Int(n)) => {
+                let end = p.end_port.unwrap_or(*n);
+                match (u16::try_from(*n), u16::try_from(end)) {
+                    (Ok(from), Ok(to)) if from >= 1 && to >= from => numeric.push(PortSpec {
+                        protocol,
+                        from,
+                        to,
+                    }),
+                    _ => warnings.push(format!(
+                        "{at}.ports[{i}]: port {n} to endPort {end} is not a valid range; the entry matches nothing"
+                    )),
+                }
+            }
+            Some(IntOrString::String(name)) => {
+                if p.end_port.is_some() {
+                    warnings.push(format!(
+                        "{at}.ports[{i}].endPort: not allowed with the named port {name:?}; the entry matches nothing"
+                    ));
+                    continue;
+                }
+                rule.named.push((name.clone(), protocol));
+            }
+        }
+    }
+    merge_ports(&mut numeric);
+    rule.ports = Some(numeric);
+    rule
+}
