@@ -514,16 +514,30 @@ impl AllocationStore for FakeStore {
 pub struct FakeLoader {
     /// The scripts loaded, in order.
     pub loaded: Arc<Mutex<Vec<String>>>,
+    /// Scripts holding this text are refused, as nft would.
+    pub refuse: Option<String>,
+}
+
+impl FakeLoader {
+    fn judge(&self, script: &str) -> Result<(), flock_netpol::ApplyError> {
+        match &self.refuse {
+            Some(marker) if script.contains(marker.as_str()) => Err(
+                flock_netpol::ApplyError::Refused("Could not process rule: File exists".into()),
+            ),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl flock_netpol::Loader for FakeLoader {
     fn load(&mut self, script: &str) -> Result<(), flock_netpol::ApplyError> {
+        self.judge(script)?;
         self.loaded.lock().expect("loader").push(script.to_owned());
         Ok(())
     }
 
-    fn check(&mut self, _script: &str) -> Result<(), flock_netpol::ApplyError> {
-        Ok(())
+    fn check(&mut self, script: &str) -> Result<(), flock_netpol::ApplyError> {
+        self.judge(script)
     }
 
     fn inventory(&mut self) -> Result<Option<flock_netpol::Inventory>, flock_netpol::ApplyError> {

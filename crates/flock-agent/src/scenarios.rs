@@ -1089,3 +1089,72 @@ async fn a_narrowed_pool_withdraws_and_a_terminating_pod_leaves_its_nexthops_at_
 fn ip_of(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_nft_refuses_isolates_with_nothing_allowed_and_the_rest_is_enforced() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let policy = |name: &str, port: u16| -> k8s_openapi::api::networking::v1::NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]},
+        }))
+        .expect("policy")
+    };
+    node.cache
+        .replace_policies(vec![policy("good", 80), policy("bad", 4242)]);
+    let loader = FakeLoader {
+        refuse: Some("4242".into()),
+        ..FakeLoader::default()
+    };
+    let board = Arc::new(Board::default());
+    let metrics = Metrics::new();
+    let (policy_loop, handle) = policy_loop(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        loader.clone(),
+        board.clone(),
+        metrics.clone(),
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(policy_loop.run(stop.clone()));
+    let handler = PodHandler::new(Arc::new(Pods {
+        kernel: node.pods.kernel.clone(),
+        allocations: node.pods.allocations.clone(),
+        cache: node.cache.clone(),
+        locks: Arc::new(ContainerLocks::default()),
+        readiness: node.pods.readiness.clone(),
+        default_mtu: 1500,
+        metrics: metrics.clone(),
+        anycast: Arc::new(Notify::new()),
+        policy: handle,
+        consent: node.pods.consent.clone(),
+        prefixes: node.pods.prefixes.clone(),
+        board: board.clone(),
+        tasks: TaskTracker::new(),
+        cancel: stop.clone(),
+        finishing: Default::default(),
+    }));
+    node.put_pod("web", "uid-web");
+    kernel.add_netns("/run/netns/web");
+    let added = handler
+        .handle(node.request(Op::Add, "c1", "/run/netns/web", "web", "uid-web"))
+        .await;
+    assert!(matches!(added, Response::Result(_)), "{added:?}");
+    let scripts = loader.loaded.lock().expect("loader").clone();
+    let last = scripts.last().expect("a table was loaded");
+    let chain = format!("chain in_{}", host_iface_name("c1"));
+    assert!(last.contains(&chain), "the pod is isolated: {last}");
+    assert!(last.contains("tcp . 80"), "the good policy is enforced");
+    assert!(!last.contains("4242"), "the refused one allows nothing");
+    assert_eq!(metrics.netpol_refused.get(), 1);
+    assert!(
+        board
+            .all()
+            .iter()
+            .any(|w| w.contains("NetworkPolicy default/bad refused by nft")),
+        "{:?}",
+        board.all()
+    );
+    stop.cancel();
+}

@@ -1,0 +1,205 @@
+//! Every policy the API server accepts renders a table `nft` accepts, and
+//! every change on top of a loaded table is a transaction `nft` accepts and
+//! that leaves the table as a whole load would. Generated policies cover
+//! ports without a protocol, protocol-only entries, overlapping and nested
+//! ranges, named ports that resolve inside ranges, duplicates, SCTP and
+//! UDP, pod, namespace and ipBlock peers; the real `nft` judges, as root,
+//! in a namespace of the test's own.
+
+use std::collections::BTreeMap;
+
+use flock_netpol::{
+    Applier, ClusterPod, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, render_delta,
+    render_table,
+};
+use flock_testkit::NetnsGuard;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use proptest::prelude::*;
+
+fn world() -> (
+    Vec<ClusterPod>,
+    Vec<LocalPod>,
+    BTreeMap<String, BTreeMap<String, String>>,
+) {
+    let mut pods = Vec::new();
+    let mut local = Vec::new();
+    let mut namespaces = BTreeMap::new();
+    for (n, ns) in ["x", "y"].iter().enumerate() {
+        namespaces.insert(
+            ns.to_string(),
+            BTreeMap::from([("team".to_owned(), ns.to_string())]),
+        );
+        for k in 1..=3u8 {
+            let name = format!("p{k}");
+            pods.push(ClusterPod {
+                namespace: ns.to_string(),
+                name: name.clone(),
+                labels: BTreeMap::from([("app".to_owned(), format!("a{k}"))]),
+                ips: vec![
+                    format!("198.18.{n}.{k}").parse().expect("ip"),
+                    format!("2001:db8::{n}:{k}").parse().expect("ip"),
+                ],
+                ports: vec![
+                    NamedPort {
+                        name: "web".into(),
+                        port: 80,
+                        protocol: Protocol::Tcp,
+                    },
+                    NamedPort {
+                        name: "alt".into(),
+                        port: 85,
+                        protocol: Protocol::Tcp,
+                    },
+                    NamedPort {
+                        name: "dns".into(),
+                        port: 53,
+                        protocol: Protocol::Udp,
+                    },
+                    NamedPort {
+                        name: "sig".into(),
+                        port: 90,
+                        protocol: Protocol::Sctp,
+                    },
+                ],
+            });
+            local.push(LocalPod {
+                namespace: ns.to_string(),
+                name,
+                iface: format!("flock{ns}{k}"),
+            });
+        }
+    }
+    (pods, local, namespaces)
+}
+
+/// One `ports` entry as YAML.
+fn port() -> impl Strategy<Value = String> {
+    let proto = prop_oneof![
+        Just(String::new()),
+        Just("protocol: TCP, ".to_owned()),
+        Just("protocol: UDP, ".to_owned()),
+        Just("protocol: SCTP, ".to_owned()),
+    ];
+    prop_oneof![
+        proto
+            .clone()
+            .prop_map(|p| format!("{{{}}}", p.trim_end_matches(", "))),
+        (proto.clone(), 75u16..95).prop_map(|(p, n)| format!("{{{p}port: {n}}}")),
+        (proto.clone(), 75u16..95, 0u16..12)
+            .prop_map(|(p, n, len)| format!("{{{p}port: {n}, endPort: {}}}", n + len)),
+        (
+            proto,
+            prop_oneof![Just("web"), Just("alt"), Just("dns"), Just("sig")]
+        )
+            .prop_map(|(p, name)| format!("{{{p}port: {name}}}")),
+    ]
+}
+
+/// One peer as YAML.
+fn peer() -> impl Strategy<Value = String> {
+    prop_oneof![
+        (1u8..4).prop_map(|k| format!("{{podSelector: {{matchLabels: {{app: a{k}}}}}}}")),
+        Just("{namespaceSelector: {matchLabels: {team: y}}}".to_owned()),
+        Just("{namespaceSelector: {}, podSelector: {matchLabels: {app: a2}}}".to_owned()),
+        (0u8..4).prop_map(|k| format!(
+            "{{ipBlock: {{cidr: 203.0.{k}.0/24, except: [203.0.{k}.128/25]}}}}"
+        )),
+        Just("{ipBlock: {cidr: '2001:db8:aa::/48'}}".to_owned()),
+        Just("{ipBlock: {cidr: 198.18.0.0/16}}".to_owned()),
+    ]
+}
+
+fn rule(field: &'static str) -> impl Strategy<Value = String> {
+    (
+        prop::collection::vec(peer(), 0..3),
+        prop::collection::vec(port(), 0..6),
+    )
+        .prop_map(move |(peers, ports)| {
+            let peers = if peers.is_empty() {
+                String::new()
+            } else {
+                format!("{field}: [{}], ", peers.join(", "))
+            };
+            format!("{{{peers}ports: [{}]}}", ports.join(", "))
+        })
+}
+
+fn policy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
+    (
+        prop_oneof![Just("x"), Just("y")],
+        prop_oneof![Just("{}".to_owned()), (1u8..4).prop_map(|k| format!("{{matchLabels: {{app: a{k}}}}}"))],
+        prop::collection::vec(rule("from"), 0..3),
+        prop::collection::vec(rule("to"), 0..3),
+    )
+        .prop_map(move |(ns, selector, ingress, egress)| {
+            let yaml = format!(
+                "metadata: {{name: p{i}, namespace: {ns}}}\nspec:\n  podSelector: {selector}\n  policyTypes: [Ingress, Egress]\n  ingress: [{}]\n  egress: [{}]\n",
+                ingress.join(", "),
+                egress.join(", ")
+            );
+            serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"))
+        })
+}
+
+fn policies() -> impl Strategy<Value = Vec<NetworkPolicy>> {
+    (1usize..6).prop_flat_map(|n| (0..n).map(policy).collect::<Vec<_>>())
+}
+
+fn engine(
+    pods: &[ClusterPod],
+    local: &[LocalPod],
+    ns: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Engine {
+    let mut e = Engine::new();
+    e.set_namespaces(ns.clone());
+    for p in pods {
+        e.upsert_pod(p.clone());
+    }
+    for lp in local {
+        e.upsert_local(lp.clone());
+    }
+    e
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_generated_policy_set_loads_whole_and_change_by_change(policies in policies()) {
+        let ns = NetnsGuard::new("nftp");
+        let mut nft = Applier::with_command(&["ip", "netns", "exec", ns.name(), "nft"]);
+        let (pods, local, namespaces) = world();
+
+        // The whole table.
+        let mut whole = engine(&pods, &local, &namespaces);
+        whole.set_policies(&policies);
+        whole.refresh();
+        let table = render_table(whole.desired()).expect("render");
+        if let Err(e) = nft.check(&table) {
+            prop_assert!(false, "nft refused the table: {e}\n{table}");
+        }
+
+        // The first policy loaded, then the rest as one change, then a pod
+        // going away and one relabelled, each a change of its own.
+        let mut inc = engine(&pods, &local, &namespaces);
+        inc.set_policies(&policies[..1]);
+        inc.refresh();
+        nft.load(&render_table(inc.desired()).expect("render")).expect("first table");
+        inc.set_policies(&policies);
+        let delta = render_delta(&inc.refresh()).expect("render");
+        if let Err(e) = nft.load(&delta) {
+            prop_assert!(false, "nft refused the change: {e}\n{delta}");
+        }
+        prop_assert_eq!(inc.desired(), whole.desired());
+        inc.remove_pod("y", "p2");
+        let mut relabelled = pods[0].clone();
+        relabelled.labels.insert("app".into(), "a3".into());
+        inc.upsert_pod(relabelled);
+        let delta = render_delta(&inc.refresh()).expect("render");
+        if let Err(e) = nft.load(&delta) {
+            prop_assert!(false, "nft refused the pod change: {e}\n{delta}");
+        }
+        let have = nft.inventory().expect("list").expect("a table");
+        prop_assert_eq!(have, Inventory::of(inc.desired()), "the kernel holds what a whole load would");
+    }
+}
