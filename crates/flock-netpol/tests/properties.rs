@@ -16,11 +16,9 @@ use flock_testkit::NetnsGuard;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use proptest::prelude::*;
 
-fn world() -> (
-    Vec<ClusterPod>,
-    Vec<LocalPod>,
-    BTreeMap<String, BTreeMap<String, String>>,
-) {
+type Namespaces = BTreeMap<String, BTreeMap<String, String>>;
+
+fn world() -> (Vec<ClusterPod>, Vec<LocalPod>, Namespaces) {
     let mut pods = Vec::new();
     let mut local = Vec::new();
     let mut namespaces = BTreeMap::new();
