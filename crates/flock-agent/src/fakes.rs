@@ -146,6 +146,8 @@ pub struct KernelState {
     pub hidden_from_dumps: HashSet<String>,
     /// flock's routes.
     pub routes: BTreeMap<IpNet, InstalledRoute>,
+    /// Addresses conntrack holds flows of.
+    pub flows: HashSet<IpAddr>,
     /// Every mutating call, in order.
     pub calls: Vec<String>,
 }
@@ -387,6 +389,15 @@ impl Kernel for FakeKernel {
                 .retain(|_, r| !r.nexthops.iter().any(|&(_, i)| i == oif));
             Ok(())
         }))
+    }
+
+    async fn forget_flows(&self, ips: Vec<IpAddr>) -> Result<usize, NetlinkError> {
+        self.gates.pass("forget_flows").await.map_err(injected)?;
+        let mut s = self.state();
+        let before = s.flows.len();
+        s.flows.retain(|ip| !ips.contains(ip));
+        s.calls.push(format!("forget {ips:?}"));
+        Ok(before - s.flows.len())
     }
 
     async fn host_link_exists(&self, name: &str) -> Result<bool, NetlinkError> {

@@ -59,6 +59,13 @@ pub trait Kernel: flock_anycast::Routes + Send + Sync + 'static {
         ip4: Option<Ipv4Addr>,
     ) -> impl Future<Output = Result<Removal, NetlinkError>> + Send;
 
+    /// Deletes the node's conntrack entries of `ips`, before the addresses
+    /// are handed out again (a flow of the old pod must not carry over).
+    fn forget_flows(
+        &self,
+        ips: Vec<std::net::IpAddr>,
+    ) -> impl Future<Output = Result<usize, NetlinkError>> + Send;
+
     /// Whether a host interface of that name exists (a lookup, not a dump).
     fn host_link_exists(
         &self,
@@ -162,6 +169,10 @@ impl Kernel for NodeKernel {
     ) -> Result<Removal, NetlinkError> {
         let teardown = self.dataplane.teardown(host_iface, ip6, ip4).await?;
         Ok(Box::pin(teardown.finished()))
+    }
+
+    async fn forget_flows(&self, ips: Vec<std::net::IpAddr>) -> Result<usize, NetlinkError> {
+        self.dataplane.forget_flows(ips).await
     }
 
     async fn host_link_exists(&self, name: &str) -> Result<bool, NetlinkError> {

@@ -124,6 +124,10 @@ async fn settle<K: Kernel, S: AllocationStore>(
             .await
             .map_err(|e| e.to_string())?;
         removal.await.map_err(|e| e.to_string())?;
+        pods.kernel
+            .forget_flows(releasing.unicast().collect())
+            .await
+            .map_err(|e| e.to_string())?;
         pods.allocations
             .finish_release(&releasing, SystemTime::now())
             .await

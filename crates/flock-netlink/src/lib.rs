@@ -13,6 +13,7 @@
 //! Every operation is idempotent. Namespaces are entered only on dedicated
 //! threads (see [`Netns`]); no task ever holds a `setns` across an `.await`.
 
+mod conntrack;
 mod error;
 mod inspect;
 mod link;

@@ -208,6 +208,27 @@ impl Dataplane {
         self.dumping.lock().await
     }
 
+    /// Deletes the node's conntrack entries of `ips` (original or reply
+    /// tuple, both families) before those addresses are handed out again;
+    /// returns how many went.
+    pub async fn forget_flows(&self, ips: Vec<IpAddr>) -> Result<usize> {
+        self.node
+            .run(move || {
+                crate::conntrack::forget(&ips).map_err(NetlinkError::io("delete conntrack entries"))
+            })
+            .await
+    }
+
+    /// Every address the node's conntrack table holds (for tests and
+    /// inspection).
+    pub async fn conntrack_addresses(&self) -> Result<Vec<IpAddr>> {
+        self.node
+            .run(|| {
+                crate::conntrack::addresses().map_err(NetlinkError::io("list conntrack entries"))
+            })
+            .await
+    }
+
     /// Turns on forwarding in the node (IPv4 and IPv6), which routing pods needs.
     pub async fn enable_forwarding(&self) -> Result<()> {
         sysctl::write_all(

@@ -255,6 +255,15 @@ async fn finish_once<K: Kernel, S: AllocationStore>(
     removal
         .await
         .map_err(|e| format!("deleting {}: {e}", entry.host_iface))?;
+    kernel
+        .forget_flows(entry.unicast().collect())
+        .await
+        .map_err(|e| {
+            format!(
+                "forgetting the flows of {:?}: {e}",
+                entry.unicast().collect::<Vec<_>>()
+            )
+        })?;
     allocations
         .finish_release(entry, SystemTime::now())
         .await
