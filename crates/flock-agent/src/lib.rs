@@ -17,6 +17,7 @@ pub mod cli;
 pub mod condition;
 pub mod handler;
 pub mod health;
+pub mod ipvs;
 pub mod kernel;
 pub mod logging;
 pub mod metrics;

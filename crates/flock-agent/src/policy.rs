@@ -238,6 +238,8 @@ pub struct PolicyLoop<L, S> {
     /// Policies nft refused, with its words.
     refused: Vec<(Key, String)>,
     warnings: Vec<String>,
+    /// Where `/proc` is, to notice IPVS.
+    proc_root: std::path::PathBuf,
 }
 
 /// A loop and the handle that reaches it.
@@ -269,6 +271,7 @@ pub fn policy_loop<L: Loader, S: AllocationStore>(
         last_error: None,
         refused: Vec::new(),
         warnings: Vec::new(),
+        proc_root: "/proc".into(),
     };
     (policy, handle)
 }
@@ -283,6 +286,23 @@ struct Changes {
 }
 
 impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
+    /// Looks for IPVS under `proc_root` instead of `/proc`.
+    pub fn with_proc_root(mut self, proc_root: &std::path::Path) -> Self {
+        self.proc_root = proc_root.to_owned();
+        self
+    }
+
+    /// Posts (and logs, when it appears) the IPVS warning.
+    fn check_ipvs(&mut self) {
+        let warning = crate::ipvs::warning(&self.proc_root);
+        if let Some(w) = &warning
+            && self.board.all().iter().all(|b| !b.starts_with("ipvs:"))
+        {
+            warn!(warning = %w, "IPVS detected");
+        }
+        self.board.set("ipvs", warning.into_iter().collect());
+    }
+
     /// Keeps the kernel's table equal to the policies: on every change of
     /// pods, namespaces, policies or this node's allocations, and every
     /// 30 s (then also healing outside changes). Loads nothing until pods,
@@ -302,6 +322,7 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             );
         }
         self.rebuild();
+        self.check_ipvs();
         let _ = self
             .enforce(true)
             .instrument(info_span!("netpol_start"))
@@ -341,6 +362,9 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
                 }
             }
             self.absorb(changes);
+            if heal {
+                self.check_ipvs();
+            }
             let _ = self
                 .enforce(heal)
                 .instrument(info_span!("netpol_pass", heal))

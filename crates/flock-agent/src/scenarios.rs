@@ -1158,3 +1158,37 @@ async fn a_policy_nft_refuses_isolates_with_nothing_allowed_and_the_rest_is_enfo
     );
     stop.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn ipvs_on_the_node_is_a_warning_not_a_failure() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let proc_root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(proc_root.path().join("net")).expect("net");
+    std::fs::write(proc_root.path().join("net/ip_vs"), "IP Virtual Server\n").expect("ip_vs");
+    let board = Arc::new(Board::default());
+    let (policy_loop, _handle) = policy_loop(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        FakeLoader::default(),
+        board.clone(),
+        Metrics::new(),
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        policy_loop
+            .with_proc_root(proc_root.path())
+            .run(stop.clone()),
+    );
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        board
+            .all()
+            .iter()
+            .any(|w| w.starts_with("ipvs:") && w.contains("bypasses NetworkPolicy")),
+        "{:?}",
+        board.all()
+    );
+    assert!(node.handler.readiness().is_ok(), "ready all the same");
+    stop.cancel();
+}
