@@ -414,6 +414,7 @@ impl Kernel for FakeKernel {
     }
 
     async fn ensure_blackhole(&self, cidr: IpNet) -> Result<(), NetlinkError> {
+        self.gates.pass("blackhole").await.map_err(injected)?;
         self.record(format!("blackhole {cidr}"));
         self.state().routes.insert(
             cidr,

@@ -1192,3 +1192,92 @@ async fn ipvs_on_the_node_is_a_warning_not_a_failure() {
     assert!(node.handler.readiness().is_ok(), "ready all the same");
     stop.cancel();
 }
+
+fn node_config(cidr4: &str) -> flock_model::NodeConfig {
+    flock_model::NodeConfig::new(
+        NODE,
+        flock_model::NodeConfigSpec {
+            cidr6: Some("2001:db8:0:1::/64".into()),
+            cidr4: Some(cidr4.into()),
+            ..Default::default()
+        },
+    )
+}
+
+/// Asserts that every prefix of the published settings is published too.
+fn announced_with_prefixes(
+    published: &crate::settings::Published,
+    prefixes: &crate::settings::Prefixes,
+) -> Option<Arc<NodeSettings>> {
+    let settings = published.borrow().clone()?;
+    let held = prefixes.borrow().clone();
+    for prefix in crate::settings::own_prefixes(&settings) {
+        assert!(
+            held.contains(&prefix),
+            "settings for {prefix} published before their prefixes: {held:?}"
+        );
+    }
+    Some(settings)
+}
+
+#[tokio::test(start_paused = true)]
+async fn settings_reach_bird_only_after_their_prefixes_so_a_restart_withdraws_nothing() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::starting(&kernel, &store);
+    node.recover().await;
+    node.cache
+        .set_node_config(Some(node_config("198.18.0.0/24")));
+    let (prefixes_tx, prefixes) = watch::channel(vec![]);
+    let (settings_loop, published) = crate::settings::SettingsLoop::new(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        node.pods.kernel.clone(),
+        prefixes_tx,
+        Arc::new(Board::default()),
+        Metrics::new(),
+    );
+    // Held while the blackhole goes in: what BIRD would render then.
+    kernel.gates.hold("blackhole");
+    let stop = CancellationToken::new();
+    tokio::spawn(settings_loop.run(stop.clone()));
+    kernel.gates.wait_reached("blackhole", 1).await;
+    announced_with_prefixes(&published, &prefixes);
+    kernel.gates.release("blackhole");
+    for _ in 0..100 {
+        if published.borrow().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = announced_with_prefixes(&published, &prefixes).expect("settings published");
+    assert_eq!(first.cidr4, Some("198.18.0.0/24".parse().expect("net")));
+
+    // A pod holds an address of the old prefix while it changes: the old
+    // one stays announced next to the new one, from the first render on.
+    node.readiness.send_replace(Readiness::Ready);
+    let old = node.add("c1", "web").await;
+    assert!(old.is_ipv4());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let passed = kernel.gates.reached("blackhole");
+    kernel.gates.hold("blackhole");
+    node.cache
+        .set_node_config(Some(node_config("198.18.1.0/24")));
+    kernel.gates.wait_reached("blackhole", passed + 1).await;
+    let during = announced_with_prefixes(&published, &prefixes).expect("settings");
+    assert!(
+        prefixes.borrow().iter().any(|p| p.contains(&old)),
+        "the prefix of {old} is withdrawn while {during:?} is in force: {:?}",
+        prefixes.borrow()
+    );
+    kernel.gates.release("blackhole");
+    for _ in 0..100 {
+        if published.borrow().as_ref().and_then(|s| s.cidr4) != first.cidr4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = announced_with_prefixes(&published, &prefixes).expect("settings");
+    assert_eq!(second.cidr4, Some("198.18.1.0/24".parse().expect("net")));
+    assert!(prefixes.borrow().iter().any(|p| p.contains(&old)));
+    stop.cancel();
+}

@@ -105,6 +105,7 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
     }
 
     async fn pass(&mut self) {
+        let mut fresh = None;
         match self.cache.node_config().map(|nc| nc.settings()) {
             None => {}
             Some(Err(problem)) => self.refuse(problem.to_string()),
@@ -114,12 +115,10 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
                     let settings = Arc::new(settings);
                     match self.allocations.apply_settings(settings.clone()) {
                         Ok(()) => {
-                            info!(cidr6 = ?settings.cidr6, cidr4 = ?settings.cidr4, "NodeConfig applied");
                             if let Some(old) = before {
                                 self.retired.extend(own_prefixes(&old));
                             }
-                            self.published.send_replace(Some(settings));
-                            self.accept();
+                            fresh = Some(settings);
                         }
                         Err(problem) => self.refuse(problem),
                     }
@@ -128,8 +127,7 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
                 }
             }
         }
-        let settings = self.published.borrow().clone();
-        let Some(settings) = settings else {
+        let Some(settings) = fresh.clone().or_else(|| self.published.borrow().clone()) else {
             return;
         };
         let current = own_prefixes(&settings);
@@ -137,11 +135,20 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
             self.metrics.error("blackholes");
             warn!(error = %e, "reconciling node blackholes failed");
         }
+        // New settings only once their prefixes are published: BIRD renders
+        // on the settings, and a render without the prefixes would withdraw
+        // them from the fabric (on every restart, until the next pass).
+        if let Some(settings) = fresh
+            && self.adopted
+        {
+            info!(cidr6 = ?settings.cidr6, cidr4 = ?settings.cidr4, "NodeConfig applied");
+            self.published.send_replace(Some(settings));
+            self.accept();
+        }
     }
 
-    /// Drops retired prefixes no allocation holds an address in, then
-    /// makes the blackholes equal the current and retired prefixes and
-    /// publishes them.
+    /// Drops retired prefixes no allocation holds an address in, publishes
+    /// the current and retired prefixes and makes the blackholes equal them.
     async fn keep_prefixes(&mut self, current: &[IpNet]) -> flock_netlink::Result<()> {
         let installed = self.kernel.installed().await?;
         let blackholes: Vec<IpNet> = installed
@@ -169,17 +176,19 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
             }
         }
         let want: Vec<IpNet> = current.iter().chain(&self.retired).copied().collect();
+        // Published before the kernel is touched: BIRD announces from its
+        // own static routes, whatever a failed blackhole here.
+        self.prefixes.send_if_modified(|p| {
+            let changed = *p != want;
+            *p = want.clone();
+            changed
+        });
         for dst in blackholes.iter().filter(|b| !want.contains(b)) {
             self.kernel.remove(*dst).await?;
         }
         for cidr in &want {
             self.kernel.ensure_blackhole(*cidr).await?;
         }
-        self.prefixes.send_if_modified(|p| {
-            let changed = *p != want;
-            *p = want.clone();
-            changed
-        });
         Ok(())
     }
 
