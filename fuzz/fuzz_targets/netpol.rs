@@ -165,10 +165,10 @@ fuzz_target!(|input: Vec<Policy>| {
         ("x".to_owned(), BTreeMap::from([("a".to_owned(), "x".to_owned())])),
         ("y".to_owned(), BTreeMap::new()),
     ]);
-    let build = || {
+    let build_with = |namespaces: &BTreeMap<String, BTreeMap<String, String>>, pods: &[ClusterPod]| {
         let mut e = Engine::new();
         e.set_namespaces(namespaces.clone());
-        for p in &pods {
+        for p in pods {
             e.upsert_pod(p.clone());
         }
         for lp in &local {
@@ -178,6 +178,7 @@ fuzz_target!(|input: Vec<Policy>| {
         e.refresh();
         e
     };
+    let build = || build_with(&namespaces, &pods);
     let whole = build();
     let text = render_table(whole.desired()).expect("flock's own interface names always render");
     assert_eq!(text, render_table(build().desired()).expect("render"), "deterministic");
@@ -199,6 +200,22 @@ fuzz_target!(|input: Vec<Policy>| {
         deltas += &render_delta(&inc.refresh()).expect("delta");
     }
     assert_eq!(inc.desired(), whole.desired(), "incremental = whole");
+    // Namespace labels that change under the pods, and a pod that leaves.
+    let swapped = BTreeMap::from([
+        ("x".to_owned(), BTreeMap::new()),
+        ("y".to_owned(), BTreeMap::from([("a".to_owned(), "x".to_owned())])),
+    ]);
+    inc.set_namespaces(swapped.clone());
+    deltas += &render_delta(&inc.refresh()).expect("delta");
+    assert_eq!(inc.desired(), build_with(&swapped, &pods).desired(), "after a namespace change");
+    inc.remove_pod("y", "a");
+    deltas += &render_delta(&inc.refresh()).expect("delta");
+    let fewer: Vec<ClusterPod> = pods.iter().filter(|p| (p.namespace.as_str(), p.name.as_str()) != ("y", "a")).cloned().collect();
+    assert_eq!(inc.desired(), build_with(&swapped, &fewer).desired(), "after a pod left");
+    inc.set_namespaces(namespaces.clone());
+    inc.upsert_pod(pods.iter().find(|p| p.namespace == "y" && p.name == "a").expect("pod").clone());
+    deltas += &render_delta(&inc.refresh()).expect("delta");
+    assert_eq!(inc.desired(), whole.desired(), "back where it was");
     for line in text.lines().chain(deltas.lines()).filter(|l| !l.starts_with('#')) {
         assert!(
             line.chars().all(|c| c.is_ascii_alphanumeric() || " \t_.:,/{}@=-\";".contains(c)),

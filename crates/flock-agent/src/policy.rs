@@ -25,8 +25,7 @@ use std::time::Duration;
 
 use flock_datastore::{Cache, Event, PodInfo};
 use flock_netpol::{
-    ClusterPod, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, render_delta,
-    render_table,
+    ClusterPod, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, delta_parts, render_table,
 };
 use flock_store::AllocState;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -506,8 +505,8 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         if delta.is_empty() {
             return Ok(());
         }
-        let script = render_delta(&delta).map_err(|e| e.to_string())?;
-        match self.blocking(move |l| l.load(&script)).await {
+        let parts = delta_parts(&delta, self.engine.desired()).map_err(|e| e.to_string())?;
+        match self.blocking(move |l| l.apply(parts)).await {
             Ok(()) => {
                 self.metrics.reconciled("netpol_changed");
                 self.settle(None);

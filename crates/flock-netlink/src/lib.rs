@@ -18,6 +18,7 @@ mod error;
 mod inspect;
 mod link;
 mod netns;
+mod nftables;
 mod pod;
 mod reaper;
 mod routes;
@@ -26,6 +27,7 @@ mod sysctl;
 pub use error::{NetlinkError, Result};
 pub use inspect::Drift;
 pub use netns::{Netns, NetnsRefusal, PodNetns, netns_inode};
+pub use nftables::{Element, ElementChange, NftElements};
 pub use pod::{Dataplane, PodSpec, SetupStep, Teardown};
 pub use routes::{InstalledRoute, Nexthop, RouteKind, is_flock_iface};
 

@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use flock_netlink::NftElements;
+
 use crate::engine::Desired;
-use crate::render::TABLE;
+use crate::render::{DeltaParts, TABLE};
 
 /// Why a script was not loaded. The kernel keeps what it had: nft applies
 /// a script as one transaction.
@@ -18,6 +20,9 @@ pub enum ApplyError {
     /// nft refused the script.
     #[error("nft refused the ruleset: {0}")]
     Refused(String),
+    /// The kernel refused element changes (none of them was applied).
+    #[error("nf_tables refused the element changes: {0}")]
+    Elements(std::io::Error),
 }
 
 /// How many objects the table holds, to tell whether someone changed it:
@@ -84,6 +89,21 @@ pub trait Loader: Send + 'static {
     fn check(&mut self, script: &str) -> Result<(), ApplyError>;
     /// What the kernel's table holds; `None` when there is no table.
     fn inventory(&mut self) -> Result<Option<Inventory>, ApplyError>;
+    /// Applies one delta; by default as one script.
+    fn apply(&mut self, parts: DeltaParts) -> Result<(), ApplyError> {
+        self.load(&(parts.before + &parts.elements + &parts.after))
+    }
+}
+
+/// Where element changes go over netlink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Netlink {
+    /// Nowhere: everything through nft.
+    Off,
+    /// This process's network namespace.
+    Here,
+    /// The network namespace at this path.
+    In(std::path::PathBuf),
 }
 
 /// Runs `nft`.
@@ -91,6 +111,8 @@ pub trait Loader: Send + 'static {
 pub struct Applier {
     /// The program and its leading arguments.
     nft: Vec<String>,
+    netlink: Netlink,
+    socket: Option<NftElements>,
 }
 
 impl Default for Applier {
@@ -100,17 +122,51 @@ impl Default for Applier {
 }
 
 impl Applier {
-    /// An applier running `nft` (a path or a name on `PATH`).
+    /// An applier running `nft` (a path or a name on `PATH`), with element
+    /// changes over netlink in this process's network namespace.
     pub fn new(nft: &str) -> Applier {
-        Applier::with_command(&[nft])
+        Applier {
+            netlink: Netlink::Here,
+            ..Applier::with_command(&[nft])
+        }
     }
 
     /// An applier running `argv` followed by nft's arguments (for example
-    /// `ip netns exec NS nft`).
+    /// `ip netns exec NS nft`); everything goes through nft.
     pub fn with_command(argv: &[&str]) -> Applier {
         Applier {
             nft: argv.iter().map(|a| (*a).to_owned()).collect(),
+            netlink: Netlink::Off,
+            socket: None,
         }
+    }
+
+    /// Like [`Applier::with_command`] for the namespace at `netns`, with
+    /// element changes over netlink into it.
+    pub fn in_netns(argv: &[&str], netns: &std::path::Path) -> Applier {
+        Applier {
+            netlink: Netlink::In(netns.to_owned()),
+            ..Applier::with_command(argv)
+        }
+    }
+
+    fn elements(&mut self) -> Option<&mut NftElements> {
+        if self.socket.is_none() {
+            let opened = match &self.netlink {
+                Netlink::Off => return None,
+                Netlink::Here => NftElements::open(),
+                Netlink::In(path) => NftElements::open_in(path),
+            };
+            match opened {
+                Ok(socket) => self.socket = Some(socket),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no nf_tables netlink socket; element changes go through nft");
+                    self.netlink = Netlink::Off;
+                    return None;
+                }
+            }
+        }
+        self.socket.as_mut()
     }
 
     fn command(&self) -> Command {
@@ -148,6 +204,28 @@ impl Loader for Applier {
 
     fn check(&mut self, script: &str) -> Result<(), ApplyError> {
         self.run(&["-c", "-f", "-"], script)
+    }
+
+    /// nft for sets and chains, one netlink batch for the elements: `nft`
+    /// would read every set's elements to change one.
+    fn apply(&mut self, parts: DeltaParts) -> Result<(), ApplyError> {
+        let Some(batch) = parts.batch.clone().filter(|b| NftElements::fits(TABLE, b)) else {
+            // Too big for one batch (or in an interval set): one nft script.
+            return self.load(&(parts.before + &parts.elements + &parts.after));
+        };
+        if self.elements().is_none() {
+            return self.load(&(parts.before + &parts.elements + &parts.after));
+        }
+        if !parts.before.is_empty() {
+            self.load(&parts.before)?;
+        }
+        if let Some(socket) = self.elements() {
+            socket.commit(TABLE, &batch).map_err(ApplyError::Elements)?;
+        }
+        if !parts.after.is_empty() {
+            self.load(&parts.after)?;
+        }
+        Ok(())
     }
 
     fn inventory(&mut self) -> Result<Option<Inventory>, ApplyError> {

@@ -119,6 +119,10 @@ impl Rule {
     fn wants_pairs(&self) -> bool {
         self.egress && !self.named.is_empty()
     }
+
+    fn selects_by_namespace(&self) -> bool {
+        self.peers.iter().flatten().any(|p| p.namespaces.is_some())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +143,15 @@ type RuleId = (Key, bool, usize);
 #[derive(Debug, Default)]
 pub struct Engine {
     pods: HashMap<Key, ClusterPod>,
+    /// Pod names by namespace, so a rule looks at the pods it can select.
+    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    /// Rules selecting pods of the policy's own namespace, by namespace.
+    same_ns_rules: HashMap<String, BTreeSet<RuleId>>,
+    /// Rules selecting by namespace labels, by the namespaces they select.
+    cross_rules: HashMap<String, BTreeSet<RuleId>>,
+    /// Rules every pod may contribute to (named-port pairs of any peer or
+    /// of an ipBlock).
+    open_rules: BTreeSet<RuleId>,
     local: BTreeMap<String, LocalPod>,
     local_by_key: HashMap<Key, BTreeSet<String>>,
     namespaces: BTreeMap<String, Labels>,
@@ -200,6 +213,10 @@ impl Engine {
         let labels_or_ports_changed = old
             .as_ref()
             .is_none_or(|o| o.labels != pod.labels || o.ports != pod.ports);
+        self.pods_by_ns
+            .entry(key.0.clone())
+            .or_default()
+            .insert(key.1.clone());
         self.pods.insert(key.clone(), pod);
         if labels_or_ports_changed {
             self.touch_local(&key);
@@ -210,6 +227,12 @@ impl Engine {
     pub fn remove_pod(&mut self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
         if let Some(old) = self.pods.remove(&key) {
+            if let Some(names) = self.pods_by_ns.get_mut(namespace) {
+                names.remove(name);
+                if names.is_empty() {
+                    self.pods_by_ns.remove(namespace);
+                }
+            }
             self.account(&old, false);
             self.touch_local(&key);
         }
@@ -248,23 +271,39 @@ impl Engine {
         self.local.values()
     }
 
-    /// Replaces the namespaces and their labels; rules that select by
-    /// namespace are recomputed when the labels changed.
+    /// Replaces the namespaces and their labels; for each namespace whose
+    /// labels changed, the rules whose selection of it changed are
+    /// recomputed.
     pub fn set_namespaces(&mut self, namespaces: BTreeMap<String, Labels>) {
         if self.namespaces == namespaces {
             return;
         }
-        self.namespaces = namespaces;
-        let ids: Vec<RuleId> = self
-            .rule_ids()
-            .filter(|id| {
-                self.rule(id)
-                    .and_then(|r| r.peers.as_ref())
-                    .is_some_and(|p| p.iter().any(|s| s.namespaces.is_some()))
-                    || self.rule(id).is_some_and(|r| r.wants_pairs())
-            })
+        let changed: BTreeSet<String> = self
+            .namespaces
+            .keys()
+            .chain(namespaces.keys())
+            .filter(|ns| self.namespaces.get(*ns) != namespaces.get(*ns))
+            .cloned()
             .collect();
-        for id in ids {
+        self.namespaces = namespaces;
+        let cross: Vec<RuleId> = self.cross_rule_ids().collect();
+        let mut recount = BTreeSet::new();
+        for ns in changed {
+            let before = self.cross_rules.remove(&ns).unwrap_or_default();
+            let after: BTreeSet<RuleId> = cross
+                .iter()
+                .filter(|id| {
+                    self.rule(id)
+                        .is_some_and(|r| self.selects_namespace(r, &ns))
+                })
+                .cloned()
+                .collect();
+            recount.extend(before.symmetric_difference(&after).cloned());
+            if !after.is_empty() {
+                self.cross_rules.insert(ns, after);
+            }
+        }
+        for id in recount {
             self.recount(&id);
         }
     }
@@ -281,6 +320,9 @@ impl Engine {
             .insert(key.clone());
         self.policies.insert(key.clone(), compiled);
         let ids: Vec<RuleId> = self.rule_ids_of(&key).collect();
+        for id in &ids {
+            self.index_rule(id, true);
+        }
         for id in ids {
             self.recount(&id);
         }
@@ -339,6 +381,10 @@ impl Engine {
     // --- bookkeeping ----------------------------------------------------
 
     fn drop_policy(&mut self, key: &Key) {
+        let ids: Vec<RuleId> = self.rule_ids_of(key).collect();
+        for id in &ids {
+            self.index_rule(id, false);
+        }
         if let Some(old) = self.policies.remove(key) {
             for rule in old.ingress.iter().chain(&old.egress).flatten() {
                 for suffix in SET_SUFFIXES {
@@ -361,8 +407,106 @@ impl Engine {
             .chain((0..eg).map(move |i| (k2.clone(), true, i)))
     }
 
-    fn rule_ids(&self) -> impl Iterator<Item = RuleId> + '_ {
-        self.policies.keys().flat_map(|k| self.rule_ids_of(k))
+    /// Every rule that selects peers by namespace labels.
+    fn cross_rule_ids(&self) -> impl Iterator<Item = RuleId> + '_ {
+        self.policies
+            .keys()
+            .flat_map(|k| self.rule_ids_of(k))
+            .filter(|id| self.rule(id).is_some_and(Rule::selects_by_namespace))
+    }
+
+    /// Whether one of `rule`'s peers selects namespace `ns` by its labels.
+    fn selects_namespace(&self, rule: &Rule, ns: &str) -> bool {
+        let Some(labels) = self.namespaces.get(ns) else {
+            return false;
+        };
+        rule.peers.iter().flatten().any(|p| {
+            p.namespaces
+                .as_ref()
+                .is_some_and(|sel| selects(sel, labels))
+        })
+    }
+
+    /// Enters (or takes out) a rule in the indexes telling which pods it
+    /// may select.
+    fn index_rule(&mut self, id: &RuleId, add: bool) {
+        let Some(rule) = self.rule(id) else { return };
+        let open = rule.wants_pairs() && (rule.peers.is_none() || !rule.blocks.is_empty());
+        let same_ns = rule.peers.iter().flatten().any(|p| p.namespaces.is_none());
+        let cross: Vec<String> = if rule.selects_by_namespace() {
+            self.namespaces
+                .keys()
+                .filter(|ns| self.selects_namespace(rule, ns))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let policy_ns = id.0.0.clone();
+        let edit = |map: &mut HashMap<String, BTreeSet<RuleId>>, ns: String| {
+            if add {
+                map.entry(ns).or_default().insert(id.clone());
+            } else if let Some(set) = map.get_mut(&ns) {
+                set.remove(id);
+                if set.is_empty() {
+                    map.remove(&ns);
+                }
+            }
+        };
+        if same_ns {
+            edit(&mut self.same_ns_rules, policy_ns);
+        }
+        for ns in cross {
+            edit(&mut self.cross_rules, ns);
+        }
+        if open {
+            if add {
+                self.open_rules.insert(id.clone());
+            } else {
+                self.open_rules.remove(id);
+            }
+        }
+    }
+
+    /// The rules a pod of namespace `ns` may contribute to.
+    fn candidate_rules(&self, ns: &str) -> BTreeSet<RuleId> {
+        let mut ids = self.open_rules.clone();
+        for map in [&self.same_ns_rules, &self.cross_rules] {
+            ids.extend(map.get(ns).into_iter().flatten().cloned());
+        }
+        ids
+    }
+
+    /// The pods that may contribute to rule `id`.
+    fn candidate_pods(&self, id: &RuleId) -> Vec<&ClusterPod> {
+        let Some(rule) = self.rule(id) else {
+            return Vec::new();
+        };
+        if self.open_rules.contains(id) {
+            return self.pods.values().collect();
+        }
+        let mut namespaces: BTreeSet<&str> = BTreeSet::new();
+        if rule.peers.iter().flatten().any(|p| p.namespaces.is_none()) {
+            namespaces.insert(&id.0.0);
+        }
+        if rule.selects_by_namespace() {
+            namespaces.extend(
+                self.namespaces
+                    .keys()
+                    .filter(|ns| self.selects_namespace(rule, ns))
+                    .map(String::as_str),
+            );
+        }
+        namespaces
+            .into_iter()
+            .flat_map(|ns| {
+                self.pods_by_ns
+                    .get(ns)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(move |name| self.pods.get(&(ns.to_owned(), name.clone())))
+            })
+            .collect()
     }
 
     fn rule(&self, (key, egress, i): &RuleId) -> Option<&Rule> {
@@ -445,8 +589,7 @@ impl Engine {
 
     /// Adds (or takes away) `pod`'s contribution to every rule.
     fn account(&mut self, pod: &ClusterPod, add: bool) {
-        let ids: Vec<RuleId> = self.rule_ids().collect();
-        for id in ids {
+        for id in self.candidate_rules(&pod.namespace) {
             let Some(rule) = self.rule(&id) else { continue };
             if !rule.has_pod_peers() && !rule.wants_pairs() {
                 continue;
@@ -472,7 +615,7 @@ impl Engine {
         let mut members = BTreeMap::new();
         let mut pairs = BTreeMap::new();
         if rule.has_pod_peers() || rule.wants_pairs() {
-            for pod in self.pods.values() {
+            for pod in self.candidate_pods(id) {
                 let c = self.contribution(&id.0.0, rule, pod);
                 for ip in c.members {
                     count(&mut members, ip, true);

@@ -17,7 +17,7 @@ mod translate;
 
 pub use apply::{Applier, ApplyError, Inventory, Loader};
 pub use engine::{Delta, Desired, Engine, SetSpec};
-pub use render::{RenderError, TABLE, render_delta, render_table};
+pub use render::{DeltaParts, RenderError, TABLE, delta_parts, render_delta, render_table};
 pub use selector::selects;
 pub use translate::{
     AddrRanges, Allow, ClusterPod, Direction, Input, LocalPod, NamedPort, PodRules, PortSpec,

@@ -14,6 +14,8 @@
 
 use std::fmt::Write as _;
 
+use flock_netlink::{Element, ElementChange};
+
 use crate::engine::{Delta, Desired, SetSpec};
 
 /// The nft table flock owns (family `inet`).
@@ -109,15 +111,40 @@ pub fn render_table(d: &Desired) -> Result<String, RenderError> {
 }
 
 /// One transaction with exactly the changes of `delta`, in an order nft
-/// accepts: new sets and elements first, then chains (created or
-/// replaced), then the maps, and last what is deleted (map elements before
-/// their chains, chains before the sets they used).
+/// accepts: what [`delta_parts`] splits, in its order.
 pub fn render_delta(delta: &Delta) -> Result<String, RenderError> {
+    let parts = delta_parts(delta, &Desired::default())?;
+    Ok(parts.before + &parts.elements + &parts.after)
+}
+
+/// A delta in three steps: `before` (nft: recreated sets deleted, new sets
+/// with their elements, chains created or replaced), the element changes
+/// of existing sets and maps (`elements` as nft text; `batch` the same for
+/// one netlink transaction, `None` when one of them is in an interval
+/// set), and `after` (nft: chains, then sets, deleted). Each step leaves a
+/// table that enforces: new chains are unreferenced until their map
+/// elements arrive, and nothing is deleted while still referenced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeltaParts {
+    /// nft commands first.
+    pub before: String,
+    /// The element changes, as nft commands.
+    pub elements: String,
+    /// The element changes, for one netlink batch.
+    pub batch: Option<Vec<ElementChange>>,
+    /// nft commands last.
+    pub after: String,
+}
+
+/// Splits `delta`; `desired` (after the refresh that made `delta`) tells
+/// the sets' types.
+pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, RenderError> {
     for (_, iface, _) in &delta.add_map {
         check_iface(iface)?;
     }
     let t = format!("inet {TABLE}");
-    let mut out = String::new();
+    let mut parts = DeltaParts::default();
+    let out = &mut parts.before;
     // A set recreated under its name is deleted first.
     for name in delta
         .delete_sets
@@ -125,23 +152,24 @@ pub fn render_delta(delta: &Delta) -> Result<String, RenderError> {
     {
         let _ = writeln!(out, "delete set {t} {name}");
     }
+    // Elements inline: `add element` would make nft read every set's.
     for (name, spec) in &delta.new_sets {
         let flags = if spec.interval {
             " flags interval;"
         } else {
             ""
         };
-        let _ = writeln!(out, "add set {t} {name} {{ type {};{flags} }}", spec.ty);
-        elements(&mut out, "add", &t, name, &spec.elements);
-    }
-    for (name, add) in &delta.add_elements {
-        elements(&mut out, "add", &t, name, add);
-    }
-    for (name, remove) in &delta.remove_elements {
-        elements(&mut out, "delete", &t, name, remove);
-    }
-    for (map, iface) in &delta.remove_map {
-        let _ = writeln!(out, "delete element {t} {map} {{ \"{iface}\" }}");
+        let list: Vec<&str> = spec.elements.iter().map(String::as_str).collect();
+        let elements = if list.is_empty() {
+            String::new()
+        } else {
+            format!(" elements = {{ {} }};", list.join(", "))
+        };
+        let _ = writeln!(
+            out,
+            "add set {t} {name} {{ type {};{flags}{elements} }}",
+            spec.ty
+        );
     }
     for (name, rules) in &delta.chains {
         let _ = writeln!(out, "add chain {t} {name}");
@@ -150,12 +178,65 @@ pub fn render_delta(delta: &Delta) -> Result<String, RenderError> {
             let _ = writeln!(out, "add rule {t} {name} {r}");
         }
     }
+    let out = &mut parts.elements;
+    let mut batch = Some(Vec::new());
+    for (delete, changes) in [(false, &delta.add_elements), (true, &delta.remove_elements)] {
+        for (name, items) in changes {
+            elements(out, if delete { "delete" } else { "add" }, &t, name, items);
+            let encoded = desired
+                .sets
+                .get(name)
+                .filter(|spec| !spec.interval)
+                .and_then(|spec| {
+                    items
+                        .iter()
+                        .map(|e| element_key(spec.ty, e))
+                        .collect::<Option<Vec<_>>>()
+                });
+            match (encoded, batch.as_mut()) {
+                (Some(keys), Some(b)) => b.push(ElementChange {
+                    set: name.clone(),
+                    delete,
+                    elements: keys
+                        .into_iter()
+                        .map(|key| Element { key, jump: None })
+                        .collect(),
+                }),
+                _ => batch = None,
+            }
+        }
+    }
+    for (map, iface) in &delta.remove_map {
+        let _ = writeln!(out, "delete element {t} {map} {{ \"{iface}\" }}");
+        if let Some(b) = batch.as_mut() {
+            b.push(ElementChange {
+                set: (*map).to_owned(),
+                delete: true,
+                elements: vec![Element {
+                    key: ifname_key(iface),
+                    jump: None,
+                }],
+            });
+        }
+    }
     for (map, iface, chain) in &delta.add_map {
         let _ = writeln!(
             out,
             "add element {t} {map} {{ \"{iface}\" : jump {chain} }}"
         );
+        if let Some(b) = batch.as_mut() {
+            b.push(ElementChange {
+                set: (*map).to_owned(),
+                delete: false,
+                elements: vec![Element {
+                    key: ifname_key(iface),
+                    jump: Some(chain.clone()),
+                }],
+            });
+        }
     }
+    parts.batch = batch;
+    let out = &mut parts.after;
     for name in &delta.delete_chains {
         let _ = writeln!(out, "delete chain {t} {name}");
     }
@@ -165,7 +246,50 @@ pub fn render_delta(delta: &Delta) -> Result<String, RenderError> {
     {
         let _ = writeln!(out, "delete set {t} {name}");
     }
-    Ok(out)
+    Ok(parts)
+}
+
+/// An interface name as an `ifname` key: 16 bytes, zero-padded.
+fn ifname_key(iface: &str) -> Vec<u8> {
+    let mut key = iface.as_bytes().to_vec();
+    key.resize(16, 0);
+    key
+}
+
+/// An element (as the engine writes it) as the kernel's key of a set of
+/// type `ty`: addresses in network order, each field of a concatenation
+/// padded to 4 bytes. `None` for what flock does not write.
+fn element_key(ty: &str, element: &str) -> Option<Vec<u8>> {
+    let addr = |text: &str, v6: bool| -> Option<Vec<u8>> {
+        match text.parse::<std::net::IpAddr>().ok()? {
+            std::net::IpAddr::V4(a) if !v6 => Some(a.octets().to_vec()),
+            std::net::IpAddr::V6(a) if v6 => Some(a.octets().to_vec()),
+            _ => None,
+        }
+    };
+    match ty {
+        "ipv4_addr" => addr(element, false),
+        "ipv6_addr" => addr(element, true),
+        "ipv4_addr . inet_proto . inet_service" | "ipv6_addr . inet_proto . inet_service" => {
+            let mut fields = element.split(" . ");
+            let (ip, proto, port) = (fields.next()?, fields.next()?, fields.next()?);
+            if fields.next().is_some() {
+                return None;
+            }
+            let mut key = addr(ip, ty.starts_with("ipv6"))?;
+            let proto: u8 = match proto {
+                "tcp" => 6,
+                "udp" => 17,
+                "sctp" => 132,
+                _ => return None,
+            };
+            key.extend_from_slice(&[proto, 0, 0, 0]);
+            key.extend_from_slice(&port.parse::<u16>().ok()?.to_be_bytes());
+            key.extend_from_slice(&[0, 0]);
+            Some(key)
+        }
+        _ => None,
+    }
 }
 
 fn elements(

@@ -1,6 +1,7 @@
 //! Every policy the API server accepts renders a table `nft` accepts, and
 //! every change on top of a loaded table is a transaction `nft` accepts and
-//! that leaves the table as a whole load would. Generated policies cover
+//! that leaves the table as a whole load would (element changes over
+//! netlink, as the agent makes them). Generated policies cover
 //! ports without a protocol, protocol-only entries, overlapping and nested
 //! ranges, named ports that resolve inside ranges, duplicates, SCTP and
 //! UDP, pod, namespace and ipBlock peers; the real `nft` judges, as root,
@@ -9,8 +10,8 @@
 use std::collections::BTreeMap;
 
 use flock_netpol::{
-    Applier, ClusterPod, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, render_delta,
-    render_table,
+    Applier, ClusterPod, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, delta_parts,
+    render_delta, render_table,
 };
 use flock_testkit::NetnsGuard;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -143,6 +144,48 @@ fn policies() -> impl Strategy<Value = Vec<NetworkPolicy>> {
     (1usize..6).prop_flat_map(|n| (0..n).map(policy).collect::<Vec<_>>())
 }
 
+/// Each set's and map's elements (sorted: a hash set lists in its own
+/// order) and each chain's rules, as `nft -j` writes them.
+fn listing(ns: &NetnsGuard) -> BTreeMap<String, Vec<String>> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "nft",
+            "-j",
+            "list",
+            "table",
+            "inet",
+            "flock",
+        ])
+        .output()
+        .expect("nft");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft -j");
+    let mut objects: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for item in v["nftables"].as_array().expect("nftables") {
+        for kind in ["set", "map"] {
+            if let Some(s) = item.get(kind) {
+                let mut elements: Vec<String> = s["elem"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(ToString::to_string)
+                    .collect();
+                elements.sort();
+                objects.insert(format!("{kind} {}", s["name"]), elements);
+            }
+        }
+        if let Some(r) = item.get("rule") {
+            objects
+                .entry(format!("chain {}", r["chain"]))
+                .or_default()
+                .push(r["expr"].to_string());
+        }
+    }
+    objects
+}
+
 fn engine(
     pods: &[ClusterPod],
     local: &[LocalPod],
@@ -165,7 +208,9 @@ proptest! {
     #[test]
     fn every_generated_policy_set_loads_whole_and_change_by_change(policies in policies()) {
         let ns = NetnsGuard::new("nftp");
-        let mut nft = Applier::with_command(&["ip", "netns", "exec", ns.name(), "nft"]);
+        // Changes as the agent makes them: nft for sets and chains, one
+        // netlink batch for the elements.
+        let mut nft = Applier::in_netns(&["ip", "netns", "exec", ns.name(), "nft"], &ns.path());
         let (pods, local, namespaces) = world();
 
         // The whole table.
@@ -184,20 +229,95 @@ proptest! {
         inc.refresh();
         nft.load(&render_table(inc.desired()).expect("render")).expect("first table");
         inc.set_policies(&policies);
-        let delta = render_delta(&inc.refresh()).expect("render");
-        if let Err(e) = nft.load(&delta) {
-            prop_assert!(false, "nft refused the change: {e}\n{delta}");
+        let delta = inc.refresh();
+        let parts = delta_parts(&delta, inc.desired()).expect("render");
+        if let Err(e) = nft.apply(parts) {
+            prop_assert!(false, "the change was refused: {e}\n{}", render_delta(&delta).expect("render"));
         }
         prop_assert_eq!(inc.desired(), whole.desired());
         inc.remove_pod("y", "p2");
         let mut relabelled = pods[0].clone();
         relabelled.labels.insert("app".into(), "a3".into());
         inc.upsert_pod(relabelled);
-        let delta = render_delta(&inc.refresh()).expect("render");
-        if let Err(e) = nft.load(&delta) {
-            prop_assert!(false, "nft refused the pod change: {e}\n{delta}");
+        let delta = inc.refresh();
+        let parts = delta_parts(&delta, inc.desired()).expect("render");
+        if let Err(e) = nft.apply(parts) {
+            prop_assert!(false, "the pod change was refused: {e}\n{}", render_delta(&delta).expect("render"));
         }
         let have = nft.inventory().expect("list").expect("a table");
         prop_assert_eq!(have, Inventory::of(inc.desired()), "the kernel holds what a whole load would");
+        // Element by element and rule by rule, what a whole load gives.
+        let fresh = NetnsGuard::new("nftw");
+        let mut loader = Applier::with_command(&["ip", "netns", "exec", fresh.name(), "nft"]);
+        loader.load(&render_table(inc.desired()).expect("render")).expect("whole table");
+        prop_assert_eq!(listing(&ns), listing(&fresh));
     }
+}
+
+/// A pod arriving, one leaving and a local pod's chain going away, each a
+/// change whose elements (addresses, named-port pairs, map entries) travel
+/// over netlink: the kernel ends up with what a whole load gives.
+#[test]
+fn element_changes_over_netlink_equal_a_whole_load() {
+    flock_testkit::require_root();
+    let (pods, local, namespaces) = world();
+    let policy: NetworkPolicy = serde_yaml::from_str(
+        "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {team: y}}}]\n    ports: [{port: web}]\n  egress:\n  - to: [{podSelector: {}}, {namespaceSelector: {}}]\n    ports: [{port: dns, protocol: UDP}, {port: sig, protocol: SCTP}]\n",
+    )
+    .expect("policy");
+    let ns = NetnsGuard::new("nftn");
+    let mut nft = Applier::in_netns(&["ip", "netns", "exec", ns.name(), "nft"], &ns.path());
+    let mut inc = engine(&pods[1..], &local[1..], &namespaces);
+    inc.set_policies(std::slice::from_ref(&policy));
+    inc.refresh();
+    nft.load(&render_table(inc.desired()).expect("render"))
+        .expect("table");
+    let mut moved = pods[4].clone();
+    moved.ips = vec![
+        "198.18.9.9".parse().expect("ip"),
+        "2001:db8::9:9".parse().expect("ip"),
+    ];
+    let steps: [&dyn Fn(&mut Engine); 3] = [
+        &|e| {
+            e.upsert_pod(pods[0].clone());
+            e.upsert_local(local[0].clone());
+        },
+        &|e| e.upsert_pod(moved.clone()),
+        &|e| {
+            e.remove_pod("y", "p3");
+            e.remove_local(&local[2].iface);
+        },
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        step(&mut inc);
+        let delta = inc.refresh();
+        let parts = delta_parts(&delta, inc.desired()).expect("render");
+        let batch = parts.batch.clone().expect("no interval set changes");
+        assert!(!batch.is_empty(), "step {i} changes elements");
+        nft.apply(parts).unwrap_or_else(|e| panic!("step {i}: {e}"));
+        let fresh = NetnsGuard::new("nftw");
+        let mut loader = Applier::with_command(&["ip", "netns", "exec", fresh.name(), "nft"]);
+        loader
+            .load(&render_table(inc.desired()).expect("render"))
+            .expect("whole table");
+        assert_eq!(listing(&ns), listing(&fresh), "after step {i}");
+    }
+    // A change the kernel refuses (an element that is not there) changes
+    // nothing and says which set.
+    let gone = flock_netlink::ElementChange {
+        set: "ingress_pods".into(),
+        delete: true,
+        elements: vec![flock_netlink::Element {
+            key: b"flocknothere\0\0\0\0".to_vec(),
+            jump: None,
+        }],
+    };
+    let before = listing(&ns);
+    let parts = flock_netpol::DeltaParts {
+        batch: Some(vec![gone]),
+        ..Default::default()
+    };
+    let err = nft.apply(parts).expect_err("refused");
+    assert!(err.to_string().contains("ingress_pods"), "{err}");
+    assert_eq!(listing(&ns), before);
 }
