@@ -7,6 +7,7 @@ mod cni;
 mod dataplane;
 mod measure;
 mod netpol;
+mod netpol_scale;
 mod plugin;
 mod ptp;
 
@@ -83,8 +84,9 @@ enum Bench {
         flips: usize,
     },
     /// NetworkPolicy: translate + render for 10,000 pods and 1,000
-    /// policies, loading the ruleset, policy change → enforcement, and
-    /// iperf3 throughput and TCP connection rate with 0 and 500 policies.
+    /// policies, loading the ruleset, policy change → enforcement, iperf3
+    /// throughput and TCP connection rate with 0 and 500 policies, and ADD,
+    /// policy change and RSS of agents holding a 10,000-pod cluster.
     /// Needs root, nftables and iperf3.
     Netpol {
         /// Allow/deny flips timed.
@@ -93,7 +95,10 @@ enum Bench {
         /// Rounds of (no policies, 500 policies) for throughput and rate.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Only one part: `translate`, `enforce` or `dataplane`.
+        /// ADDs timed on each node of the scale part.
+        #[arg(long, default_value_t = 40)]
+        adds: usize,
+        /// Only one part: `translate`, `enforce`, `dataplane` or `scale`.
         #[arg(long)]
         only: Option<String>,
     },
@@ -135,8 +140,9 @@ fn main() -> anyhow::Result<()> {
         Bench::Netpol {
             flips,
             rounds,
+            adds,
             only,
-        } => netpol::run(flips, rounds, only.as_deref()),
+        } => netpol::run(flips, rounds, adds, only.as_deref()),
         Bench::PtpPhases {
             concurrency,
             dual_stack,

@@ -25,7 +25,7 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
 }
 
-pub fn run(flips: usize, rounds: usize, only: Option<&str>) -> anyhow::Result<()> {
+pub fn run(flips: usize, rounds: usize, adds: usize, only: Option<&str>) -> anyhow::Result<()> {
     let part = |name: &str| only.is_none_or(|o| o == name);
     if part("translate") {
         synthetic()?;
@@ -35,6 +35,9 @@ pub fn run(flips: usize, rounds: usize, only: Option<&str>) -> anyhow::Result<()
     }
     if part("dataplane") {
         dataplane_cost(rounds)?;
+    }
+    if part("scale") {
+        crate::netpol_scale::run(adds, flips)?;
     }
     Ok(())
 }

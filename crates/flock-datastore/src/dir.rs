@@ -3,7 +3,7 @@
 //! and every [`SCAN_INTERVAL`] in any case (a directory that was replaced,
 //! or a filesystem without inotify).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 struct Objects {
     node_configs: Vec<NodeConfig>,
     pools: Vec<AddressPool>,
-    pods: Vec<PodInfo>,
+    pods: BTreeMap<Key, PodInfo>,
     namespaces: Vec<(String, BTreeMap<String, String>)>,
     policies: Vec<NetworkPolicy>,
 }
@@ -46,12 +46,19 @@ struct FileState {
     objects: Objects,
 }
 
+type Key = (String, String);
+
 /// Reads a manifest directory into a [`Cache`].
 #[derive(Debug)]
 pub struct DirSource {
     dir: PathBuf,
     cache: Cache,
     files: BTreeMap<PathBuf, FileState>,
+    /// Whether the cache has had everything once.
+    published: bool,
+    /// How many pods each namespace has (a pod's namespace exists even
+    /// without a manifest).
+    pod_namespaces: BTreeMap<String, usize>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -68,6 +75,8 @@ impl DirSource {
             dir: dir.to_owned(),
             cache,
             files: BTreeMap::new(),
+            published: false,
+            pod_namespaces: BTreeMap::new(),
         }
     }
 
@@ -102,9 +111,19 @@ impl DirSource {
                 );
             }
         }
-        let before = self.files.len();
-        self.files.retain(|path, _| present.contains_key(path));
-        let mut changed = self.files.len() != before;
+        // The objects of every file that changed or went away, as they were.
+        let mut old: Vec<Objects> = Vec::new();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !present.contains_key(*path))
+            .cloned()
+            .collect();
+        for path in gone {
+            old.extend(self.files.remove(&path).map(|f| f.objects));
+        }
+        let mut fresh: Vec<PathBuf> = Vec::new();
+        let mut changed = !old.is_empty();
         for (path, fingerprint) in present {
             if self
                 .files
@@ -127,48 +146,111 @@ impl DirSource {
                         .unwrap_or_default()
                 }
             };
-            self.files.insert(
+            fresh.push(path.clone());
+            let before = self.files.insert(
                 path,
                 FileState {
                     fingerprint,
                     objects,
                 },
             );
+            old.extend(before.map(|f| f.objects));
         }
         if changed {
-            self.publish();
+            self.publish(&old, &fresh);
         }
         problems
     }
 
-    fn publish(&self) {
-        let mut node_configs = Vec::new();
-        let mut pools = Vec::new();
-        let mut pods = BTreeMap::new();
-        let mut namespaces = BTreeMap::new();
-        let mut policies = Vec::new();
-        for file in self.files.values() {
-            let o = &file.objects;
-            node_configs.extend(o.node_configs.iter().cloned());
-            pools.extend(o.pools.iter().cloned());
-            for pod in &o.pods {
-                pods.insert(pod.key(), pod.clone());
+    /// Publishes what the changed files changed: `old` are their objects
+    /// before, `fresh` the files read now. Pods go to the cache one by one
+    /// (the others are not looked at); the other kinds, few, whole, and
+    /// only when a changed file holds or held some.
+    fn publish(&mut self, old: &[Objects], fresh: &[PathBuf]) {
+        let first = !std::mem::replace(&mut self.published, true);
+        let files: Vec<&Objects> = self.files.values().map(|f| &f.objects).collect();
+        let now: Vec<&Objects> = fresh
+            .iter()
+            .filter_map(|p| self.files.get(p).map(|f| &f.objects))
+            .collect();
+        let holds =
+            |f: fn(&Objects) -> bool| first || old.iter().any(f) || now.iter().any(|o| f(o));
+        if holds(|o| !o.node_configs.is_empty()) {
+            self.cache.replace_node_configs(
+                files
+                    .iter()
+                    .flat_map(|o| o.node_configs.iter().cloned())
+                    .collect(),
+            );
+        }
+        if holds(|o| !o.pools.is_empty()) {
+            self.cache
+                .replace_pools(files.iter().flat_map(|o| o.pools.iter().cloned()).collect());
+        }
+        // A key held by several files: the last file's pod wins.
+        let winner = |key: &Key| files.iter().rev().find_map(|o| o.pods.get(key));
+        let mut keys: BTreeSet<Key> = now.iter().flat_map(|o| o.pods.keys().cloned()).collect();
+        keys.extend(old.iter().flat_map(|o| o.pods.keys().cloned()));
+        let mut namespaces_changed = first;
+        if first {
+            let pods: BTreeMap<&Key, &PodInfo> = files.iter().flat_map(|o| &o.pods).collect();
+            for (ns, _) in pods.keys() {
+                *self.pod_namespaces.entry(ns.clone()).or_default() += 1;
             }
-            namespaces.extend(o.namespaces.iter().cloned());
-            policies.extend(o.policies.iter().cloned());
+            self.cache
+                .replace_pods(pods.into_values().cloned().collect());
+        } else {
+            for key in keys {
+                let now = winner(&key);
+                let was = self.cache.pod(&key.0, &key.1);
+                match (was.is_some(), now.is_some()) {
+                    (false, true) => {
+                        *self.pod_namespaces.entry(key.0.clone()).or_default() += 1;
+                        namespaces_changed |= self.pod_namespaces[&key.0] == 1;
+                    }
+                    (true, false) => {
+                        if let Some(n) = self.pod_namespaces.get_mut(&key.0) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.pod_namespaces.remove(&key.0);
+                                namespaces_changed = true;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                match now {
+                    Some(pod) if was.as_ref() != Some(pod) => self.cache.upsert_pod(pod.clone()),
+                    Some(_) => {}
+                    None => {
+                        if was.is_some() {
+                            self.cache.delete_pod(&key.0, &key.1);
+                        }
+                    }
+                }
+            }
         }
-        // Pods name namespaces too: a pod's namespace exists even without a manifest.
-        for (ns, _) in pods.keys() {
-            namespaces.entry(ns.clone()).or_insert_with(|| {
-                BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), ns.clone())])
-            });
-        }
-        self.cache.replace_node_configs(node_configs);
-        self.cache.replace_pools(pools);
-        self.cache.replace_pods(pods.into_values().collect());
         self.cache.mark_local_pods_synced();
-        self.cache.replace_namespaces(namespaces);
-        self.cache.replace_policies(policies);
+        if namespaces_changed || holds(|o| !o.namespaces.is_empty()) {
+            let mut namespaces: BTreeMap<String, BTreeMap<String, String>> = files
+                .iter()
+                .flat_map(|o| o.namespaces.iter().cloned())
+                .collect();
+            for ns in self.pod_namespaces.keys() {
+                namespaces.entry(ns.clone()).or_insert_with(|| {
+                    BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), ns.clone())])
+                });
+            }
+            self.cache.replace_namespaces(namespaces);
+        }
+        if holds(|o| !o.policies.is_empty()) {
+            self.cache.replace_policies(
+                files
+                    .iter()
+                    .flat_map(|o| o.policies.iter().cloned())
+                    .collect(),
+            );
+        }
     }
 
     /// Scans now, then on every change of the directory (and at least
@@ -283,7 +365,8 @@ fn add_object(out: &mut Objects, value: serde_json::Value) -> Result<(), String>
             if pod.metadata.name.is_none() {
                 return Err("Pod without metadata.name".into());
             }
-            out.pods.push(PodInfo::from_pod(&pod));
+            let pod = PodInfo::from_pod(&pod);
+            out.pods.insert(pod.key(), pod);
         }
         "Namespace" => {
             let ns: Namespace = serde_json::from_value(value)
