@@ -2,10 +2,13 @@
 //! policies in, this node's nft objects out, and after each change only
 //! the objects it touched.
 //!
-//! Every policy rule owns named sets whose names derive from the policy and
-//! the rule (`r<hash>_i0_p4`: policy hash, ingress rule 0, pod peers,
-//! IPv4), so a pod joining or leaving a rule's peers changes set elements
-//! only. Every isolated pod on this node owns its chains (`in_<iface>`,
+//! Every rule of a policy that selects a pod of this node (an *active*
+//! policy) owns named sets whose names derive from the policy and the rule
+//! (`r<hash>_i0_p4`: policy hash, ingress rule 0, pod peers, IPv4), so a
+//! pod joining or leaving a rule's peers changes set elements only. The
+//! other policies of the cluster keep no peers and own nothing in the
+//! table: a node holds sets for the policies of its own pods, not for the
+//! cluster's. Every isolated pod on this node owns its chains (`in_<iface>`,
 //! `out_<iface>`) and its verdict map elements. [`Engine::refresh`] turns
 //! what changed since the last call into a [`Delta`] (set elements,
 //! chains, map elements); [`Engine::desired`] is the whole table, for
@@ -109,6 +112,10 @@ struct Rule {
     members: BTreeMap<IpAddr, u32>,
     /// Egress named ports resolved on the peer pods, counted.
     pairs: BTreeMap<(IpAddr, Protocol, u16), u32>,
+    /// Members that came or went since the last refresh.
+    moved_members: BTreeSet<IpAddr>,
+    /// Pairs that came or went since the last refresh.
+    moved_pairs: BTreeSet<(IpAddr, Protocol, u16)>,
 }
 
 impl Rule {
@@ -154,6 +161,11 @@ pub struct Engine {
     open_rules: BTreeSet<RuleId>,
     local: BTreeMap<String, LocalPod>,
     local_by_key: HashMap<Key, BTreeSet<String>>,
+    /// Local pods' interfaces by namespace.
+    local_by_ns: HashMap<String, BTreeSet<String>>,
+    /// Policies selecting a local pod: only their rules are indexed,
+    /// counted and own sets.
+    active: BTreeSet<Key>,
     namespaces: BTreeMap<String, Labels>,
     policies: BTreeMap<Key, Compiled>,
     by_ns: HashMap<String, BTreeSet<Key>>,
@@ -162,7 +174,11 @@ pub struct Engine {
     /// The policies as given, to tell a change from a repeat.
     sources: BTreeMap<Key, NetworkPolicy>,
     desired: Desired,
+    /// Rules whose sets are rebuilt whole at the next refresh.
     dirty_rules: BTreeSet<RuleId>,
+    /// Rules whose members or pairs moved one by one (their sets change
+    /// by those elements only).
+    moved_rules: BTreeSet<RuleId>,
     /// Sets of removed or recompiled policies, to drop unless recreated.
     stale_sets: BTreeSet<String>,
     dirty_ifaces: BTreeSet<String>,
@@ -218,8 +234,9 @@ impl Engine {
             .or_default()
             .insert(key.1.clone());
         self.pods.insert(key.clone(), pod);
-        if labels_or_ports_changed {
+        if labels_or_ports_changed && self.local_by_key.contains_key(&key) {
             self.touch_local(&key);
+            self.update_active_in(&key.0);
         }
     }
 
@@ -234,7 +251,10 @@ impl Engine {
                 }
             }
             self.account(&old, false);
-            self.touch_local(&key);
+            if self.local_by_key.contains_key(&key) {
+                self.touch_local(&key);
+                self.update_active_in(namespace);
+            }
         }
     }
 
@@ -243,27 +263,49 @@ impl Engine {
         if self.local.get(&pod.iface) == Some(&pod) {
             return;
         }
-        self.remove_local(&pod.iface.clone());
+        let before = self.forget_local(&pod.iface);
         self.local_by_key
             .entry((pod.namespace.clone(), pod.name.clone()))
             .or_default()
             .insert(pod.iface.clone());
+        self.local_by_ns
+            .entry(pod.namespace.clone())
+            .or_default()
+            .insert(pod.iface.clone());
         self.dirty_ifaces.insert(pod.iface.clone());
+        let ns = pod.namespace.clone();
         self.local.insert(pod.iface.clone(), pod);
+        if let Some(before) = before.filter(|b| *b != ns) {
+            self.update_active_in(&before);
+        }
+        self.update_active_in(&ns);
     }
 
     /// Removes a pod of this node.
     pub fn remove_local(&mut self, iface: &str) {
-        if let Some(old) = self.local.remove(iface) {
-            let key = (old.namespace, old.name);
-            if let Some(set) = self.local_by_key.get_mut(&key) {
-                set.remove(iface);
-                if set.is_empty() {
-                    self.local_by_key.remove(&key);
-                }
-            }
-            self.dirty_ifaces.insert(iface.to_owned());
+        if let Some(ns) = self.forget_local(iface) {
+            self.update_active_in(&ns);
         }
+    }
+
+    /// Takes the pod on `iface` out of the local indexes; its namespace.
+    fn forget_local(&mut self, iface: &str) -> Option<String> {
+        let old = self.local.remove(iface)?;
+        let key = (old.namespace, old.name);
+        if let Some(set) = self.local_by_key.get_mut(&key) {
+            set.remove(iface);
+            if set.is_empty() {
+                self.local_by_key.remove(&key);
+            }
+        }
+        if let Some(set) = self.local_by_ns.get_mut(&key.0) {
+            set.remove(iface);
+            if set.is_empty() {
+                self.local_by_ns.remove(&key.0);
+            }
+        }
+        self.dirty_ifaces.insert(iface.to_owned());
+        Some(key.0)
     }
 
     /// The pods of this node, by interface.
@@ -319,13 +361,7 @@ impl Engine {
             .or_default()
             .insert(key.clone());
         self.policies.insert(key.clone(), compiled);
-        let ids: Vec<RuleId> = self.rule_ids_of(&key).collect();
-        for id in &ids {
-            self.index_rule(id, true);
-        }
-        for id in ids {
-            self.recount(&id);
-        }
+        self.update_active(&key);
         self.touch_namespace(&key.0);
     }
 
@@ -381,9 +417,11 @@ impl Engine {
     // --- bookkeeping ----------------------------------------------------
 
     fn drop_policy(&mut self, key: &Key) {
-        let ids: Vec<RuleId> = self.rule_ids_of(key).collect();
-        for id in &ids {
-            self.index_rule(id, false);
+        if self.active.remove(key) {
+            let ids: Vec<RuleId> = self.rule_ids_of(key).collect();
+            for id in &ids {
+                self.index_rule(id, false);
+            }
         }
         if let Some(old) = self.policies.remove(key) {
             for rule in old.ingress.iter().chain(&old.egress).flatten() {
@@ -407,12 +445,74 @@ impl Engine {
             .chain((0..eg).map(move |i| (k2.clone(), true, i)))
     }
 
-    /// Every rule that selects peers by namespace labels.
+    /// Every active rule that selects peers by namespace labels.
     fn cross_rule_ids(&self) -> impl Iterator<Item = RuleId> + '_ {
-        self.policies
-            .keys()
+        self.active
+            .iter()
             .flat_map(|k| self.rule_ids_of(k))
             .filter(|id| self.rule(id).is_some_and(Rule::selects_by_namespace))
+    }
+
+    /// Whether policy `key` selects a pod of this node.
+    fn selects_local(&self, key: &Key) -> bool {
+        let Some(policy) = self.policies.get(key) else {
+            return false;
+        };
+        let no_labels = Labels::new();
+        self.local_by_ns
+            .get(&key.0)
+            .into_iter()
+            .flatten()
+            .filter_map(|iface| self.local.get(iface))
+            .any(|lp| {
+                let labels = self
+                    .pods
+                    .get(&(lp.namespace.clone(), lp.name.clone()))
+                    .map_or(&no_labels, |p| &p.labels);
+                policy.selector.as_ref().is_none_or(|s| selects(s, labels))
+            })
+    }
+
+    /// Makes policy `key` active (its rules indexed and counted from the
+    /// pods they may select) or inactive (their peers dropped, their sets
+    /// deleted at the next refresh), as its selection of local pods says.
+    fn update_active(&mut self, key: &Key) {
+        let want = self.selects_local(key);
+        if want == self.active.contains(key) {
+            return;
+        }
+        let ids: Vec<RuleId> = self.rule_ids_of(key).collect();
+        if want {
+            self.active.insert(key.clone());
+            for id in &ids {
+                self.index_rule(id, true);
+            }
+            for id in ids {
+                self.recount(&id);
+            }
+        } else {
+            for id in &ids {
+                self.index_rule(id, false);
+            }
+            self.active.remove(key);
+            for id in ids {
+                if let Some(rule) = self.rule_mut(&id) {
+                    rule.members.clear();
+                    rule.pairs.clear();
+                    rule.moved_members.clear();
+                    rule.moved_pairs.clear();
+                }
+                self.dirty_rules.insert(id);
+            }
+        }
+    }
+
+    /// [`Engine::update_active`] for every policy of namespace `ns`.
+    fn update_active_in(&mut self, ns: &str) {
+        let keys: Vec<Key> = self.by_ns.get(ns).into_iter().flatten().cloned().collect();
+        for key in keys {
+            self.update_active(&key);
+        }
     }
 
     /// Whether one of `rule`'s peers selects namespace `ns` by its labels.
@@ -530,13 +630,9 @@ impl Engine {
     }
 
     fn touch_namespace(&mut self, namespace: &str) {
-        let ifaces: Vec<String> = self
-            .local
-            .values()
-            .filter(|l| l.namespace == namespace)
-            .map(|l| l.iface.clone())
-            .collect();
-        self.dirty_ifaces.extend(ifaces);
+        if let Some(ifaces) = self.local_by_ns.get(namespace) {
+            self.dirty_ifaces.extend(ifaces.iter().cloned());
+        }
     }
 
     fn touch_local(&mut self, key: &Key) {
@@ -600,12 +696,16 @@ impl Engine {
             }
             let rule = self.rule_mut(&id).expect("just looked up");
             for ip in c.members {
-                count(&mut rule.members, ip, add);
+                if count(&mut rule.members, ip, add) {
+                    rule.moved_members.insert(ip);
+                }
             }
             for pair in c.pairs {
-                count(&mut rule.pairs, pair, add);
+                if count(&mut rule.pairs, pair, add) {
+                    rule.moved_pairs.insert(pair);
+                }
             }
-            self.dirty_rules.insert(id);
+            self.moved_rules.insert(id);
         }
     }
 
@@ -628,6 +728,8 @@ impl Engine {
         let rule = self.rule_mut(id).expect("just looked up");
         rule.members = members;
         rule.pairs = pairs;
+        rule.moved_members.clear();
+        rule.moved_pairs.clear();
         self.dirty_rules.insert(id.clone());
     }
 
@@ -642,11 +744,36 @@ impl Engine {
         for name in std::mem::take(&mut self.stale_sets) {
             touched_sets.insert(name, None);
         }
-        for id in std::mem::take(&mut self.dirty_rules) {
-            let Some(rule) = self.rule(&id) else { continue };
-            let live = !self.disabled.contains(&id.0);
+        let dirty = std::mem::take(&mut self.dirty_rules);
+        for id in &dirty {
+            let Some(rule) = self.rule(id) else { continue };
+            let live = !self.disabled.contains(&id.0) && self.active.contains(&id.0);
             for (name, spec) in rule_sets(rule) {
                 touched_sets.insert(name, live.then_some(spec));
+            }
+        }
+        // Rules whose peers moved one by one: only those elements.
+        let mut moved: Vec<(String, String, bool)> = Vec::new();
+        for id in std::mem::take(&mut self.moved_rules) {
+            let live = !self.disabled.contains(&id.0) && self.active.contains(&id.0);
+            let Some(rule) = self.rule_mut(&id) else {
+                continue;
+            };
+            let members = std::mem::take(&mut rule.moved_members);
+            let pairs = std::mem::take(&mut rule.moved_pairs);
+            if !live || dirty.contains(&id) {
+                continue;
+            }
+            let rule = self.rule(&id).expect("just looked up");
+            for ip in members {
+                let v = if ip.is_ipv4() { "p4" } else { "p6" };
+                let present = rule.members.contains_key(&ip);
+                moved.push((format!("{}_{v}", rule.base), ip.to_string(), present));
+            }
+            for pair in pairs {
+                let v = if pair.0.is_ipv4() { "n4" } else { "n6" };
+                let present = rule.pairs.contains_key(&pair);
+                moved.push((format!("{}_{v}", rule.base), pair_element(&pair), present));
             }
         }
         for (name, new) in touched_sets {
@@ -680,6 +807,20 @@ impl Engine {
                     }
                     self.desired.sets.insert(name, new);
                 }
+            }
+        }
+        for (name, element, present) in moved {
+            let Some(set) = self.desired.sets.get_mut(&name) else {
+                continue;
+            };
+            if present && set.elements.insert(element.clone()) {
+                delta.add_elements.entry(name).or_default().insert(element);
+            } else if !present && set.elements.remove(&element) {
+                delta
+                    .remove_elements
+                    .entry(name)
+                    .or_default()
+                    .insert(element);
             }
         }
         for iface in std::mem::take(&mut self.dirty_ifaces) {
@@ -878,15 +1019,27 @@ struct Contribution {
     pairs: Vec<(IpAddr, Protocol, u16)>,
 }
 
-fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) {
+/// Counts `key` in or out; whether it came or went.
+fn count<K: Ord>(map: &mut BTreeMap<K, u32>, key: K, add: bool) -> bool {
     if add {
-        *map.entry(key).or_default() += 1;
+        let n = map.entry(key).or_default();
+        *n += 1;
+        *n == 1
     } else if let Some(n) = map.get_mut(&key) {
         *n -= 1;
         if *n == 0 {
             map.remove(&key);
+            return true;
         }
+        false
+    } else {
+        false
     }
+}
+
+/// A named-port pair as a set element.
+fn pair_element((ip, proto, port): &(IpAddr, Protocol, u16)) -> String {
+    format!("{ip} . {} . {port}", proto.nft())
 }
 
 /// The suffixes of a rule's sets.
@@ -921,16 +1074,19 @@ fn rule_sets(rule: &Rule) -> Vec<(String, SetSpec)> {
     }
     if rule.wants_pairs() {
         let (v4, v6): (Vec<_>, Vec<_>) = rule.pairs.keys().partition(|(ip, _, _)| ip.is_ipv4());
-        let elem = |(ip, proto, port): &(IpAddr, Protocol, u16)| {
-            format!("{ip} . {} . {port}", proto.nft())
-        };
         out.push((
             name("n4"),
-            plain("ipv4_addr . inet_proto . inet_service", v4.iter().map(elem)),
+            plain(
+                "ipv4_addr . inet_proto . inet_service",
+                v4.into_iter().map(pair_element),
+            ),
         ));
         out.push((
             name("n6"),
-            plain("ipv6_addr . inet_proto . inet_service", v6.iter().map(elem)),
+            plain(
+                "ipv6_addr . inet_proto . inet_service",
+                v6.into_iter().map(pair_element),
+            ),
         ));
     }
     out
@@ -1081,6 +1237,8 @@ fn compile_rule(
         named: Vec::new(),
         members: BTreeMap::new(),
         pairs: BTreeMap::new(),
+        moved_members: BTreeSet::new(),
+        moved_pairs: BTreeSet::new(),
     };
     // Peers: absent or empty is everyone.
     if let Some(peers) = peers.filter(|p| !p.is_empty()) {

@@ -582,3 +582,53 @@ fn a_delta_changes_only_what_a_pod_touches() {
     assert_eq!(d.delete_sets.len(), 2);
     assert!(e.desired().sets.is_empty() && e.desired().chains.is_empty());
 }
+
+#[test]
+fn only_policies_selecting_a_pod_of_this_node_own_sets() {
+    let w = world();
+    let mut e = Engine::new();
+    e.set_namespaces(w.namespaces.clone());
+    for p in &w.pods {
+        e.upsert_pod(p.clone());
+    }
+    // Policies for b's of every namespace; only x/a is on this node.
+    e.set_policies(&policies(
+        "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress:\n  - from: [{namespaceSelector: {}}]\n---\nmetadata: {name: web, namespace: y}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress:\n  - from: [{podSelector: {}}]",
+    ));
+    e.upsert_local(LocalPod {
+        namespace: "x".into(),
+        name: "a".into(),
+        iface: iface("x", "a"),
+    });
+    let d = e.refresh();
+    assert!(d.is_empty(), "no local pod is selected: {d:?}");
+    assert!(e.desired().sets.is_empty());
+    // x/b arrives on this node: x/web becomes active, its sets carry every
+    // peer at once, y/web still owns nothing.
+    e.upsert_local(LocalPod {
+        namespace: "x".into(),
+        name: "b".into(),
+        iface: iface("x", "b"),
+    });
+    let d = e.refresh();
+    assert_eq!(d.chains.len(), 1, "{d:?}");
+    assert_eq!(d.new_sets.len(), 2, "{d:?}");
+    let members: usize = d.new_sets.values().map(|s| s.elements.len()).sum();
+    assert_eq!(members, 18, "nine pods, both families: {d:?}");
+    assert!(d.new_sets.keys().all(|n| e.desired().sets.contains_key(n)));
+    // A new peer reaches the active policy's sets only.
+    let mut peer = w.pods[0].clone();
+    peer.name = "new".into();
+    peer.ips = vec!["198.18.9.9".parse().expect("ip")];
+    e.upsert_pod(peer);
+    let d = e.refresh();
+    assert_eq!(d.add_elements.len(), 1, "{d:?}");
+    // x/b relabelled away from the selector: its chain and sets go.
+    let mut b = w.pods[1].clone();
+    b.labels.insert("pod".into(), "other".into());
+    e.upsert_pod(b);
+    let d = e.refresh();
+    assert_eq!(d.delete_sets.len(), 2, "{d:?}");
+    assert_eq!(d.delete_chains.len(), 1, "{d:?}");
+    assert!(e.desired().sets.is_empty() && e.desired().chains.is_empty());
+}
