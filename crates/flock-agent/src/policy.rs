@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use flock_datastore::{Cache, Event, PodInfo};
 use flock_netpol::{
-    ClusterPod, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, delta_parts, render_table,
+    ClusterPod, Delta, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, delta_parts,
+    render_table,
 };
 use flock_store::AllocState;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -43,6 +44,10 @@ pub const POLICY_HEAL: Duration = Duration::from_secs(30);
 /// How long an ADD waits for the first lists of pods, namespaces and
 /// policies after a start before it answers "try again later".
 const SYNC_WAIT: Duration = Duration::from_secs(3);
+
+/// How long a pass waits for more events (a burst is one pass); an ADD's
+/// isolation arriving meanwhile is served first.
+const COALESCE: Duration = Duration::from_millis(3);
 
 /// How long the loop waits at a time for the first lists after a start.
 const LIST_WAIT: Duration = Duration::from_secs(60);
@@ -350,7 +355,21 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
                 }
                 _ = tick.tick() => true,
             };
-            // A burst of events is one pass.
+            // A burst of events is one pass; an ADD waiting for its
+            // isolation does not wait for it.
+            let window = tokio::time::sleep(COALESCE);
+            tokio::pin!(window);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return,
+                    Some(request) = self.requests.recv() => {
+                        let outcome = self.isolate(&request.iface).instrument(info_span!("netpol_isolate")).await;
+                        let _ = request.reply.send(outcome);
+                    }
+                    () = &mut window => break,
+                }
+            }
             loop {
                 match events.try_recv() {
                     Ok(e) => note(&mut changes, e),
@@ -473,11 +492,18 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             affected.extend(self.owners.set_pod(key, pod));
         }
         self.feed(affected);
+        // The rest (the pod in other rules' peer sets) follows in the next
+        // pass, right after: peers learn of a pod after its ADD anyway (on
+        // other nodes, once its address is in the API), and until then
+        // they are closed to it, never open.
+        self.trigger.notify_one();
         if !self.engine.isolates(iface) {
-            self.trigger.notify_one();
             return Ok(());
         }
-        self.enforce(false).await.map_err(NotEnforced::Failed)
+        let delta = self.engine.refresh_iface(iface);
+        self.enforce_delta(delta, false)
+            .await
+            .map_err(NotEnforced::Failed)
     }
 
     /// Brings the kernel to the engine's state: the changes since the last
@@ -485,6 +511,11 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
     /// first checks the kernel's table against what it should hold.
     async fn enforce(&mut self, heal: bool) -> Result<(), String> {
         let delta = self.engine.refresh();
+        self.enforce_delta(delta, heal).await
+    }
+
+    /// [`Self::enforce`] of the changes in `delta`.
+    async fn enforce_delta(&mut self, delta: Delta, heal: bool) -> Result<(), String> {
         if heal && self.loaded {
             let want = Inventory::of(self.engine.desired());
             let have = self

@@ -23,8 +23,7 @@ const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_ZONE: u16 = 18;
 const CTA_TUPLE_IP: u16 = 1;
 const NLA_TYPE_MASK: u16 = 0x3fff;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+const AF_UNSPEC: u8 = 0;
 const ENOENT: i32 = 2;
 
 /// A netlink message: header, nfgenmsg, payload.
@@ -100,15 +99,17 @@ fn socket() -> io::Result<Socket> {
     Ok(s)
 }
 
-/// The entries of one family that involve any of `ips`: what a delete
-/// request needs of each (its original tuple and zone attributes).
-fn matching(s: &Socket, family: u8, ips: &BTreeSet<IpAddr>) -> io::Result<Vec<Vec<u8>>> {
+/// The entries (of both families: one walk of the kernel's table, which
+/// is one hash for every namespace) that involve any of `ips`: each
+/// entry's family and what a delete request needs of it (its original
+/// tuple and zone attributes).
+fn matching(s: &Socket, ips: &BTreeSet<IpAddr>) -> io::Result<Vec<(u8, Vec<u8>)>> {
     s.send(
         &message(
             IPCTNL_MSG_CT_GET,
             NLM_F_REQUEST | NLM_F_DUMP,
             1,
-            family,
+            AF_UNSPEC,
             &[],
         ),
         0,
@@ -128,7 +129,7 @@ fn matching(s: &Socket, family: u8, ips: &BTreeSet<IpAddr>) -> io::Result<Vec<Ve
                     }
                 }
                 _ => {
-                    let Some(attrs) = payload.get(4..) else {
+                    let (Some(&family), Some(attrs)) = (payload.first(), payload.get(4..)) else {
                         continue;
                     };
                     let attrs = attributes(attrs);
@@ -142,7 +143,7 @@ fn matching(s: &Socket, family: u8, ips: &BTreeSet<IpAddr>) -> io::Result<Vec<Ve
                             .filter(|(ty, _, _)| matches!(*ty, CTA_TUPLE_ORIG | CTA_ZONE))
                             .flat_map(|(_, _, whole)| whole.iter().copied())
                             .collect();
-                        found.push(request);
+                        found.push((family, request));
                     }
                 }
             }
@@ -156,40 +157,34 @@ fn matching(s: &Socket, family: u8, ips: &BTreeSet<IpAddr>) -> io::Result<Vec<Ve
 pub(crate) fn forget(ips: &[IpAddr]) -> io::Result<usize> {
     let s = socket()?;
     let mut deleted = 0;
-    for (family, v4) in [(AF_INET, true), (AF_INET6, false)] {
-        let of_family: BTreeSet<IpAddr> = ips
-            .iter()
-            .copied()
-            .filter(|ip| ip.is_ipv4() == v4)
-            .collect();
-        if of_family.is_empty() {
-            continue;
-        }
-        for (seq, request) in matching(&s, family, &of_family)?.into_iter().enumerate() {
-            let seq = u32::try_from(seq).unwrap_or(u32::MAX).wrapping_add(2);
-            s.send(
-                &message(
-                    IPCTNL_MSG_CT_DELETE,
-                    NLM_F_REQUEST | NLM_F_ACK,
-                    seq,
-                    family,
-                    &request,
-                ),
-                0,
-            )?;
-            let (buf, _) = s.recv_from_full()?;
-            for (ty, payload) in messages(&buf) {
-                if ty != NLMSG_ERROR {
-                    continue;
-                }
-                let code = payload
-                    .get(..4)
-                    .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
-                match -code {
-                    0 => deleted += 1,
-                    ENOENT => {}
-                    errno => return Err(io::Error::from_raw_os_error(errno)),
-                }
+    let ips: BTreeSet<IpAddr> = ips.iter().copied().collect();
+    if ips.is_empty() {
+        return Ok(0);
+    }
+    for (seq, (family, request)) in matching(&s, &ips)?.into_iter().enumerate() {
+        let seq = u32::try_from(seq).unwrap_or(u32::MAX).wrapping_add(2);
+        s.send(
+            &message(
+                IPCTNL_MSG_CT_DELETE,
+                NLM_F_REQUEST | NLM_F_ACK,
+                seq,
+                family,
+                &request,
+            ),
+            0,
+        )?;
+        let (buf, _) = s.recv_from_full()?;
+        for (ty, payload) in messages(&buf) {
+            if ty != NLMSG_ERROR {
+                continue;
+            }
+            let code = payload
+                .get(..4)
+                .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+            match -code {
+                0 => deleted += 1,
+                ENOENT => {}
+                errno => return Err(io::Error::from_raw_os_error(errno)),
             }
         }
     }
@@ -201,28 +196,26 @@ pub(crate) fn forget(ips: &[IpAddr]) -> io::Result<usize> {
 pub(crate) fn addresses() -> io::Result<Vec<IpAddr>> {
     let s = socket()?;
     let mut out = Vec::new();
-    for family in [AF_INET, AF_INET6] {
-        s.send(
-            &message(
-                IPCTNL_MSG_CT_GET,
-                NLM_F_REQUEST | NLM_F_DUMP,
-                1,
-                family,
-                &[],
-            ),
-            0,
-        )?;
-        'dump: loop {
-            let (buf, _) = s.recv_from_full()?;
-            for (ty, payload) in messages(&buf) {
-                match ty {
-                    NLMSG_DONE => break 'dump,
-                    NLMSG_ERROR => break 'dump,
-                    _ => {
-                        for (ty, data, _) in payload.get(4..).map(attributes).unwrap_or_default() {
-                            if matches!(ty, CTA_TUPLE_ORIG | CTA_TUPLE_REPLY) {
-                                out.extend(tuple_ips(data));
-                            }
+    s.send(
+        &message(
+            IPCTNL_MSG_CT_GET,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            1,
+            AF_UNSPEC,
+            &[],
+        ),
+        0,
+    )?;
+    'dump: loop {
+        let (buf, _) = s.recv_from_full()?;
+        for (ty, payload) in messages(&buf) {
+            match ty {
+                NLMSG_DONE => break 'dump,
+                NLMSG_ERROR => break 'dump,
+                _ => {
+                    for (ty, data, _) in payload.get(4..).map(attributes).unwrap_or_default() {
+                        if matches!(ty, CTA_TUPLE_ORIG | CTA_TUPLE_REPLY) {
+                            out.extend(tuple_ips(data));
                         }
                     }
                 }

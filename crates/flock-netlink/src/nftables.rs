@@ -1,11 +1,14 @@
-//! Set and map elements of an nf_tables table, added and deleted over
-//! nfnetlink in one batch (one kernel transaction: all or nothing).
+//! Changes to an nf_tables table over nfnetlink in one batch (one kernel
+//! transaction: all or nothing): set and map elements added and deleted,
+//! chains replaced with their rules, chains deleted.
 //!
-//! `nft` builds a cache of every set's elements before it adds or deletes
-//! one element, so with thousands of sets each such command costs a dump
-//! of them all. Speaking the element messages directly costs only the
-//! elements that change; everything else (sets, chains, rules) stays with
-//! `nft`, whose cache for those is cheap.
+//! `nft` builds a cache of the table before it changes anything (of every
+//! set's elements, to add or delete one element), so with thousands of
+//! sets each command costs a dump of them and a process. Speaking the
+//! messages directly costs only what changes. Named sets are still
+//! created by `nft`; the rules written here are the few shapes a pod's
+//! NetworkPolicy chain has ([`NftRule`]), encoded as `nft` encodes them,
+//! so `nft list` shows them the same.
 
 use std::fs::File;
 use std::io;
@@ -17,8 +20,65 @@ use nix::sched::{CloneFlags, setns};
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NLM_F_APPEND: u16 = 0x800;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_DESC_SIZE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NFT_SET_CONSTANT: u32 = 0x2;
+/// nft's type of `inet_proto . inet_service` (12 << 6 | 13).
+const KEY_TYPE_PROTO_SERVICE: u32 = (12 << 6) | 13;
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFT_META_NFPROTO: u32 = 15;
+const NFT_META_L4PROTO: u32 = 16;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFT_CMP_EQ: u32 = 0;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFTA_LOOKUP_SET: u16 = 1;
+const NFTA_LOOKUP_SREG: u16 = 2;
+const NFTA_LOOKUP_SET_ID: u16 = 4;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+const NFT_REG_VERDICT: u32 = 0;
+/// The 16-byte registers 1 and 2; 32-bit registers 9, 10 and 13 (the
+/// second and third words of register 1, the second of register 2).
+const NFT_REG_1: u32 = 1;
+const NFT_REG_2: u32 = 2;
+const NFT_REG32_01: u32 = 9;
+const NFT_REG32_02: u32 = 10;
+const NFT_REG32_05: u32 = 13;
+const NF_DROP: i32 = 0;
+const NFT_RETURN: i32 = -5;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
@@ -63,6 +123,72 @@ pub struct ElementChange {
     pub delete: bool,
     /// The elements.
     pub elements: Vec<Element>,
+}
+
+/// What a rule matches, each as `nft` writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// `ip saddr @set` (`ip6`, `daddr`).
+    Addr {
+        /// IPv6 (else IPv4).
+        v6: bool,
+        /// The destination address (else the source).
+        daddr: bool,
+        /// The named set.
+        set: String,
+    },
+    /// `meta l4proto . th dport { 6 . 80, … }`: single ports, as an
+    /// anonymous set of (protocol number, port).
+    Ports(Vec<(u8, u16)>),
+    /// `ip daddr . meta l4proto . th dport @set` (`ip6`, `saddr`).
+    AddrPort {
+        /// IPv6 (else IPv4).
+        v6: bool,
+        /// The destination address (else the source).
+        daddr: bool,
+        /// The named set.
+        set: String,
+    },
+}
+
+/// One rule: its matches, all of which must hold, then `return` (or
+/// `drop`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftRule {
+    /// The matches, in order.
+    pub matches: Vec<Match>,
+    /// `drop` (else `return`).
+    pub drop: bool,
+}
+
+/// One change of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Elements added to or deleted from a set or map.
+    Elements(ElementChange),
+    /// A chain created if missing and its rules replaced by these.
+    Chain {
+        /// The chain's name.
+        name: String,
+        /// Its rules, in order.
+        rules: Vec<NftRule>,
+    },
+    /// A chain deleted (with its rules).
+    DeleteChain(String),
+}
+
+impl Change {
+    fn describe(&self) -> String {
+        match self {
+            Change::Elements(c) => format!(
+                "{} elements of set {}",
+                if c.delete { "deleting" } else { "adding" },
+                c.set
+            ),
+            Change::Chain { name, .. } => format!("writing chain {name}"),
+            Change::DeleteChain(name) => format!("deleting chain {name}"),
+        }
+    }
 }
 
 /// A netlink socket to nf_tables, in the network namespace it was opened in.
@@ -133,8 +259,195 @@ fn change_payload(table: &str, change: &ElementChange) -> Vec<u8> {
     p
 }
 
-/// The whole batch: begin, one message per change, end.
-fn batch(table: &str, changes: &[ElementChange], first_seq: u32) -> Vec<u8> {
+fn u32_attr(out: &mut Vec<u8>, ty: u16, value: u32) {
+    attr(out, ty, &value.to_be_bytes());
+}
+
+/// One expression: its name and attributes.
+fn expr(out: &mut Vec<u8>, name: &str, fill: impl FnOnce(&mut Vec<u8>)) {
+    nested(out, NFTA_LIST_ELEM, |p| {
+        attr(p, NFTA_EXPR_NAME, &strz(name));
+        nested(p, NFTA_EXPR_DATA, fill);
+    });
+}
+
+fn meta(out: &mut Vec<u8>, key: u32, dreg: u32) {
+    expr(out, "meta", |p| {
+        u32_attr(p, NFTA_META_KEY, key);
+        u32_attr(p, NFTA_META_DREG, dreg);
+    });
+}
+
+fn payload(out: &mut Vec<u8>, base: u32, offset: u32, len: u32, dreg: u32) {
+    expr(out, "payload", |p| {
+        u32_attr(p, NFTA_PAYLOAD_DREG, dreg);
+        u32_attr(p, NFTA_PAYLOAD_BASE, base);
+        u32_attr(p, NFTA_PAYLOAD_OFFSET, offset);
+        u32_attr(p, NFTA_PAYLOAD_LEN, len);
+    });
+}
+
+/// `ip`/`ip6` (the inet table's dependency), then the address into
+/// register 1.
+fn address(out: &mut Vec<u8>, v6: bool, daddr: bool) {
+    meta(out, NFT_META_NFPROTO, NFT_REG_1);
+    expr(out, "cmp", |p| {
+        u32_attr(p, NFTA_CMP_SREG, NFT_REG_1);
+        u32_attr(p, NFTA_CMP_OP, NFT_CMP_EQ);
+        nested(p, NFTA_CMP_DATA, |p| {
+            attr(
+                p,
+                NFTA_DATA_VALUE,
+                &[if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }],
+            );
+        });
+    });
+    let (offset, len) = match (v6, daddr) {
+        (false, false) => (12, 4),
+        (false, true) => (16, 4),
+        (true, false) => (8, 16),
+        (true, true) => (24, 16),
+    };
+    payload(out, NFT_PAYLOAD_NETWORK_HEADER, offset, len, NFT_REG_1);
+}
+
+fn lookup(out: &mut Vec<u8>, set: &str, id: Option<u32>) {
+    expr(out, "lookup", |p| {
+        attr(p, NFTA_LOOKUP_SET, &strz(set));
+        u32_attr(p, NFTA_LOOKUP_SREG, NFT_REG_1);
+        if let Some(id) = id {
+            u32_attr(p, NFTA_LOOKUP_SET_ID, id);
+        }
+    });
+}
+
+/// One message of a batch: type, flags beside request and ack, payload.
+type Message = (u16, u16, Vec<u8>);
+
+/// A rule's messages: the anonymous sets it uses (with their elements),
+/// then the rule.
+fn rule_messages(table: &str, chain: &str, rule: &NftRule, next_set_id: &mut u32) -> Vec<Message> {
+    let mut messages = Vec::new();
+    let mut exprs = Vec::new();
+    for m in &rule.matches {
+        match m {
+            Match::Addr { v6, daddr, set } => {
+                address(&mut exprs, *v6, *daddr);
+                lookup(&mut exprs, set, None);
+            }
+            Match::AddrPort { v6, daddr, set } => {
+                address(&mut exprs, *v6, *daddr);
+                let (proto, port) = if *v6 {
+                    (NFT_REG_2, NFT_REG32_05)
+                } else {
+                    (NFT_REG32_01, NFT_REG32_02)
+                };
+                meta(&mut exprs, NFT_META_L4PROTO, proto);
+                payload(&mut exprs, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, port);
+                lookup(&mut exprs, set, None);
+            }
+            Match::Ports(ports) => {
+                let id = *next_set_id;
+                *next_set_id += 1;
+                let name = "__set%d";
+                let mut set = Vec::new();
+                attr(&mut set, NFTA_SET_TABLE, &strz(table));
+                attr(&mut set, NFTA_SET_NAME, &strz(name));
+                u32_attr(
+                    &mut set,
+                    NFTA_SET_FLAGS,
+                    NFT_SET_ANONYMOUS | NFT_SET_CONSTANT,
+                );
+                u32_attr(&mut set, NFTA_SET_KEY_TYPE, KEY_TYPE_PROTO_SERVICE);
+                u32_attr(&mut set, NFTA_SET_KEY_LEN, 8);
+                u32_attr(&mut set, NFTA_SET_ID, id);
+                nested(&mut set, NFTA_SET_DESC, |p| {
+                    u32_attr(p, NFTA_SET_DESC_SIZE, ports.len() as u32);
+                });
+                messages.push((NFT_MSG_NEWSET, NLM_F_CREATE, set));
+                let mut elements = Vec::new();
+                attr(&mut elements, NFTA_SET_ELEM_LIST_TABLE, &strz(table));
+                attr(&mut elements, NFTA_SET_ELEM_LIST_SET, &strz(name));
+                u32_attr(&mut elements, NFTA_SET_ELEM_LIST_SET_ID, id);
+                nested(&mut elements, NFTA_SET_ELEM_LIST_ELEMENTS, |p| {
+                    for (proto, port) in ports {
+                        let mut key = vec![*proto, 0, 0, 0];
+                        key.extend_from_slice(&port.to_be_bytes());
+                        key.extend_from_slice(&[0, 0]);
+                        nested(p, NFTA_LIST_ELEM, |p| {
+                            nested(p, NFTA_SET_ELEM_KEY, |p| attr(p, NFTA_DATA_VALUE, &key));
+                        });
+                    }
+                });
+                messages.push((NFT_MSG_NEWSETELEM, NLM_F_CREATE, elements));
+                meta(&mut exprs, NFT_META_L4PROTO, NFT_REG_1);
+                payload(&mut exprs, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG32_01);
+                lookup(&mut exprs, name, Some(id));
+            }
+        }
+    }
+    expr(&mut exprs, "immediate", |p| {
+        u32_attr(p, NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
+        nested(p, NFTA_IMMEDIATE_DATA, |p| {
+            nested(p, NFTA_DATA_VERDICT, |p| {
+                let code = if rule.drop { NF_DROP } else { NFT_RETURN };
+                attr(p, NFTA_VERDICT_CODE, &code.to_be_bytes());
+            });
+        });
+    });
+    let mut r = Vec::new();
+    attr(&mut r, NFTA_RULE_TABLE, &strz(table));
+    attr(&mut r, NFTA_RULE_CHAIN, &strz(chain));
+    // The expressions' attributes are already nested list elements.
+    let start = r.len();
+    r.extend_from_slice(&[0; 4]);
+    r.extend_from_slice(&exprs);
+    let len = (r.len() - start) as u16;
+    r[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    r[start + 2..start + 4].copy_from_slice(&(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED).to_ne_bytes());
+    messages.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, r));
+    messages
+}
+
+/// One change's messages.
+fn change_messages(table: &str, change: &Change, next_set_id: &mut u32) -> Vec<Message> {
+    match change {
+        Change::Elements(c) => {
+            let (ty, flags) = if c.delete {
+                (NFT_MSG_DELSETELEM, 0)
+            } else {
+                (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
+            };
+            vec![(ty, flags, change_payload(table, c))]
+        }
+        Change::Chain { name, rules } => {
+            let mut chain = Vec::new();
+            attr(&mut chain, NFTA_CHAIN_TABLE, &strz(table));
+            attr(&mut chain, NFTA_CHAIN_NAME, &strz(name));
+            let mut flush = Vec::new();
+            attr(&mut flush, NFTA_RULE_TABLE, &strz(table));
+            attr(&mut flush, NFTA_RULE_CHAIN, &strz(name));
+            let mut out = vec![
+                (NFT_MSG_NEWCHAIN, NLM_F_CREATE, chain),
+                (NFT_MSG_DELRULE, 0, flush),
+            ];
+            for rule in rules {
+                out.extend(rule_messages(table, name, rule, next_set_id));
+            }
+            out
+        }
+        Change::DeleteChain(name) => {
+            let mut chain = Vec::new();
+            attr(&mut chain, NFTA_CHAIN_TABLE, &strz(table));
+            attr(&mut chain, NFTA_CHAIN_NAME, &strz(name));
+            vec![(NFT_MSG_DELCHAIN, 0, chain)]
+        }
+    }
+}
+
+/// The whole batch: begin, the changes' messages, end; and which change
+/// each message (after begin) belongs to.
+fn batch(table: &str, changes: &[Change], first_seq: u32) -> (Vec<u8>, Vec<usize>) {
     let subsys = NFNL_SUBSYS_NFTABLES << 8;
     let mut out = message(
         NFNL_MSG_BATCH_BEGIN,
@@ -144,34 +457,42 @@ fn batch(table: &str, changes: &[ElementChange], first_seq: u32) -> Vec<u8> {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    for (i, change) in changes.iter().enumerate() {
+    let mut next_set_id = 1;
+    let messages: Vec<(usize, Message)> = changes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| {
+            change_messages(table, c, &mut next_set_id)
+                .into_iter()
+                .map(move |m| (i, m))
+        })
+        .collect();
+    let mut owners = Vec::with_capacity(messages.len());
+    let count = messages.len();
+    for (n, (owner, (ty, flags, payload))) in messages.into_iter().enumerate() {
         // Refusals are always answered; an acknowledgement only for the
-        // last change, so the answers of a large batch cannot overflow
+        // last message, so the answers of a large batch cannot overflow
         // the receive buffer.
-        let ack = if i + 1 == changes.len() { NLM_F_ACK } else { 0 };
-        let (ty, flags) = if change.delete {
-            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | ack)
-        } else {
-            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | ack | NLM_F_CREATE)
-        };
+        let ack = if n + 1 == count { NLM_F_ACK } else { 0 };
         out.extend(message(
             subsys | ty,
-            flags,
-            first_seq + 1 + i as u32,
+            NLM_F_REQUEST | ack | flags,
+            first_seq + 1 + n as u32,
             NFPROTO_INET,
             0,
-            &change_payload(table, change),
+            &payload,
         ));
+        owners.push(owner);
     }
     out.extend(message(
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
-        first_seq + 1 + changes.len() as u32,
+        first_seq + 1 + count as u32,
         0,
         NFNL_SUBSYS_NFTABLES,
         &[],
     ));
-    out
+    (out, owners)
 }
 
 impl NftElements {
@@ -200,23 +521,24 @@ impl NftElements {
 
     /// Whether `changes` fit in one batch this socket can send (and
     /// whose acknowledgements it can take).
-    pub fn fits(table: &str, changes: &[ElementChange]) -> bool {
-        changes.len() <= MAX_CHANGES && batch(table, changes, 0).len() <= MAX_BATCH
+    pub fn fits(table: &str, changes: &[Change]) -> bool {
+        let (bytes, owners) = batch(table, changes, 0);
+        owners.len() <= MAX_CHANGES && bytes.len() <= MAX_BATCH
     }
 
     /// Applies `changes` to `table` (family inet) in one transaction: when
     /// the kernel refuses one of them, none is applied and the first
     /// refusal is returned, naming the set.
-    pub fn commit(&mut self, table: &str, changes: &[ElementChange]) -> io::Result<()> {
+    pub fn commit(&mut self, table: &str, changes: &[Change]) -> io::Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
         let first = self.seq;
-        self.seq = self.seq.wrapping_add(changes.len() as u32 + 2);
-        let bytes = batch(table, changes, first);
+        let (bytes, owners) = batch(table, changes, first);
+        self.seq = self.seq.wrapping_add(owners.len() as u32 + 2);
         self.socket.send(&bytes, 0)?;
-        // Refusals come first, in order; the last change's answer ends it.
-        let last = first + changes.len() as u32;
+        // Refusals come first, in order; the last message's answer ends it.
+        let last = first + owners.len() as u32;
         let mut answered = false;
         let mut refusal: Option<io::Error> = None;
         while !answered {
@@ -241,15 +563,11 @@ impl NftElements {
                     answered |= seq == last;
                     let code = word(at + 16) as i32;
                     if code != 0 && refusal.is_none() {
-                        let change = &changes[(seq - first - 1) as usize];
+                        let change = &changes[owners[(seq - first - 1) as usize]];
                         let os = io::Error::from_raw_os_error(-code);
                         refusal = Some(io::Error::new(
                             os.kind(),
-                            format!(
-                                "{} elements of set {}: {os}",
-                                if change.delete { "deleting" } else { "adding" },
-                                change.set
-                            ),
+                            format!("{}: {os}", change.describe()),
                         ));
                     }
                 }
@@ -266,15 +584,38 @@ mod tests {
 
     #[test]
     fn a_batch_is_begin_changes_end_with_aligned_attributes() {
-        let changes = [ElementChange {
-            set: "ingress_pods".into(),
-            delete: false,
-            elements: vec![Element {
-                key: b"flock0123456789\0".to_vec(),
-                jump: Some("in_flock0123456789".into()),
-            }],
-        }];
-        let b = batch("flock", &changes, 7);
+        let changes = [
+            Change::Chain {
+                name: "in_flock0123456789".into(),
+                rules: vec![
+                    NftRule {
+                        matches: vec![
+                            Match::Addr {
+                                v6: false,
+                                daddr: false,
+                                set: "r0_i0_p4".into(),
+                            },
+                            Match::Ports(vec![(6, 80)]),
+                        ],
+                        drop: false,
+                    },
+                    NftRule {
+                        matches: vec![],
+                        drop: true,
+                    },
+                ],
+            },
+            Change::Elements(ElementChange {
+                set: "ingress_pods".into(),
+                delete: false,
+                elements: vec![Element {
+                    key: b"flock0123456789\0".to_vec(),
+                    jump: Some("in_flock0123456789".into()),
+                }],
+            }),
+        ];
+        let (b, owners) = batch("flock", &changes, 7);
+        assert_eq!(owners, [0, 0, 0, 0, 0, 0, 1]);
         let mut at = 0;
         let mut types = Vec::new();
         while at < b.len() {
@@ -288,6 +629,12 @@ mod tests {
             types,
             [
                 NFNL_MSG_BATCH_BEGIN,
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN,
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE,
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSET,
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
                 (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM,
                 NFNL_MSG_BATCH_END
             ]

@@ -206,7 +206,9 @@ impl Loader for Applier {
         self.run(&["-c", "-f", "-"], script)
     }
 
-    /// nft for sets and chains, one netlink batch for the elements: `nft`
+    /// One netlink batch for chains and elements when no set is created
+    /// or deleted (a pod's ADD or DEL, a peer coming or going); else nft
+    /// for sets and chains, and one netlink batch for the elements: `nft`
     /// would read every set's elements to change one.
     fn apply(&mut self, parts: DeltaParts) -> Result<(), ApplyError> {
         let Some(batch) = parts.batch.clone().filter(|b| NftElements::fits(TABLE, b)) else {
@@ -216,13 +218,13 @@ impl Loader for Applier {
         if self.elements().is_none() {
             return self.load(&(parts.before + &parts.elements + &parts.after));
         }
-        if !parts.before.is_empty() {
+        if !parts.whole && !parts.before.is_empty() {
             self.load(&parts.before)?;
         }
         if let Some(socket) = self.elements() {
             socket.commit(TABLE, &batch).map_err(ApplyError::Elements)?;
         }
-        if !parts.after.is_empty() {
+        if !parts.whole && !parts.after.is_empty() {
             self.load(&parts.after)?;
         }
         Ok(())

@@ -824,51 +824,91 @@ impl Engine {
             }
         }
         for iface in std::mem::take(&mut self.dirty_ifaces) {
-            let rules = self.local.get(&iface).map(|lp| self.pod_rules(lp, false));
-            for (egress, map, prefix) in
-                [(true, "egress_pods", "out"), (false, "ingress_pods", "in")]
-            {
-                let chain = format!("{prefix}_{iface}");
-                let lines = rules.as_ref().and_then(|r| {
-                    let d = if egress {
-                        r.egress.as_ref()
-                    } else {
-                        r.ingress.as_ref()
-                    }?;
-                    Some(chain_lines(d, if egress { "daddr" } else { "saddr" }))
-                });
-                let entries = if egress {
-                    &mut self.desired.egress
-                } else {
-                    &mut self.desired.ingress
-                };
-                match lines {
-                    Some(lines) => {
-                        if self.desired.chains.get(&chain) != Some(&lines) {
-                            delta.chains.insert(chain.clone(), lines.clone());
-                            self.desired.chains.insert(chain.clone(), lines);
-                        }
-                        if entries.get(&iface) != Some(&chain) {
-                            if entries.contains_key(&iface) {
-                                delta.remove_map.push((map, iface.clone()));
-                            }
-                            delta.add_map.push((map, iface.clone(), chain.clone()));
-                            entries.insert(iface.clone(), chain);
-                        }
+            let chains = self.chains_of(&iface);
+            self.put_chains(&mut delta, &iface, chains);
+        }
+        // A set deleted and recreated in one pass is both in the lists.
+        delta
+    }
+
+    /// Only what the isolation of the pod on `iface` needs: its chains and
+    /// map elements, when every set they use is in the table already (else
+    /// everything, as [`Engine::refresh`]). Set elements of other rules the
+    /// pod joined or left stay for the next refresh.
+    pub fn refresh_iface(&mut self, iface: &str) -> Delta {
+        if !self.dirty_ifaces.contains(iface) {
+            return Delta::default();
+        }
+        let chains = self.chains_of(iface);
+        let sets_exist = chains.iter().flatten().flatten().all(|line| {
+            line.split_whitespace()
+                .filter_map(|w| w.strip_prefix('@'))
+                .all(|set| self.desired.sets.contains_key(set))
+        });
+        if !sets_exist {
+            return self.refresh();
+        }
+        self.dirty_ifaces.remove(iface);
+        let mut delta = Delta::default();
+        self.put_chains(&mut delta, iface, chains);
+        delta
+    }
+
+    /// The rules of the pod on `iface`'s chains: egress, ingress (`None`:
+    /// not isolated that way).
+    fn chains_of(&self, iface: &str) -> [Option<Vec<String>>; 2] {
+        let rules = self.local.get(iface).map(|lp| self.pod_rules(lp, false));
+        let lines = |egress: bool| {
+            let r = rules.as_ref()?;
+            let d = if egress {
+                r.egress.as_ref()
+            } else {
+                r.ingress.as_ref()
+            }?;
+            Some(chain_lines(d, if egress { "daddr" } else { "saddr" }))
+        };
+        [lines(true), lines(false)]
+    }
+
+    /// Puts `chains` (from [`Engine::chains_of`]) in place for `iface`.
+    fn put_chains(&mut self, delta: &mut Delta, iface: &str, chains: [Option<Vec<String>>; 2]) {
+        let [egress_lines, ingress_lines] = chains;
+        for (egress, lines) in [(true, egress_lines), (false, ingress_lines)] {
+            let (map, prefix) = if egress {
+                ("egress_pods", "out")
+            } else {
+                ("ingress_pods", "in")
+            };
+            let chain = format!("{prefix}_{iface}");
+            let entries = if egress {
+                &mut self.desired.egress
+            } else {
+                &mut self.desired.ingress
+            };
+            match lines {
+                Some(lines) => {
+                    if self.desired.chains.get(&chain) != Some(&lines) {
+                        delta.chains.insert(chain.clone(), lines.clone());
+                        self.desired.chains.insert(chain.clone(), lines);
                     }
-                    None => {
-                        if entries.remove(&iface).is_some() {
-                            delta.remove_map.push((map, iface.clone()));
+                    if entries.get(iface) != Some(&chain) {
+                        if entries.contains_key(iface) {
+                            delta.remove_map.push((map, iface.to_owned()));
                         }
-                        if self.desired.chains.remove(&chain).is_some() {
-                            delta.delete_chains.insert(chain);
-                        }
+                        delta.add_map.push((map, iface.to_owned(), chain.clone()));
+                        entries.insert(iface.to_owned(), chain);
+                    }
+                }
+                None => {
+                    if entries.remove(iface).is_some() {
+                        delta.remove_map.push((map, iface.to_owned()));
+                    }
+                    if self.desired.chains.remove(&chain).is_some() {
+                        delta.delete_chains.insert(chain);
                     }
                 }
             }
         }
-        // A set deleted and recreated in one pass is both in the lists.
-        delta
     }
 
     /// The whole table (after [`Engine::refresh`]).

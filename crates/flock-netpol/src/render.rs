@@ -14,7 +14,7 @@
 
 use std::fmt::Write as _;
 
-use flock_netlink::{Element, ElementChange};
+use flock_netlink::{Change, Element, ElementChange, Match, NftRule};
 
 use crate::engine::{Delta, Desired, SetSpec};
 
@@ -130,8 +130,12 @@ pub struct DeltaParts {
     pub before: String,
     /// The element changes, as nft commands.
     pub elements: String,
-    /// The element changes, for one netlink batch.
-    pub batch: Option<Vec<ElementChange>>,
+    /// The element changes, for one netlink batch; with `whole`, the
+    /// chains too (`before` and `after` are then in it as well).
+    pub batch: Option<Vec<Change>>,
+    /// `batch` holds every change (no set is created or deleted, and every
+    /// chain rule is of a shape [`NftRule`] writes).
+    pub whole: bool,
     /// nft commands last.
     pub after: String,
 }
@@ -194,14 +198,14 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
                         .collect::<Option<Vec<_>>>()
                 });
             match (encoded, batch.as_mut()) {
-                (Some(keys), Some(b)) => b.push(ElementChange {
+                (Some(keys), Some(b)) => b.push(Change::Elements(ElementChange {
                     set: name.clone(),
                     delete,
                     elements: keys
                         .into_iter()
                         .map(|key| Element { key, jump: None })
                         .collect(),
-                }),
+                })),
                 _ => batch = None,
             }
         }
@@ -209,14 +213,14 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
     for (map, iface) in &delta.remove_map {
         let _ = writeln!(out, "delete element {t} {map} {{ \"{iface}\" }}");
         if let Some(b) = batch.as_mut() {
-            b.push(ElementChange {
+            b.push(Change::Elements(ElementChange {
                 set: (*map).to_owned(),
                 delete: true,
                 elements: vec![Element {
                     key: ifname_key(iface),
                     jump: None,
                 }],
-            });
+            }));
         }
     }
     for (map, iface, chain) in &delta.add_map {
@@ -225,15 +229,38 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
             "add element {t} {map} {{ \"{iface}\" : jump {chain} }}"
         );
         if let Some(b) = batch.as_mut() {
-            b.push(ElementChange {
+            b.push(Change::Elements(ElementChange {
                 set: (*map).to_owned(),
                 delete: false,
                 elements: vec![Element {
                     key: ifname_key(iface),
                     jump: Some(chain.clone()),
                 }],
-            });
+            }));
         }
+    }
+    // No set created or deleted, every rule of a shape netlink writes:
+    // the chains go into the same batch, one transaction and no nft.
+    let chains: Option<Vec<Change>> = (delta.new_sets.is_empty() && delta.delete_sets.is_empty())
+        .then(|| {
+            delta
+                .chains
+                .iter()
+                .map(|(name, lines)| {
+                    Some(Change::Chain {
+                        name: name.clone(),
+                        rules: lines.iter().map(|l| nft_rule(l)).collect::<Option<_>>()?,
+                    })
+                })
+                .collect()
+        })
+        .flatten();
+    if let (Some(chains), Some(elements)) = (chains, batch.as_mut()) {
+        let mut all = chains;
+        all.append(elements);
+        all.extend(delta.delete_chains.iter().cloned().map(Change::DeleteChain));
+        *elements = all;
+        parts.whole = true;
     }
     parts.batch = batch;
     let out = &mut parts.after;
@@ -247,6 +274,76 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
         let _ = writeln!(out, "delete set {t} {name}");
     }
     Ok(parts)
+}
+
+/// A pod chain's rule (as the engine writes it) as netlink writes it;
+/// `None` for a shape it does not (port ranges: nft writes those).
+fn nft_rule(line: &str) -> Option<NftRule> {
+    let mut rest = line.trim();
+    let mut matches = Vec::new();
+    loop {
+        match rest {
+            "return" => {
+                return Some(NftRule {
+                    matches,
+                    drop: false,
+                });
+            }
+            "drop" => {
+                return Some(NftRule {
+                    matches,
+                    drop: true,
+                });
+            }
+            _ => {}
+        }
+        if let Some(r) = rest.strip_prefix("meta l4proto . th dport { ") {
+            let (list, after) = r.split_once(" }")?;
+            let ports = list
+                .split(", ")
+                .map(|e| {
+                    let (proto, port) = e.split_once(" . ")?;
+                    Some((proto_number(proto)?, port.parse::<u16>().ok()?))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            matches.push(Match::Ports(ports));
+            rest = after.trim_start();
+            continue;
+        }
+        let (family, r) = rest.split_once(' ')?;
+        let v6 = match family {
+            "ip" => false,
+            "ip6" => true,
+            _ => return None,
+        };
+        let (dir, r) = r.split_once(' ')?;
+        let daddr = match dir {
+            "saddr" => false,
+            "daddr" => true,
+            _ => return None,
+        };
+        let (pairs, r) = match r.strip_prefix(". meta l4proto . th dport @") {
+            Some(r) => (true, r),
+            None => (false, r.strip_prefix('@')?),
+        };
+        let (set, after) = r.split_once(' ')?;
+        let set = set.to_owned();
+        matches.push(if pairs {
+            Match::AddrPort { v6, daddr, set }
+        } else {
+            Match::Addr { v6, daddr, set }
+        });
+        rest = after;
+    }
+}
+
+fn proto_number(name: &str) -> Option<u8> {
+    match name {
+        "tcp" => Some(6),
+        "udp" => Some(17),
+        "sctp" => Some(132),
+        _ => None,
+    }
 }
 
 /// An interface name as an `ifname` key: 16 bytes, zero-padded.
@@ -277,12 +374,7 @@ fn element_key(ty: &str, element: &str) -> Option<Vec<u8>> {
                 return None;
             }
             let mut key = addr(ip, ty.starts_with("ipv6"))?;
-            let proto: u8 = match proto {
-                "tcp" => 6,
-                "udp" => 17,
-                "sctp" => 132,
-                _ => return None,
-            };
+            let proto = proto_number(proto)?;
             key.extend_from_slice(&[proto, 0, 0, 0]);
             key.extend_from_slice(&port.parse::<u16>().ok()?.to_be_bytes());
             key.extend_from_slice(&[0, 0]);

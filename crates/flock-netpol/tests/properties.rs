@@ -255,8 +255,9 @@ proptest! {
 }
 
 /// A pod arriving, one leaving and a local pod's chain going away, each a
-/// change whose elements (addresses, named-port pairs, map entries) travel
-/// over netlink: the kernel ends up with what a whole load gives.
+/// change whose chains and elements (addresses, named-port pairs, map
+/// entries) travel over netlink in one batch: the kernel ends up with what
+/// a whole load gives, as `nft list` shows it.
 #[test]
 fn element_changes_over_netlink_equal_a_whole_load() {
     flock_testkit::require_root();
@@ -294,6 +295,10 @@ fn element_changes_over_netlink_equal_a_whole_load() {
         let parts = delta_parts(&delta, inc.desired()).expect("render");
         let batch = parts.batch.clone().expect("no interval set changes");
         assert!(!batch.is_empty(), "step {i} changes elements");
+        assert!(
+            parts.whole,
+            "step {i}: chains and elements in one batch, no nft"
+        );
         nft.apply(parts).unwrap_or_else(|e| panic!("step {i}: {e}"));
         let fresh = NetnsGuard::new("nftw");
         let mut loader = Applier::with_command(&["ip", "netns", "exec", fresh.name(), "nft"]);
@@ -314,7 +319,7 @@ fn element_changes_over_netlink_equal_a_whole_load() {
     };
     let before = listing(&ns);
     let parts = flock_netpol::DeltaParts {
-        batch: Some(vec![gone]),
+        batch: Some(vec![flock_netlink::Change::Elements(gone)]),
         ..Default::default()
     };
     let err = nft.apply(parts).expect_err("refused");
