@@ -213,7 +213,8 @@ fn namespaces_manifest(names: &[&str]) -> String {
 
 fn pod_manifest(ns: &str, name: &str, app: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: u-{ns}-{name}, labels: {{app: {app}}}}}\nspec: {{nodeName: node-a, containers: [{{name: c, image: 'busybox:1'}}]}}\n---\n"
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}, labels: {{app: {app}}}}}\nspec: {{nodeName: node-a, containers: [{{name: c, image: 'busybox:1'}}]}}\n---\n",
+        uid = flock_testkit::agent::pod_uid(ns, name)
     )
 }
 

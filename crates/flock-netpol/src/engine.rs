@@ -236,7 +236,7 @@ impl Engine {
         self.pods.insert(key.clone(), pod);
         if labels_or_ports_changed && self.local_by_key.contains_key(&key) {
             self.touch_local(&key);
-            self.update_active_in(&key.0);
+            self.update_active_in(&key.0.clone(), Some(&key), true);
         }
     }
 
@@ -253,7 +253,7 @@ impl Engine {
             self.account(&old, false);
             if self.local_by_key.contains_key(&key) {
                 self.touch_local(&key);
-                self.update_active_in(namespace);
+                self.update_active_in(namespace, None, true);
             }
         }
     }
@@ -273,18 +273,20 @@ impl Engine {
             .or_default()
             .insert(pod.iface.clone());
         self.dirty_ifaces.insert(pod.iface.clone());
-        let ns = pod.namespace.clone();
+        let key = (pod.namespace.clone(), pod.name.clone());
         self.local.insert(pod.iface.clone(), pod);
-        if let Some(before) = before.filter(|b| *b != ns) {
-            self.update_active_in(&before);
+        if let Some(before) = &before
+            && *before != key.0
+        {
+            self.update_active_in(before, None, true);
         }
-        self.update_active_in(&ns);
+        self.update_active_in(&key.0, Some(&key), before.is_some());
     }
 
     /// Removes a pod of this node.
     pub fn remove_local(&mut self, iface: &str) {
         if let Some(ns) = self.forget_local(iface) {
-            self.update_active_in(&ns);
+            self.update_active_in(&ns, None, true);
         }
     }
 
@@ -458,19 +460,22 @@ impl Engine {
         let Some(policy) = self.policies.get(key) else {
             return false;
         };
-        let no_labels = Labels::new();
         self.local_by_ns
             .get(&key.0)
             .into_iter()
             .flatten()
             .filter_map(|iface| self.local.get(iface))
-            .any(|lp| {
-                let labels = self
-                    .pods
-                    .get(&(lp.namespace.clone(), lp.name.clone()))
-                    .map_or(&no_labels, |p| &p.labels);
-                policy.selector.as_ref().is_none_or(|s| selects(s, labels))
-            })
+            .any(|lp| self.selects_pod(policy, &lp.namespace, &lp.name))
+    }
+
+    /// Whether `policy` selects pod `ns/name` (by its cluster labels).
+    fn selects_pod(&self, policy: &Compiled, ns: &str, name: &str) -> bool {
+        let no_labels = Labels::new();
+        let labels = self
+            .pods
+            .get(&(ns.to_owned(), name.to_owned()))
+            .map_or(&no_labels, |p| &p.labels);
+        policy.selector.as_ref().is_none_or(|s| selects(s, labels))
     }
 
     /// Makes policy `key` active (its rules indexed and counted from the
@@ -507,9 +512,28 @@ impl Engine {
         }
     }
 
-    /// [`Engine::update_active`] for every policy of namespace `ns`.
-    fn update_active_in(&mut self, ns: &str) {
-        let keys: Vec<Key> = self.by_ns.get(ns).into_iter().flatten().cloned().collect();
+    /// [`Engine::update_active`] for the policies of namespace `ns` whose
+    /// activity may have changed: after local pod `came` arrived or
+    /// changed, the inactive ones that select it; after a local pod left
+    /// or changed (`left`), the active ones.
+    fn update_active_in(&mut self, ns: &str, came: Option<&Key>, left: bool) {
+        let keys: Vec<Key> = self
+            .by_ns
+            .get(ns)
+            .into_iter()
+            .flatten()
+            .filter(|k| {
+                if self.active.contains(*k) {
+                    return left;
+                }
+                came.is_some_and(|(pns, name)| {
+                    self.policies
+                        .get(*k)
+                        .is_some_and(|p| self.selects_pod(p, pns, name))
+                })
+            })
+            .cloned()
+            .collect();
         for key in keys {
             self.update_active(&key);
         }
@@ -597,16 +621,19 @@ impl Engine {
                     .map(String::as_str),
             );
         }
-        namespaces
-            .into_iter()
-            .flat_map(|ns| {
-                self.pods_by_ns
-                    .get(ns)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(move |name| self.pods.get(&(ns.to_owned(), name.clone())))
-            })
-            .collect()
+        let mut pods = Vec::new();
+        // One key, refilled: no allocation per pod.
+        let mut key = (String::new(), String::new());
+        for ns in namespaces {
+            key.0.clear();
+            key.0.push_str(ns);
+            for name in self.pods_by_ns.get(ns).into_iter().flatten() {
+                key.1.clear();
+                key.1.push_str(name);
+                pods.extend(self.pods.get(&key));
+            }
+        }
+        pods
     }
 
     fn rule(&self, (key, egress, i): &RuleId) -> Option<&Rule> {
@@ -641,46 +668,26 @@ impl Engine {
         }
     }
 
-    /// Whether a peer element selects `pod`.
-    fn selects_peer(&self, policy_ns: &str, sel: &PeerSel, pod: &ClusterPod) -> bool {
-        let ns_ok = match &sel.namespaces {
-            None => pod.namespace == policy_ns,
-            Some(s) => self
-                .namespaces
-                .get(&pod.namespace)
-                .is_some_and(|labels| selects(s, labels)),
-        };
-        ns_ok && sel.pods.as_ref().is_none_or(|s| selects(s, &pod.labels))
+    /// For each of `rule`'s peers, whether its namespace part selects
+    /// namespace `ns`.
+    fn peer_namespaces(&self, policy_ns: &str, rule: &Rule, ns: &str) -> Vec<bool> {
+        rule.peers
+            .iter()
+            .flatten()
+            .map(|sel| match &sel.namespaces {
+                None => ns == policy_ns,
+                Some(s) => self
+                    .namespaces
+                    .get(ns)
+                    .is_some_and(|labels| selects(s, labels)),
+            })
+            .collect()
     }
 
     /// What `pod` adds to `rule`: member addresses and named-port pairs.
     fn contribution(&self, policy_ns: &str, rule: &Rule, pod: &ClusterPod) -> Contribution {
-        let mut c = Contribution::default();
-        let selected = rule
-            .peers
-            .as_ref()
-            .is_some_and(|peers| peers.iter().any(|s| self.selects_peer(policy_ns, s, pod)));
-        if selected {
-            c.members.extend(pod.ips.iter().copied());
-        }
-        if rule.wants_pairs() {
-            let anyone = rule.peers.is_none();
-            for cp in &pod.ports {
-                if !rule
-                    .named
-                    .iter()
-                    .any(|(n, proto)| *n == cp.name && *proto == cp.protocol)
-                {
-                    continue;
-                }
-                for ip in &pod.ips {
-                    if anyone || selected || rule.blocks.contains(*ip) {
-                        c.pairs.push((*ip, cp.protocol, cp.port));
-                    }
-                }
-            }
-        }
-        c
+        let ns_ok = self.peer_namespaces(policy_ns, rule, &pod.namespace);
+        contribution_in(rule, pod, &ns_ok)
     }
 
     /// Adds (or takes away) `pod`'s contribution to every rule.
@@ -715,8 +722,16 @@ impl Engine {
         let mut members = BTreeMap::new();
         let mut pairs = BTreeMap::new();
         if rule.has_pod_peers() || rule.wants_pairs() {
+            // Candidates come namespace by namespace: each namespace's
+            // selection is judged once.
+            let mut ns_ok: Option<(&str, Vec<bool>)> = None;
             for pod in self.candidate_pods(id) {
-                let c = self.contribution(&id.0.0, rule, pod);
+                if ns_ok.as_ref().is_none_or(|(ns, _)| *ns != pod.namespace) {
+                    let ok = self.peer_namespaces(&id.0.0, rule, &pod.namespace);
+                    ns_ok = Some((&pod.namespace, ok));
+                }
+                let ok = ns_ok.as_ref().map_or(&[][..], |(_, ok)| ok);
+                let c = contribution_in(rule, pod, ok);
                 for ip in c.members {
                     count(&mut members, ip, true);
                 }
@@ -1057,6 +1072,39 @@ impl Engine {
 struct Contribution {
     members: Vec<IpAddr>,
     pairs: Vec<(IpAddr, Protocol, u16)>,
+}
+
+/// What `pod` adds to `rule`, given for each peer whether its namespace
+/// part selects the pod's namespace: member addresses and named-port pairs.
+fn contribution_in(rule: &Rule, pod: &ClusterPod, ns_ok: &[bool]) -> Contribution {
+    let mut c = Contribution::default();
+    let selected = rule.peers.as_ref().is_some_and(|peers| {
+        peers
+            .iter()
+            .zip(ns_ok)
+            .any(|(sel, ok)| *ok && sel.pods.as_ref().is_none_or(|s| selects(s, &pod.labels)))
+    });
+    if selected {
+        c.members.extend(pod.ips.iter().copied());
+    }
+    if rule.wants_pairs() {
+        let anyone = rule.peers.is_none();
+        for cp in &pod.ports {
+            if !rule
+                .named
+                .iter()
+                .any(|(n, proto)| *n == cp.name && *proto == cp.protocol)
+            {
+                continue;
+            }
+            for ip in &pod.ips {
+                if anyone || selected || rule.blocks.contains(*ip) {
+                    c.pairs.push((*ip, cp.protocol, cp.port));
+                }
+            }
+        }
+    }
+    c
 }
 
 /// Counts `key` in or out; whether it came or went.
