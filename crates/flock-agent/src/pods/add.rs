@@ -300,7 +300,11 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
     ) -> Result<CniResult, CniError> {
         let started = Instant::now();
         let spec = self.spec(&entry, opened.netns.clone());
-        self.kernel.setup(&spec).await.map_err(|e| {
+        // The pod's NetworkPolicy chains key on its host interface's name
+        // alone, so they go in while the veth is built (the pending entry
+        // names it); the ADD answers only once both are done.
+        let (set_up, isolated) = tokio::join!(self.kernel.setup(&spec), self.isolate(pod, &entry));
+        set_up.map_err(|e| {
             self.metrics.error("setup");
             internal(
                 &format!("setting up the network of pod {} failed", pod.text),
@@ -323,7 +327,7 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
                 )
             })?;
         self.anycast.notify_one();
-        self.isolate(pod, &committed).await?;
+        isolated?;
         info!(
             pod = %pod.text,
             ip6 = ?committed.ip6,
