@@ -109,7 +109,7 @@ impl PolicyHandle {
 #[derive(Default)]
 struct Ownership {
     /// Live cluster pods (not finished, not terminating, not host network).
-    pods: HashMap<Key, PodInfo>,
+    pods: HashMap<Key, Arc<PodInfo>>,
     /// Which of them report each address.
     reported: HashMap<IpAddr, BTreeSet<Key>>,
     /// This node's allocations: address → the pod it belongs to.
@@ -125,7 +125,7 @@ fn key_of(p: &PodInfo) -> Key {
 impl Ownership {
     /// Replaces one pod (`None`: gone); returns the pods whose effective
     /// addresses may have changed.
-    fn set_pod(&mut self, key: Key, pod: Option<PodInfo>) -> BTreeSet<Key> {
+    fn set_pod(&mut self, key: Key, pod: Option<Arc<PodInfo>>) -> BTreeSet<Key> {
         let mut affected = BTreeSet::from([key.clone()]);
         if let Some(old) = self.pods.remove(&key) {
             for ip in &old.ips {
@@ -397,8 +397,8 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         self.engine.set_namespaces(self.cache.namespaces());
         self.engine.set_policies(&self.cache.policies());
         self.sync_locals();
-        let pods = self.cache.pods();
-        let keys: BTreeSet<Key> = pods.iter().map(key_of).collect();
+        let pods = self.cache.pods_shared();
+        let keys: BTreeSet<Key> = pods.iter().map(|p| key_of(p)).collect();
         for p in pods {
             self.owners.set_pod(key_of(&p), Some(p));
         }
@@ -426,7 +426,7 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         self.sync_locals();
         let mut affected = BTreeSet::new();
         for key in changes.pods {
-            let pod = self.cache.pod(&key.0, &key.1);
+            let pod = self.cache.pod_shared(&key.0, &key.1);
             affected.extend(self.owners.set_pod(key, pod));
         }
         self.feed(affected);
@@ -488,7 +488,7 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             .collect();
         let mut affected = BTreeSet::new();
         for key in keys {
-            let pod = self.cache.pod(&key.0, &key.1);
+            let pod = self.cache.pod_shared(&key.0, &key.1);
             affected.extend(self.owners.set_pod(key, pod));
         }
         self.feed(affected);

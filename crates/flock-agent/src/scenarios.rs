@@ -80,7 +80,7 @@ impl TestNode {
     fn starting(kernel: &FakeKernel, store: &FakeStore) -> TestNode {
         let allocations = Arc::new(Allocations::new(store.clone(), store.loaded()));
         let cache = Cache::new(NODE);
-        cache.replace_pods(vec![]);
+        cache.replace_pods(Vec::<PodInfo>::new());
         cache.replace_namespaces(BTreeMap::from([("default".into(), BTreeMap::new())]));
         cache.replace_policies(vec![]);
         let board = Arc::new(Board::default());

@@ -59,7 +59,9 @@ struct State {
     pools: BTreeMap<String, AddressPool>,
     node_configs_synced: bool,
     pools_synced: bool,
-    pods: BTreeMap<Key, PodInfo>,
+    /// Shared with the sources and readers that keep them (one copy of
+    /// each pod in the agent).
+    pods: BTreeMap<Key, Arc<PodInfo>>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     policies: BTreeMap<Key, NetworkPolicy>,
     /// Whether this node's pods have been listed once.
@@ -133,11 +135,16 @@ impl Cache {
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
             .filter(|p| p.node.as_deref() == Some(self.node.as_str()))
-            .cloned()
+            .map(|p| PodInfo::clone(p))
     }
 
     /// A pod of the cluster.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo> {
+        self.pod_shared(namespace, name).map(|p| PodInfo::clone(&p))
+    }
+
+    /// A pod of the cluster, shared (no copy).
+    pub fn pod_shared(&self, namespace: &str, name: &str) -> Option<Arc<PodInfo>> {
         self.read()
             .pods
             .get(&(namespace.to_owned(), name.to_owned()))
@@ -150,12 +157,21 @@ impl Cache {
             .pods
             .values()
             .filter(|p| p.node.as_deref() == Some(self.node.as_str()))
-            .cloned()
+            .map(|p| PodInfo::clone(p))
             .collect()
     }
 
     /// Every pod of the cluster.
     pub fn pods(&self) -> Vec<PodInfo> {
+        self.read()
+            .pods
+            .values()
+            .map(|p| PodInfo::clone(p))
+            .collect()
+    }
+
+    /// Every pod of the cluster, shared (no copies).
+    pub fn pods_shared(&self) -> Vec<Arc<PodInfo>> {
         self.read().pods.values().cloned().collect()
     }
 
@@ -351,11 +367,12 @@ impl Cache {
     }
 
     /// Adds or updates one pod.
-    pub fn upsert_pod(&self, pod: PodInfo) {
+    pub fn upsert_pod(&self, pod: impl Into<Arc<PodInfo>>) {
+        let pod: Arc<PodInfo> = pod.into();
         let events = {
             let mut s = self.write();
             let old = s.pods.insert(pod.key(), pod.clone());
-            pod_events(old.as_ref(), Some(&pod))
+            pod_events(old.as_deref(), Some(&pod))
         };
         self.emit(events);
     }
@@ -365,16 +382,22 @@ impl Cache {
         let events = {
             let mut s = self.write();
             let old = s.pods.remove(&(namespace.to_owned(), name.to_owned()));
-            pod_events(old.as_ref(), None)
+            pod_events(old.as_deref(), None)
         };
         self.emit(events);
     }
 
     /// Replaces every pod (a relist or a rescan), emitting events for the differences.
-    pub fn replace_pods(&self, pods: Vec<PodInfo>) {
+    pub fn replace_pods<P: Into<Arc<PodInfo>>>(&self, pods: impl IntoIterator<Item = P>) {
         let events = {
             let mut s = self.write();
-            let new: BTreeMap<Key, PodInfo> = pods.into_iter().map(|p| (p.key(), p)).collect();
+            let new: BTreeMap<Key, Arc<PodInfo>> = pods
+                .into_iter()
+                .map(|p| {
+                    let p: Arc<PodInfo> = p.into();
+                    (p.key(), p)
+                })
+                .collect();
             let mut events = Vec::new();
             for (k, old) in &s.pods {
                 if !new.contains_key(k) {
@@ -382,7 +405,7 @@ impl Cache {
                 }
             }
             for (k, pod) in &new {
-                events.extend(pod_events(s.pods.get(k), Some(pod)));
+                events.extend(pod_events(s.pods.get(k).map(|p| &**p), Some(pod)));
             }
             s.pods = new;
             s.pods_synced = true;
@@ -398,10 +421,10 @@ impl Cache {
         let events = {
             let mut s = self.write();
             let node = Some(self.node.as_str());
-            let new: BTreeMap<Key, PodInfo> = pods
+            let new: BTreeMap<Key, Arc<PodInfo>> = pods
                 .into_iter()
                 .filter(|p| p.node.as_deref() == node)
-                .map(|p| (p.key(), p))
+                .map(|p| (p.key(), Arc::new(p)))
                 .collect();
             let mut events = Vec::new();
             let gone: Vec<Key> = s
@@ -412,10 +435,10 @@ impl Cache {
                 .collect();
             for k in gone {
                 let old = s.pods.remove(&k);
-                events.extend(pod_events(old.as_ref(), None));
+                events.extend(pod_events(old.as_deref(), None));
             }
             for (k, pod) in new {
-                events.extend(pod_events(s.pods.get(&k), Some(&pod)));
+                events.extend(pod_events(s.pods.get(&k).map(|p| &**p), Some(&pod)));
                 s.pods.insert(k, pod);
             }
             events

@@ -28,7 +28,8 @@ pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 struct Objects {
     node_configs: Vec<NodeConfig>,
     pools: Vec<AddressPool>,
-    pods: BTreeMap<Key, PodInfo>,
+    /// Shared with the cache (one copy of each pod).
+    pods: BTreeMap<Key, Arc<PodInfo>>,
     namespaces: Vec<(String, BTreeMap<String, String>)>,
     policies: Vec<NetworkPolicy>,
 }
@@ -193,16 +194,15 @@ impl DirSource {
         keys.extend(old.iter().flat_map(|o| o.pods.keys().cloned()));
         let mut namespaces_changed = first;
         if first {
-            let pods: BTreeMap<&Key, &PodInfo> = files.iter().flat_map(|o| &o.pods).collect();
+            let pods: BTreeMap<&Key, &Arc<PodInfo>> = files.iter().flat_map(|o| &o.pods).collect();
             for (ns, _) in pods.keys() {
                 *self.pod_namespaces.entry(ns.clone()).or_default() += 1;
             }
-            self.cache
-                .replace_pods(pods.into_values().cloned().collect());
+            self.cache.replace_pods(pods.into_values().cloned());
         } else {
             for key in keys {
                 let now = winner(&key);
-                let was = self.cache.pod(&key.0, &key.1);
+                let was = self.cache.pod_shared(&key.0, &key.1);
                 match (was.is_some(), now.is_some()) {
                     (false, true) => {
                         *self.pod_namespaces.entry(key.0.clone()).or_default() += 1;
@@ -220,7 +220,9 @@ impl DirSource {
                     _ => {}
                 }
                 match now {
-                    Some(pod) if was.as_ref() != Some(pod) => self.cache.upsert_pod(pod.clone()),
+                    Some(pod) if was.as_deref() != Some(&**pod) => {
+                        self.cache.upsert_pod(pod.clone())
+                    }
                     Some(_) => {}
                     None => {
                         if was.is_some() {
@@ -366,7 +368,7 @@ fn add_object(out: &mut Objects, value: serde_json::Value) -> Result<(), String>
                 return Err("Pod without metadata.name".into());
             }
             let pod = PodInfo::from_pod(&pod);
-            out.pods.insert(pod.key(), pod);
+            out.pods.insert(pod.key(), Arc::new(pod));
         }
         "Namespace" => {
             let ns: Namespace = serde_json::from_value(value)

@@ -131,7 +131,7 @@ pub fn start(client: Client, cache: Cache, set_condition: bool) -> KubeWatch {
                 }
             };
             move |change: Change<Pod>| match change {
-                Change::Reset(all) => cache.replace_pods(all.iter().map(&compact).collect()),
+                Change::Reset(all) => cache.replace_pods(all.iter().map(&compact)),
                 Change::Apply(p) => cache.upsert_pod(compact(&p)),
                 Change::Delete(p) => {
                     cache.delete_pod(&p.namespace().unwrap_or_default(), &p.name_any())
