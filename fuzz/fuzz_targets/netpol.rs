@@ -147,7 +147,7 @@ fuzz_target!(|input: Vec<Policy>| {
             pods.push(ClusterPod {
                 namespace: ns.to_string(),
                 name: name.to_string(),
-                labels: BTreeMap::from([("a".to_owned(), name.to_string())]),
+                labels: BTreeMap::from([("a".to_owned(), name.to_string())]).into(),
                 ips: vec![
                     format!("198.18.{n}.{k}").parse().expect("ip"),
                     format!("2001:db8::{n}:{k}").parse().expect("ip"),

@@ -47,7 +47,7 @@ fn pod_info(name: &str, uid: &str) -> PodInfo {
         name: name.into(),
         uid: uid.into(),
         node: Some(NODE.into()),
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         annotations: BTreeMap::new(),
         app: name.into(),
         image: None,

@@ -74,7 +74,8 @@ fn synthetic_cluster(namespaces: usize, per_ns: usize) -> anyhow::Result<Synthet
                         "tier".to_owned(),
                         if j % 2 == 0 { "frontend" } else { "backend" }.to_owned(),
                     ),
-                ]),
+                ])
+                .into(),
                 ips: vec![
                     IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + k)),
                     IpAddr::V6(Ipv6Addr::from(0xfd10_u128 << 112 | u128::from(k))),

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -18,8 +19,9 @@ pub struct PodInfo {
     pub uid: String,
     /// `spec.nodeName`.
     pub node: Option<String>,
-    /// Labels (NetworkPolicy selectors).
-    pub labels: BTreeMap<String, String>,
+    /// Labels (NetworkPolicy selectors), shared with NetworkPolicy's view
+    /// of the pod.
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Annotations (flock's own among them).
     pub annotations: BTreeMap<String, String>,
     /// The workload name ip-algo embeds.
@@ -88,7 +90,7 @@ impl PodInfo {
             name: pod.name_any(),
             uid: pod.uid().unwrap_or_default(),
             node: spec.and_then(|s| s.node_name.clone()),
-            labels: pod.labels().clone(),
+            labels: Arc::new(pod.labels().clone()),
             annotations: pod.annotations().clone(),
             app: flock_model::app_name(pod),
             image: flock_model::image_ref(pod).map(str::to_owned),

@@ -724,7 +724,8 @@ fn policy_view(ips: &[Vec<IpAddr>]) -> anyhow::Result<BTreeMap<usize, String>> {
                 .labels
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
+                .collect::<BTreeMap<_, _>>()
+                .into(),
             ips: got.clone(),
             ports: Vec::new(),
         })

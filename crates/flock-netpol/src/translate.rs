@@ -61,8 +61,8 @@ pub struct ClusterPod {
     pub namespace: String,
     /// Name.
     pub name: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
+    /// Labels (shared with the datastore's copy of the pod).
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Its addresses (at most one per family).
     pub ips: Vec<IpAddr>,
     /// Its named container ports.

@@ -33,7 +33,7 @@ fn world() -> (Vec<ClusterPod>, Vec<LocalPod>, Namespaces) {
             pods.push(ClusterPod {
                 namespace: ns.to_string(),
                 name: name.clone(),
-                labels: BTreeMap::from([("app".to_owned(), format!("a{k}"))]),
+                labels: BTreeMap::from([("app".to_owned(), format!("a{k}"))]).into(),
                 ips: vec![
                     format!("198.18.{n}.{k}").parse().expect("ip"),
                     format!("2001:db8::{n}:{k}").parse().expect("ip"),
@@ -237,7 +237,7 @@ proptest! {
         prop_assert_eq!(inc.desired(), whole.desired());
         inc.remove_pod("y", "p2");
         let mut relabelled = pods[0].clone();
-        relabelled.labels.insert("app".into(), "a3".into());
+        std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), "a3".into());
         inc.upsert_pod(relabelled);
         let delta = inc.refresh();
         let parts = delta_parts(&delta, inc.desired()).expect("render");

@@ -31,7 +31,7 @@ fn world() -> World {
             pods.push(ClusterPod {
                 namespace: ns.to_string(),
                 name: name.to_string(),
-                labels: BTreeMap::from([("pod".into(), name.to_string())]),
+                labels: BTreeMap::from([("pod".into(), name.to_string())]).into(),
                 ips: vec![
                     format!("198.18.{}.{}", n + 1, p + 1)
                         .parse()
@@ -550,7 +550,7 @@ fn a_delta_changes_only_what_a_pod_touches() {
     // A new client in x: one element in each of the rule's sets, no chain.
     let mut client = w.pods[1].clone();
     client.name = "client".into();
-    client.labels.insert("role".into(), "client".into());
+    std::sync::Arc::make_mut(&mut client.labels).insert("role".into(), "client".into());
     client.ips = vec![
         "198.18.1.50".parse().expect("ip"),
         "2001:db8::1:50".parse().expect("ip"),
@@ -625,7 +625,7 @@ fn only_policies_selecting_a_pod_of_this_node_own_sets() {
     assert_eq!(d.add_elements.len(), 1, "{d:?}");
     // x/b relabelled away from the selector: its chain and sets go.
     let mut b = w.pods[1].clone();
-    b.labels.insert("pod".into(), "other".into());
+    std::sync::Arc::make_mut(&mut b.labels).insert("pod".into(), "other".into());
     e.upsert_pod(b);
     let d = e.refresh();
     assert_eq!(d.delete_sets.len(), 2, "{d:?}");
