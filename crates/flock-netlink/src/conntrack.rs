@@ -99,11 +99,9 @@ fn socket() -> io::Result<Socket> {
     Ok(s)
 }
 
-/// The entries (of both families: one walk of the kernel's table, which
-/// is one hash for every namespace) that involve any of `ips`: each
-/// entry's family and what a delete request needs of it (its original
-/// tuple and zone attributes).
-fn matching(s: &Socket, ips: &BTreeSet<IpAddr>) -> io::Result<Vec<(u8, Vec<u8>)>> {
+/// Asks for every entry of both families: one walk of the kernel's
+/// table, which is one hash for every namespace.
+fn request_dump(s: &Socket) -> io::Result<()> {
     s.send(
         &message(
             IPCTNL_MSG_CT_GET,
@@ -114,6 +112,15 @@ fn matching(s: &Socket, ips: &BTreeSet<IpAddr>) -> io::Result<Vec<(u8, Vec<u8>)>
         ),
         0,
     )?;
+    Ok(())
+}
+
+/// The entries (of both families: one walk of the kernel's table, which
+/// is one hash for every namespace) that involve any of `ips`: each
+/// entry's family and what a delete request needs of it (its original
+/// tuple and zone attributes).
+fn matching(s: &Socket, ips: &BTreeSet<IpAddr>) -> io::Result<Vec<(u8, Vec<u8>)>> {
+    request_dump(s)?;
     let mut found = Vec::new();
     loop {
         let (buf, _) = s.recv_from_full()?;
@@ -196,16 +203,7 @@ pub(crate) fn forget(ips: &[IpAddr]) -> io::Result<usize> {
 pub(crate) fn addresses() -> io::Result<Vec<IpAddr>> {
     let s = socket()?;
     let mut out = Vec::new();
-    s.send(
-        &message(
-            IPCTNL_MSG_CT_GET,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            1,
-            AF_UNSPEC,
-            &[],
-        ),
-        0,
-    )?;
+    request_dump(&s)?;
     'dump: loop {
         let (buf, _) = s.recv_from_full()?;
         for (ty, payload) in messages(&buf) {

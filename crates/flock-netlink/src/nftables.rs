@@ -259,6 +259,14 @@ fn change_payload(table: &str, change: &ElementChange) -> Vec<u8> {
     p
 }
 
+/// A payload naming a table and an object in it (chain, rule's chain).
+fn table_and_name(table: &str, table_attr: u16, name_attr: u16, name: &str) -> Vec<u8> {
+    let mut p = Vec::new();
+    attr(&mut p, table_attr, &strz(table));
+    attr(&mut p, name_attr, &strz(name));
+    p
+}
+
 fn u32_attr(out: &mut Vec<u8>, ty: u16, value: u32) {
     attr(out, ty, &value.to_be_bytes());
 }
@@ -395,16 +403,11 @@ fn rule_messages(table: &str, chain: &str, rule: &NftRule, next_set_id: &mut u32
             });
         });
     });
-    let mut r = Vec::new();
-    attr(&mut r, NFTA_RULE_TABLE, &strz(table));
-    attr(&mut r, NFTA_RULE_CHAIN, &strz(chain));
+    let mut r = table_and_name(table, NFTA_RULE_TABLE, NFTA_RULE_CHAIN, chain);
     // The expressions' attributes are already nested list elements.
-    let start = r.len();
-    r.extend_from_slice(&[0; 4]);
-    r.extend_from_slice(&exprs);
-    let len = (r.len() - start) as u16;
-    r[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-    r[start + 2..start + 4].copy_from_slice(&(NFTA_RULE_EXPRESSIONS | NLA_F_NESTED).to_ne_bytes());
+    nested(&mut r, NFTA_RULE_EXPRESSIONS, |p| {
+        p.extend_from_slice(&exprs)
+    });
     messages.push((NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, r));
     messages
 }
@@ -421,12 +424,8 @@ fn change_messages(table: &str, change: &Change, next_set_id: &mut u32) -> Vec<M
             vec![(ty, flags, change_payload(table, c))]
         }
         Change::Chain { name, rules } => {
-            let mut chain = Vec::new();
-            attr(&mut chain, NFTA_CHAIN_TABLE, &strz(table));
-            attr(&mut chain, NFTA_CHAIN_NAME, &strz(name));
-            let mut flush = Vec::new();
-            attr(&mut flush, NFTA_RULE_TABLE, &strz(table));
-            attr(&mut flush, NFTA_RULE_CHAIN, &strz(name));
+            let chain = table_and_name(table, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, name);
+            let flush = table_and_name(table, NFTA_RULE_TABLE, NFTA_RULE_CHAIN, name);
             let mut out = vec![
                 (NFT_MSG_NEWCHAIN, NLM_F_CREATE, chain),
                 (NFT_MSG_DELRULE, 0, flush),
@@ -437,9 +436,7 @@ fn change_messages(table: &str, change: &Change, next_set_id: &mut u32) -> Vec<M
             out
         }
         Change::DeleteChain(name) => {
-            let mut chain = Vec::new();
-            attr(&mut chain, NFTA_CHAIN_TABLE, &strz(table));
-            attr(&mut chain, NFTA_CHAIN_NAME, &strz(name));
+            let chain = table_and_name(table, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, name);
             vec![(NFT_MSG_DELCHAIN, 0, chain)]
         }
     }

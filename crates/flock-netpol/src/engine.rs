@@ -936,11 +936,6 @@ impl Engine {
         let Some(lp) = self.local.get(iface) else {
             return false;
         };
-        let no_labels = Labels::new();
-        let labels = self
-            .pods
-            .get(&(lp.namespace.clone(), lp.name.clone()))
-            .map_or(&no_labels, |p| &p.labels);
         self.by_ns
             .get(&lp.namespace)
             .into_iter()
@@ -948,7 +943,7 @@ impl Engine {
             .filter_map(|k| self.policies.get(k))
             .any(|p| {
                 (p.ingress.is_some() || p.egress.is_some())
-                    && p.selector.as_ref().is_none_or(|s| selects(s, labels))
+                    && self.selects_pod(p, &lp.namespace, &lp.name)
             })
     }
 

@@ -213,14 +213,7 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
     for (map, iface) in &delta.remove_map {
         let _ = writeln!(out, "delete element {t} {map} {{ \"{iface}\" }}");
         if let Some(b) = batch.as_mut() {
-            b.push(Change::Elements(ElementChange {
-                set: (*map).to_owned(),
-                delete: true,
-                elements: vec![Element {
-                    key: ifname_key(iface),
-                    jump: None,
-                }],
-            }));
+            b.push(map_change(map, iface, None));
         }
     }
     for (map, iface, chain) in &delta.add_map {
@@ -229,14 +222,7 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
             "add element {t} {map} {{ \"{iface}\" : jump {chain} }}"
         );
         if let Some(b) = batch.as_mut() {
-            b.push(Change::Elements(ElementChange {
-                set: (*map).to_owned(),
-                delete: false,
-                elements: vec![Element {
-                    key: ifname_key(iface),
-                    jump: Some(chain.clone()),
-                }],
-            }));
+            b.push(map_change(map, iface, Some(chain)));
         }
     }
     // No set created or deleted, every rule of a shape netlink writes:
@@ -344,6 +330,19 @@ fn proto_number(name: &str) -> Option<u8> {
         "sctp" => Some(132),
         _ => None,
     }
+}
+
+/// A verdict map's element for `iface`: added with `jump chain`, or
+/// deleted (`None`).
+fn map_change(map: &str, iface: &str, jump: Option<&String>) -> Change {
+    Change::Elements(ElementChange {
+        set: map.to_owned(),
+        delete: jump.is_none(),
+        elements: vec![Element {
+            key: ifname_key(iface),
+            jump: jump.cloned(),
+        }],
+    })
 }
 
 /// An interface name as an `ifname` key: 16 bytes, zero-padded.
