@@ -235,6 +235,8 @@ pub struct PolicyLoop<L, S> {
     board: Arc<Board>,
     metrics: Metrics,
     engine: Engine,
+    /// The cache's policy revision the engine holds.
+    policies_revision: u64,
     owners: Ownership,
     /// Whether the kernel holds the engine's table (loaded or adopted).
     loaded: bool,
@@ -270,6 +272,7 @@ pub fn policy_loop<L: Loader, S: AllocationStore>(
         board,
         metrics,
         engine: Engine::new(),
+        policies_revision: 0,
         owners: Ownership::default(),
         loaded: false,
         last_error: None,
@@ -395,7 +398,9 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         self.owners = Ownership::default();
         self.engine = Engine::new();
         self.engine.set_namespaces(self.cache.namespaces());
-        self.engine.set_policies(&self.cache.policies());
+        let (revision, policies) = self.cache.policies_revised();
+        self.engine.set_policies(&policies);
+        self.policies_revision = revision;
         self.sync_locals();
         let pods = self.cache.pods_shared();
         let keys: BTreeSet<Key> = pods.iter().map(|p| key_of(p)).collect();
@@ -414,14 +419,7 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             self.engine.set_namespaces(self.cache.namespaces());
         }
         if changes.policies {
-            self.engine.set_policies(&self.cache.policies());
-            if !self.refused.is_empty() {
-                // A policy changed: give the refused ones another chance.
-                self.refused.clear();
-                self.engine.set_disabled(BTreeSet::new());
-                self.metrics.netpol_refused.set(0);
-                self.loaded = false;
-            }
+            self.take_policies();
         }
         self.sync_locals();
         let mut affected = BTreeSet::new();
@@ -430,6 +428,23 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             affected.extend(self.owners.set_pod(key, pod));
         }
         self.feed(affected);
+    }
+
+    /// The cache's policies into the engine, unless it holds their revision.
+    fn take_policies(&mut self) {
+        let (revision, policies) = self.cache.policies_revised();
+        if revision == self.policies_revision {
+            return;
+        }
+        self.policies_revision = revision;
+        self.engine.set_policies(&policies);
+        if !self.refused.is_empty() {
+            // A policy changed: give the refused ones another chance.
+            self.refused.clear();
+            self.engine.set_disabled(BTreeSet::new());
+            self.metrics.netpol_refused.set(0);
+            self.loaded = false;
+        }
     }
 
     /// This node's pods from the allocations (not those being released).
@@ -492,6 +507,13 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             affected.extend(self.owners.set_pod(key, pod));
         }
         self.feed(affected);
+        if self.cache.policies_revision() != self.policies_revision {
+            // The handle saw policies whose event is still on its way: the
+            // pod is isolated by them, so they are enforced first (a pass,
+            // with the pod's chains in it).
+            self.take_policies();
+            return self.enforce(false).await.map_err(NotEnforced::Failed);
+        }
         // The rest (the pod in other rules' peer sets) follows in the next
         // pass, right after: peers learn of a pod after its ADD anyway (on
         // other nodes, once its address is in the API), and until then

@@ -22,7 +22,7 @@ use crate::fakes::{FakeKernel, FakeLoader, FakeStore};
 use crate::handler::Handler;
 use crate::metrics::Metrics;
 use crate::pods::{PodHandler, Pods};
-use crate::policy::policy_loop;
+use crate::policy::{PolicyHandle, policy_loop};
 use crate::serial::ContainerLocks;
 use crate::status::{Board, Readiness};
 
@@ -125,6 +125,31 @@ impl TestNode {
             _prefixes: prefixes,
             stop,
         }
+    }
+
+    /// A handler on this node's pods whose NetworkPolicy loop is `policy`'s.
+    fn handler_with_policy(
+        &self,
+        policy: PolicyHandle,
+        stop: &CancellationToken,
+    ) -> PodHandler<FakeKernel, FakeStore> {
+        PodHandler::new(Arc::new(Pods {
+            kernel: self.pods.kernel.clone(),
+            allocations: self.pods.allocations.clone(),
+            cache: self.cache.clone(),
+            locks: Arc::new(ContainerLocks::default()),
+            readiness: self.pods.readiness.clone(),
+            default_mtu: 1500,
+            metrics: Metrics::new(),
+            anycast: Arc::new(Notify::new()),
+            policy,
+            consent: self.pods.consent.clone(),
+            prefixes: self.pods.prefixes.clone(),
+            board: Arc::new(Board::default()),
+            tasks: TaskTracker::new(),
+            cancel: stop.clone(),
+            finishing: Default::default(),
+        }))
     }
 
     /// A node with its NodeConfig applied, after recovery.
@@ -782,23 +807,7 @@ async fn a_pod_a_policy_selects_is_isolated_in_the_loader_before_its_add_answers
     tokio::spawn(policy.run(stop.clone()));
     node.cache
         .replace_policies(vec![isolate_everyone_in_default()]);
-    let handler = PodHandler::new(Arc::new(Pods {
-        kernel: node.pods.kernel.clone(),
-        allocations: node.pods.allocations.clone(),
-        cache: node.cache.clone(),
-        locks: Arc::new(ContainerLocks::default()),
-        readiness: node.pods.readiness.clone(),
-        default_mtu: 1500,
-        metrics: Metrics::new(),
-        anycast: Arc::new(Notify::new()),
-        policy: handle,
-        consent: node.pods.consent.clone(),
-        prefixes: node.pods.prefixes.clone(),
-        board: Arc::new(Board::default()),
-        tasks: TaskTracker::new(),
-        cancel: stop.clone(),
-        finishing: Default::default(),
-    }));
+    let handler = node.handler_with_policy(handle, &stop);
     node.put_pod("web", "uid-web");
     kernel.add_netns("/run/netns/web");
     let added = handler
@@ -810,6 +819,50 @@ async fn a_pod_a_policy_selects_is_isolated_in_the_loader_before_its_add_answers
     assert!(
         scripts.last().is_some_and(|s| s.contains(&iface)),
         "the pod's chain was loaded before ADD answered: {scripts:?}"
+    );
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_whose_event_is_still_on_its_way_isolates_the_add_that_follows_it() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    let loader = FakeLoader::default();
+    let (policy, handle) = policy_loop(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        loader.clone(),
+        Arc::new(Board::default()),
+        Metrics::new(),
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(policy.run(stop.clone()));
+    let handler = node.handler_with_policy(handle, &stop);
+    node.put_pod("web", "uid-web");
+    kernel.add_netns("/run/netns/web");
+    // The loop is running, with no policy.
+    while loader.loaded.lock().expect("loader").is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The policy lands in the cache and the ADD follows at once: the loop
+    // has its event queued (or is collecting a burst) when the ADD asks.
+    node.cache
+        .replace_policies(vec![isolate_everyone_in_default()]);
+    let added = handler
+        .handle(node.request(Op::Add, "c1", "/run/netns/web", "web", "uid-web"))
+        .await;
+    assert!(matches!(added, Response::Result(_)), "{added:?}");
+    let iface = host_iface_name("c1");
+    let isolated = loader
+        .loaded
+        .lock()
+        .expect("loader")
+        .iter()
+        .any(|s| s.contains(&iface));
+    assert!(
+        isolated,
+        "the pod's chain was loaded before ADD answered: {:?}",
+        loader.loaded.lock().expect("loader")
     );
     stop.cancel();
 }

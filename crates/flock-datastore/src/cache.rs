@@ -64,6 +64,8 @@ struct State {
     pods: BTreeMap<Key, Arc<PodInfo>>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     policies: BTreeMap<Key, NetworkPolicy>,
+    /// Bumped with every change of `policies`, under the same lock.
+    policies_revision: u64,
     /// Whether this node's pods have been listed once.
     local_pods_synced: bool,
     /// Whether the cluster's pods, namespaces and policies have been
@@ -259,6 +261,18 @@ impl Cache {
     /// Every NetworkPolicy.
     pub fn policies(&self) -> Vec<NetworkPolicy> {
         self.read().policies.values().cloned().collect()
+    }
+
+    /// Every NetworkPolicy, with the revision they are at.
+    pub fn policies_revised(&self) -> (u64, Vec<NetworkPolicy>) {
+        let s = self.read();
+        (s.policies_revision, s.policies.values().cloned().collect())
+    }
+
+    /// The revision of the NetworkPolicies: it changes with each of their
+    /// changes, before the [`Event::Policies`] that tells of it.
+    pub fn policies_revision(&self) -> u64 {
+        self.read().policies_revision
     }
 
     async fn wait_until<T>(
@@ -481,6 +495,7 @@ impl Cache {
                 .collect();
             let changed = s.policies != new;
             s.policies = new;
+            s.policies_revision += u64::from(changed);
             s.policies_synced = true;
             changed
         };

@@ -188,6 +188,16 @@ impl DirSource {
             self.cache
                 .replace_pools(files.iter().flat_map(|o| o.pools.iter().cloned()).collect());
         }
+        // Policies before pods: a pod visible in the cache implies every
+        // policy read with it is too (an ADD isolates by what it sees).
+        if holds(|o| !o.policies.is_empty()) {
+            self.cache.replace_policies(
+                files
+                    .iter()
+                    .flat_map(|o| o.policies.iter().cloned())
+                    .collect(),
+            );
+        }
         // A key held by several files: the last file's pod wins.
         let winner = |key: &Key| files.iter().rev().find_map(|o| o.pods.get(key));
         let mut keys: BTreeSet<Key> = now.iter().flat_map(|o| o.pods.keys().cloned()).collect();
@@ -244,14 +254,6 @@ impl DirSource {
                 });
             }
             self.cache.replace_namespaces(namespaces);
-        }
-        if holds(|o| !o.policies.is_empty()) {
-            self.cache.replace_policies(
-                files
-                    .iter()
-                    .flat_map(|o| o.policies.iter().cloned())
-                    .collect(),
-            );
         }
     }
 

@@ -149,6 +149,42 @@ async fn changes_deletions_and_readiness_become_events() {
 }
 
 #[tokio::test]
+async fn a_scan_publishes_policies_before_the_pods_read_with_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("a-pod.yaml"), pod("web-1", "node-a", false)).expect("write");
+    std::fs::write(
+        dir.path().join("b-policy.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: shop}\nspec: {podSelector: {}}\n",
+    )
+    .expect("write");
+    let cache = Cache::new("node-a");
+    let mut source = DirSource::new(dir.path(), cache.clone());
+    let mut events = cache.subscribe();
+    let before = cache.policies_revision();
+    source.scan();
+    let got = drain(&mut events);
+    let at = |want: &Event| got.iter().position(|e| e == want);
+    let pod = Event::Pod {
+        namespace: "shop".into(),
+        name: "web-1".into(),
+    };
+    // An ADD waits for its pod and then isolates by the policies it sees:
+    // a pod visible means the policies read with it are too.
+    assert!(
+        at(&Event::Policies).expect("policies") < at(&pod).expect("pod"),
+        "{got:?}"
+    );
+    assert!(cache.policies_revision() > before);
+    let revision = cache.policies_revision();
+    source.scan();
+    assert_eq!(
+        cache.policies_revision(),
+        revision,
+        "unchanged policies keep their revision"
+    );
+}
+
+#[tokio::test]
 async fn a_malformed_file_is_reported_by_path_and_the_rest_keep_working() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("nodes.yaml"), NODE_CONFIGS).expect("write");
