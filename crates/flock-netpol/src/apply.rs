@@ -53,30 +53,86 @@ impl Inventory {
 
     /// Parses `nft -j list table inet flock`.
     pub fn parse(json: &str) -> Option<Inventory> {
-        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        Inventory::read(json.as_bytes())
+    }
+
+    /// Reads `nft -j list table inet flock` as it streams: names and
+    /// counts only, the elements and rules are counted and skipped (the
+    /// listing of a large table is megabytes; its tree would be more).
+    pub fn read(json: impl std::io::Read) -> Option<Inventory> {
+        let listing: Listing = serde_json::from_reader(std::io::BufReader::new(json)).ok()?;
         let mut inv = Inventory::default();
-        for item in v.get("nftables")?.as_array()? {
-            for kind in ["set", "map"] {
-                if let Some(s) = item.get(kind) {
-                    let n = s.get("elem").and_then(|e| e.as_array()).map_or(0, |e| {
-                        // An interval set lists a range as one element.
-                        e.len()
-                    });
-                    inv.sets.insert(s.get("name")?.as_str()?.to_owned(), n);
-                }
+        for item in listing.nftables {
+            // An interval set lists a range as one element.
+            for s in [item.set, item.map].into_iter().flatten() {
+                inv.sets.insert(s.name, s.elem.0);
             }
-            if let Some(c) = item.get("chain") {
-                inv.chains
-                    .entry(c.get("name")?.as_str()?.to_owned())
-                    .or_insert(0);
+            if let Some(c) = item.chain {
+                inv.chains.entry(c.name).or_insert(0);
             }
-            if let Some(r) = item.get("rule") {
-                *inv.chains
-                    .entry(r.get("chain")?.as_str()?.to_owned())
-                    .or_insert(0) += 1;
+            if let Some(r) = item.rule {
+                *inv.chains.entry(r.chain).or_insert(0) += 1;
             }
         }
         Some(inv)
+    }
+}
+
+/// `nft -j list`: what [`Inventory::read`] keeps of it.
+#[derive(serde::Deserialize)]
+struct Listing {
+    nftables: Vec<ListItem>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListItem {
+    set: Option<ListedSet>,
+    map: Option<ListedSet>,
+    chain: Option<ListedChain>,
+    rule: Option<ListedRule>,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedSet {
+    name: String,
+    #[serde(default)]
+    elem: Count,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedChain {
+    name: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedRule {
+    chain: String,
+}
+
+/// The length of a JSON array, its items skipped unread.
+#[derive(Default)]
+struct Count(usize);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct Counter;
+        impl<'de> serde::de::Visitor<'de> for Counter {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Count, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+        }
+        d.deserialize_seq(Counter)
     }
 }
 
@@ -231,14 +287,52 @@ impl Loader for Applier {
     }
 
     fn inventory(&mut self) -> Result<Option<Inventory>, ApplyError> {
-        let out = self
+        let mut child = self
             .command()
             .args(["-j", "list", "table", "inet", TABLE])
             .stdin(Stdio::null())
-            .output()?;
-        if !out.status.success() {
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("nft: no stdout"))?;
+        // Read as it streams (no copy of the listing), then judged by
+        // nft's exit: a failed listing is no table, whatever it printed.
+        let inventory = Inventory::read(stdout);
+        if !child.wait()?.success() {
             return Ok(None);
         }
-        Ok(Inventory::parse(&String::from_utf8_lossy(&out.stdout)))
+        Ok(inventory)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Inventory;
+
+    #[test]
+    fn a_listing_is_counted_without_its_elements_or_rules_read() {
+        let json = r#"{"nftables":[
+            {"metainfo":{"version":"1.0.6","json_schema_version":1}},
+            {"table":{"family":"inet","name":"flock","handle":1}},
+            {"set":{"family":"inet","name":"p_ports","table":"flock","type":"inet_service","flags":["interval"],
+                    "elem":[{"range":[80,90]},443,{"elem":{"val":8080,"comment":"x"}}]}},
+            {"set":{"family":"inet","name":"empty","table":"flock","type":"ipv4_addr"}},
+            {"map":{"family":"inet","name":"ingress_pods","table":"flock","type":"ifname","map":"verdict",
+                    "elem":[["fl1",{"jump":{"target":"in_fl1"}}]]}},
+            {"chain":{"family":"inet","table":"flock","name":"in_fl1","handle":3}},
+            {"chain":{"family":"inet","table":"flock","name":"forward","handle":2,"type":"filter","hook":"forward","prio":0,"policy":"accept"}},
+            {"rule":{"family":"inet","table":"flock","chain":"forward","handle":4,"expr":[{"accept":null}]}},
+            {"rule":{"family":"inet","table":"flock","chain":"forward","handle":5,"expr":[{"drop":null}]}}
+        ]}"#;
+        let inv = Inventory::parse(json).expect("a listing");
+        assert_eq!(inv.sets["p_ports"], 3);
+        assert_eq!(inv.sets["empty"], 0);
+        assert_eq!(inv.sets["ingress_pods"], 1);
+        assert_eq!(inv.chains["in_fl1"], 0);
+        assert_eq!(inv.chains["forward"], 2);
+        assert_eq!(Inventory::parse("{\"nftables\": 7}"), None, "not a listing");
     }
 }
