@@ -111,7 +111,8 @@ struct Ownership {
     /// Live cluster pods (not finished, not terminating, not host network).
     pods: HashMap<Key, Arc<PodInfo>>,
     /// Which of them report each address.
-    reported: HashMap<IpAddr, BTreeSet<Key>>,
+    /// (Nearly always one: a list of the pods themselves, no copies.)
+    reported: HashMap<IpAddr, Vec<Arc<PodInfo>>>,
     /// This node's allocations: address → the pod it belongs to.
     store: HashMap<IpAddr, Key>,
     /// This node's pods' addresses by pod, from the allocations.
@@ -122,6 +123,10 @@ fn key_of(p: &PodInfo) -> Key {
     (p.namespace.clone(), p.name.clone())
 }
 
+fn is_key(p: &PodInfo, key: &Key) -> bool {
+    p.namespace == key.0 && p.name == key.1
+}
+
 impl Ownership {
     /// Replaces one pod (`None`: gone); returns the pods whose effective
     /// addresses may have changed.
@@ -130,8 +135,8 @@ impl Ownership {
         if let Some(old) = self.pods.remove(&key) {
             for ip in &old.ips {
                 if let Some(r) = self.reported.get_mut(ip) {
-                    r.remove(&key);
-                    affected.extend(r.iter().cloned());
+                    r.retain(|p| !is_key(p, &key));
+                    affected.extend(r.iter().map(|p| key_of(p)));
                     if r.is_empty() {
                         self.reported.remove(ip);
                     }
@@ -142,8 +147,10 @@ impl Ownership {
         if let Some(p) = live {
             for ip in &p.ips {
                 let r = self.reported.entry(*ip).or_default();
-                affected.extend(r.iter().cloned());
-                r.insert(key.clone());
+                affected.extend(r.iter().map(|p| key_of(p)));
+                if !r.iter().any(|p| is_key(p, &key)) {
+                    r.push(p.clone());
+                }
             }
             self.pods.insert(key, p);
         }
@@ -162,7 +169,13 @@ impl Ownership {
         for (ip, key) in self.store.iter().chain(store.iter()) {
             if self.store.get(ip) != store.get(ip) {
                 affected.insert(key.clone());
-                affected.extend(self.reported.get(ip).into_iter().flatten().cloned());
+                affected.extend(
+                    self.reported
+                        .get(ip)
+                        .into_iter()
+                        .flatten()
+                        .map(|p| key_of(p)),
+                );
             }
         }
         for key in self.local_ips.keys().chain(local_ips.keys()) {
@@ -213,15 +226,14 @@ impl Ownership {
         self.reported
             .get(&ip)?
             .iter()
-            .filter_map(|k| self.pods.get(k).map(|p| (k, p)))
-            .max_by(|(_, a), (_, b)| {
+            .max_by(|a, b| {
                 if a.older_than(b) {
                     std::cmp::Ordering::Less
                 } else {
                     std::cmp::Ordering::Greater
                 }
             })
-            .map(|(k, _)| k.clone())
+            .map(|p| key_of(p))
     }
 }
 

@@ -53,7 +53,7 @@ fn pod_info(name: &str, uid: &str) -> PodInfo {
         image: None,
         ready: true,
         ips: vec![],
-        ports: vec![],
+        ports: Vec::new().into(),
         terminated: false,
         created: None,
         deleting: false,

@@ -1,8 +1,8 @@
 //! The compact views of Kubernetes objects the agent keeps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -33,7 +33,7 @@ pub struct PodInfo {
     /// `status.podIPs`.
     pub ips: Vec<IpAddr>,
     /// Container ports: name, number, protocol (named ports for NetworkPolicy).
-    pub ports: Vec<ContainerPort>,
+    pub ports: Arc<[ContainerPort]>,
     /// `status.phase` is Succeeded or Failed: its IPs may belong to
     /// another pod already, so NetworkPolicy ignores it.
     pub terminated: bool,
@@ -48,7 +48,7 @@ pub struct PodInfo {
 }
 
 /// One declared container port.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ContainerPort {
     /// The port's name, if any.
     pub name: Option<String>,
@@ -70,7 +70,7 @@ impl PodInfo {
             .and_then(|s| s.pod_ips.as_ref())
             .map(|ips| ips.iter().filter_map(|ip| ip.ip.parse().ok()).collect())
             .unwrap_or_default();
-        let ports = spec
+        let ports: Vec<ContainerPort> = spec
             .map(|s| {
                 s.containers
                     .iter()
@@ -85,12 +85,13 @@ impl PodInfo {
                     .collect()
             })
             .unwrap_or_default();
+        let (labels, ports) = shared(pod.labels(), ports);
         PodInfo {
             namespace: pod.namespace().unwrap_or_else(|| "default".into()),
             name: pod.name_any(),
             uid: pod.uid().unwrap_or_default(),
             node: spec.and_then(|s| s.node_name.clone()),
-            labels: Arc::new(pod.labels().clone()),
+            labels,
             annotations: pod.annotations().clone(),
             app: flock_model::app_name(pod),
             image: flock_model::image_ref(pod).map(str::to_owned),
@@ -127,4 +128,52 @@ impl PodInfo {
     pub fn key(&self) -> (String, String) {
         (self.namespace.clone(), self.name.clone())
     }
+}
+
+/// Label sets and port lists, each held once however many pods have it:
+/// the pods of one workload have equal ones, so 10,000 pods hold a few
+/// hundred of each.
+#[derive(Default)]
+struct Shared {
+    labels: HashSet<Arc<BTreeMap<String, String>>>,
+    ports: HashSet<Arc<[ContainerPort]>>,
+    /// Entries after the last sweep of those no pod holds any more.
+    swept: usize,
+}
+
+static SHARED: Mutex<Option<Shared>> = Mutex::new(None);
+
+/// The shared copies of `labels` and `ports`.
+fn shared(
+    labels: &BTreeMap<String, String>,
+    ports: Vec<ContainerPort>,
+) -> (Arc<BTreeMap<String, String>>, Arc<[ContainerPort]>) {
+    // Only whole values are swapped in: a poisoned lock still holds a
+    // consistent set.
+    let mut guard = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    let s = guard.get_or_insert_with(Shared::default);
+    let labels = match s.labels.get(labels) {
+        Some(l) => l.clone(),
+        None => {
+            let l = Arc::new(labels.clone());
+            s.labels.insert(l.clone());
+            l
+        }
+    };
+    let ports = match s.ports.get(ports.as_slice()) {
+        Some(p) => p.clone(),
+        None => {
+            let p: Arc<[ContainerPort]> = ports.into();
+            s.ports.insert(p.clone());
+            p
+        }
+    };
+    // Sweep when the sets have doubled since the last sweep: amortized
+    // constant per pod, and never more than twice the live entries.
+    if s.labels.len() + s.ports.len() > 2 * s.swept + 1024 {
+        s.labels.retain(|l| Arc::strong_count(l) > 1);
+        s.ports.retain(|p| Arc::strong_count(p) > 1);
+        s.swept = s.labels.len() + s.ports.len();
+    }
+    (labels, ports)
 }

@@ -90,6 +90,15 @@ async fn manifests_fill_the_cache_with_node_filtering() {
     assert_eq!(p.ports[0].name.as_deref(), Some("http"));
     assert!(!p.ready);
     assert_eq!(cache.pods().len(), 2, "all pods kept for NetworkPolicy");
+    let (one, two) = (
+        cache.pod_shared("shop", "web-1").expect("web-1"),
+        cache.pod_shared("shop", "web-2").expect("web-2"),
+    );
+    assert!(
+        std::sync::Arc::ptr_eq(&one.labels, &two.labels)
+            && std::sync::Arc::ptr_eq(&one.ports, &two.ports),
+        "pods of one workload hold one copy of their labels and ports"
+    );
     assert!(cache.local_pod("shop", "web-2").is_none());
     assert_eq!(cache.namespaces()["shop"]["team"], "a");
     assert_eq!(
