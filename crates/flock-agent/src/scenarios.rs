@@ -82,7 +82,7 @@ impl TestNode {
         let cache = Cache::new(NODE);
         cache.replace_pods(Vec::<PodInfo>::new());
         cache.replace_namespaces(BTreeMap::from([("default".into(), BTreeMap::new())]));
-        cache.replace_policies(vec![]);
+        cache.replace_policies(Vec::<k8s_openapi::api::networking::v1::NetworkPolicy>::new());
         let board = Arc::new(Board::default());
         let metrics = Metrics::new();
         let (policy, handle) = policy_loop(

@@ -63,7 +63,8 @@ struct State {
     /// each pod in the agent).
     pods: BTreeMap<Key, Arc<PodInfo>>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    policies: BTreeMap<Key, NetworkPolicy>,
+    /// Shared with the sources and the NetworkPolicy engine.
+    policies: BTreeMap<Key, Arc<NetworkPolicy>>,
     /// Bumped with every change of `policies`, under the same lock.
     policies_revision: u64,
     /// Whether this node's pods have been listed once.
@@ -258,13 +259,13 @@ impl Cache {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Every NetworkPolicy.
-    pub fn policies(&self) -> Vec<NetworkPolicy> {
+    /// Every NetworkPolicy (shared, no copies).
+    pub fn policies(&self) -> Vec<Arc<NetworkPolicy>> {
         self.read().policies.values().cloned().collect()
     }
 
     /// Every NetworkPolicy, with the revision they are at.
-    pub fn policies_revised(&self) -> (u64, Vec<NetworkPolicy>) {
+    pub fn policies_revised(&self) -> (u64, Vec<Arc<NetworkPolicy>>) {
         let s = self.read();
         (s.policies_revision, s.policies.values().cloned().collect())
     }
@@ -477,12 +478,16 @@ impl Cache {
     }
 
     /// Replaces the NetworkPolicies.
-    pub fn replace_policies(&self, policies: Vec<NetworkPolicy>) {
+    pub fn replace_policies<P: Into<Arc<NetworkPolicy>>>(
+        &self,
+        policies: impl IntoIterator<Item = P>,
+    ) {
         let changed = {
             let mut s = self.write();
-            let new: BTreeMap<Key, NetworkPolicy> = policies
+            let new: BTreeMap<Key, Arc<NetworkPolicy>> = policies
                 .into_iter()
                 .map(|p| {
+                    let p = p.into();
                     let key = (
                         p.metadata
                             .namespace

@@ -31,7 +31,8 @@ struct Objects {
     /// Shared with the cache (one copy of each pod).
     pods: BTreeMap<Key, Arc<PodInfo>>,
     namespaces: Vec<(String, BTreeMap<String, String>)>,
-    policies: Vec<NetworkPolicy>,
+    /// Shared with the cache.
+    policies: Vec<Arc<NetworkPolicy>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,12 +192,8 @@ impl DirSource {
         // Policies before pods: a pod visible in the cache implies every
         // policy read with it is too (an ADD isolates by what it sees).
         if holds(|o| !o.policies.is_empty()) {
-            self.cache.replace_policies(
-                files
-                    .iter()
-                    .flat_map(|o| o.policies.iter().cloned())
-                    .collect(),
-            );
+            self.cache
+                .replace_policies(files.iter().flat_map(|o| o.policies.iter().cloned()));
         }
         // A key held by several files: the last file's pod wins.
         let winner = |key: &Key| files.iter().rev().find_map(|o| o.pods.get(key));
@@ -380,10 +377,10 @@ fn add_object(out: &mut Objects, value: serde_json::Value) -> Result<(), String>
             labels.insert("kubernetes.io/metadata.name".into(), name.clone());
             out.namespaces.push((name, labels));
         }
-        "NetworkPolicy" => out.policies.push(
+        "NetworkPolicy" => out.policies.push(Arc::new(
             serde_json::from_value(value)
                 .map_err(|e| format!("{}: {e}", typed("NetworkPolicy")))?,
-        ),
+        )),
         "List" => {
             let items = value
                 .get("items")

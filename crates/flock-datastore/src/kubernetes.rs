@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::Duration;
 
 use flock_model::{AddressPool, NodeConfig};
@@ -174,19 +175,22 @@ pub fn start(client: Client, cache: Cache, set_condition: bool) -> KubeWatch {
         watcher::watcher(policies, watcher::Config::default()),
         {
             let cache = cache.clone();
-            let mut known: BTreeMap<(String, String), NetworkPolicy> = BTreeMap::new();
+            // Shared with the cache: one copy of each policy.
+            let mut known: BTreeMap<(String, String), Arc<NetworkPolicy>> = BTreeMap::new();
             move |change: Change<NetworkPolicy>| {
                 let key = |p: &NetworkPolicy| (p.namespace().unwrap_or_default(), p.name_any());
                 match change {
-                    Change::Reset(all) => known = all.into_iter().map(|p| (key(&p), p)).collect(),
+                    Change::Reset(all) => {
+                        known = all.into_iter().map(|p| (key(&p), Arc::new(p))).collect()
+                    }
                     Change::Apply(p) => {
-                        known.insert(key(&p), p);
+                        known.insert(key(&p), Arc::new(p));
                     }
                     Change::Delete(p) => {
                         known.remove(&key(&p));
                     }
                 }
-                cache.replace_policies(known.values().cloned().collect());
+                cache.replace_policies(known.values().cloned());
             }
         },
     )));

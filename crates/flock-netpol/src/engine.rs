@@ -172,7 +172,7 @@ pub struct Engine {
     /// Policies nft refused: they isolate but allow nothing.
     disabled: BTreeSet<Key>,
     /// The policies as given, to tell a change from a repeat.
-    sources: BTreeMap<Key, NetworkPolicy>,
+    sources: BTreeMap<Key, Arc<NetworkPolicy>>,
     desired: Desired,
     /// Rules whose sets are rebuilt whole at the next refresh.
     dirty_rules: BTreeSet<RuleId>,
@@ -353,11 +353,12 @@ impl Engine {
     }
 
     /// Adds or replaces a policy.
-    pub fn upsert_policy(&mut self, policy: &NetworkPolicy) {
-        let key = key_of(policy);
+    pub fn upsert_policy(&mut self, policy: impl Into<Arc<NetworkPolicy>>) {
+        let policy = policy.into();
+        let key = key_of(&policy);
         self.drop_policy(&key);
-        let compiled = compile(policy);
-        self.sources.insert(key.clone(), policy.clone());
+        let compiled = compile(&policy);
+        self.sources.insert(key.clone(), policy);
         self.by_ns
             .entry(key.0.clone())
             .or_default()
@@ -377,10 +378,13 @@ impl Engine {
         }
     }
 
-    /// Replaces every policy, touching only those that changed.
-    pub fn set_policies(&mut self, policies: &[NetworkPolicy]) {
-        let wanted: BTreeMap<Key, &NetworkPolicy> =
-            policies.iter().map(|p| (key_of(p), p)).collect();
+    /// Replaces every policy, touching only those that changed; given
+    /// shared (`Arc`), the engine keeps them without a copy.
+    pub fn set_policies<P>(&mut self, policies: &[P])
+    where
+        P: std::borrow::Borrow<NetworkPolicy> + Clone + Into<Arc<NetworkPolicy>>,
+    {
+        let wanted: BTreeMap<Key, &P> = policies.iter().map(|p| (key_of(p.borrow()), p)).collect();
         let gone: Vec<Key> = self
             .policies
             .keys()
@@ -391,8 +395,12 @@ impl Engine {
             self.remove_policy(&ns, &name);
         }
         for (key, p) in wanted {
-            if self.sources.get(&key) != Some(p) {
-                self.upsert_policy(p);
+            if self
+                .sources
+                .get(&key)
+                .is_none_or(|have| **have != *p.borrow())
+            {
+                self.upsert_policy(p.clone());
             }
         }
     }

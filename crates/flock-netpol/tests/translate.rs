@@ -575,7 +575,7 @@ fn a_delta_changes_only_what_a_pod_touches() {
     });
     assert!(e.refresh().is_empty());
     // The policy goes: its chain, map elements and sets go.
-    e.set_policies(&[]);
+    e.set_policies::<NetworkPolicy>(&[]);
     let d = e.refresh();
     assert_eq!(d.delete_chains.len(), 1);
     assert_eq!(d.remove_map.len(), 1);
