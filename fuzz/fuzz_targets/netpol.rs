@@ -187,7 +187,7 @@ fuzz_target!(|input: Vec<Policy>| {
     let mut inc = Engine::new();
     let mut deltas = String::new();
     for p in &policies {
-        inc.upsert_policy(p);
+        inc.upsert_policy(p.clone());
         deltas += &render_delta(&inc.refresh()).expect("delta");
     }
     inc.set_namespaces(namespaces.clone());
