@@ -22,7 +22,7 @@ use crate::fakes::{FakeKernel, FakeLoader, FakeStore};
 use crate::handler::Handler;
 use crate::metrics::Metrics;
 use crate::pods::{PodHandler, Pods};
-use crate::policy::{PolicyHandle, policy_loop};
+use crate::policy::policy_loop;
 use crate::serial::ContainerLocks;
 use crate::status::{Board, Readiness};
 
@@ -127,13 +127,26 @@ impl TestNode {
         }
     }
 
-    /// A handler on this node's pods whose NetworkPolicy loop is `policy`'s.
-    fn handler_with_policy(
+    /// A handler on this node's pods with a NetworkPolicy loop of its own,
+    /// running on a recording loader until the token is cancelled.
+    fn with_policy_loop(
         &self,
-        policy: PolicyHandle,
-        stop: &CancellationToken,
-    ) -> PodHandler<FakeKernel, FakeStore> {
-        PodHandler::new(Arc::new(Pods {
+    ) -> (
+        PodHandler<FakeKernel, FakeStore>,
+        FakeLoader,
+        CancellationToken,
+    ) {
+        let loader = FakeLoader::default();
+        let (policy, handle) = policy_loop(
+            self.cache.clone(),
+            self.pods.allocations.clone(),
+            loader.clone(),
+            Arc::new(Board::default()),
+            Metrics::new(),
+        );
+        let stop = CancellationToken::new();
+        tokio::spawn(policy.run(stop.clone()));
+        let handler = PodHandler::new(Arc::new(Pods {
             kernel: self.pods.kernel.clone(),
             allocations: self.pods.allocations.clone(),
             cache: self.cache.clone(),
@@ -142,14 +155,15 @@ impl TestNode {
             default_mtu: 1500,
             metrics: Metrics::new(),
             anycast: Arc::new(Notify::new()),
-            policy,
+            policy: handle,
             consent: self.pods.consent.clone(),
             prefixes: self.pods.prefixes.clone(),
             board: Arc::new(Board::default()),
             tasks: TaskTracker::new(),
             cancel: stop.clone(),
             finishing: Default::default(),
-        }))
+        }));
+        (handler, loader, stop)
     }
 
     /// A node with its NodeConfig applied, after recovery.
@@ -795,19 +809,9 @@ fn isolate_everyone_in_default() -> k8s_openapi::api::networking::v1::NetworkPol
 async fn a_pod_a_policy_selects_is_isolated_in_the_loader_before_its_add_answers() {
     let (kernel, store) = (FakeKernel::default(), FakeStore::default());
     let node = TestNode::ready(&kernel, &store).await;
-    let loader = FakeLoader::default();
-    let (policy, handle) = policy_loop(
-        node.cache.clone(),
-        node.pods.allocations.clone(),
-        loader.clone(),
-        Arc::new(Board::default()),
-        Metrics::new(),
-    );
-    let stop = CancellationToken::new();
-    tokio::spawn(policy.run(stop.clone()));
+    let (handler, loader, stop) = node.with_policy_loop();
     node.cache
         .replace_policies(vec![isolate_everyone_in_default()]);
-    let handler = node.handler_with_policy(handle, &stop);
     node.put_pod("web", "uid-web");
     kernel.add_netns("/run/netns/web");
     let added = handler
@@ -827,17 +831,7 @@ async fn a_pod_a_policy_selects_is_isolated_in_the_loader_before_its_add_answers
 async fn a_policy_whose_event_is_still_on_its_way_isolates_the_add_that_follows_it() {
     let (kernel, store) = (FakeKernel::default(), FakeStore::default());
     let node = TestNode::ready(&kernel, &store).await;
-    let loader = FakeLoader::default();
-    let (policy, handle) = policy_loop(
-        node.cache.clone(),
-        node.pods.allocations.clone(),
-        loader.clone(),
-        Arc::new(Board::default()),
-        Metrics::new(),
-    );
-    let stop = CancellationToken::new();
-    tokio::spawn(policy.run(stop.clone()));
-    let handler = node.handler_with_policy(handle, &stop);
+    let (handler, loader, stop) = node.with_policy_loop();
     node.put_pod("web", "uid-web");
     kernel.add_netns("/run/netns/web");
     // The loop is running, with no policy.
