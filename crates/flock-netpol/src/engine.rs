@@ -15,7 +15,7 @@
 //! start-up and healing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
@@ -92,6 +92,11 @@ struct PeerSel {
     namespaces: Option<LabelSelector>,
     /// `None`: every pod of the selected namespaces.
     pods: Option<LabelSelector>,
+    /// Its sets' name prefix (`q<hash>`), from what it selects
+    /// ([`peer_key`]): every rule with the same peer shares its sets, so
+    /// a pod joining a peer many policies name is one element per family,
+    /// not one per rule.
+    set: String,
 }
 
 /// One rule of a policy.
@@ -108,12 +113,13 @@ struct Rule {
     ports: Option<Vec<PortSpec>>,
     /// Named ports (resolved on the destination).
     named: Vec<(String, Protocol)>,
-    /// Pod peers' addresses, counted (two pods of one address count twice).
-    members: BTreeMap<IpAddr, u32>,
+    /// Pod peers' addresses by peer (its index in `peers`), counted (two
+    /// pods of one address count twice).
+    members: BTreeMap<(usize, IpAddr), u32>,
     /// Egress named ports resolved on the peer pods, counted.
     pairs: BTreeMap<(IpAddr, Protocol, u16), u32>,
     /// Members that came or went since the last refresh.
-    moved_members: BTreeSet<IpAddr>,
+    moved_members: BTreeSet<(usize, IpAddr)>,
     /// Pairs that came or went since the last refresh.
     moved_pairs: BTreeSet<(IpAddr, Protocol, u16)>,
 }
@@ -136,6 +142,8 @@ impl Rule {
 struct Compiled {
     /// `ns/name`.
     name: String,
+    /// Its rules' set names start with it (`r<hash>`).
+    prefix: String,
     /// `None`: every pod of the namespace.
     selector: Option<LabelSelector>,
     ingress: Option<Vec<Rule>>,
@@ -181,6 +189,13 @@ pub struct Engine {
     moved_rules: BTreeSet<RuleId>,
     /// Sets of removed or recompiled policies, to drop unless recreated.
     stale_sets: BTreeSet<String>,
+    /// Active rules by the names of their sets (a peer's sets may have
+    /// several): a set stays while one of them is live.
+    set_rules: HashMap<String, Vec<RuleId>>,
+    /// Names given to policies and peers: what each stands for (the
+    /// policy's `ns/name`, the peer's scope and selectors), and how many
+    /// hold it.
+    names: HashMap<String, (String, u32)>,
     dirty_ifaces: BTreeSet<String>,
 }
 
@@ -357,7 +372,19 @@ impl Engine {
         let policy = policy.into();
         let key = key_of(&policy);
         self.drop_policy(&key);
-        let compiled = compile(&policy);
+        let name = format!("{}/{}", key.0, key.1);
+        let prefix = self.claim(format!("r{:016x}", fnv64(&name)), &name);
+        let mut compiled = compile(&policy, &prefix);
+        for sel in compiled
+            .ingress
+            .iter_mut()
+            .chain(&mut compiled.egress)
+            .flatten()
+            .flat_map(|rule| rule.peers.iter_mut().flatten())
+        {
+            let what = peer_key(&key.0, sel);
+            sel.set = self.claim(format!("q{:016x}", fnv64(&what)), &what);
+        }
         self.sources.insert(key.clone(), policy);
         self.by_ns
             .entry(key.0.clone())
@@ -426,6 +453,12 @@ impl Engine {
 
     // --- bookkeeping ----------------------------------------------------
 
+    /// Whether policy `key`'s rules own their sets: it selects a pod of
+    /// this node and nft has not refused it.
+    fn live(&self, key: &Key) -> bool {
+        self.active.contains(key) && !self.disabled.contains(key)
+    }
+
     fn drop_policy(&mut self, key: &Key) {
         if self.active.remove(key) {
             let ids: Vec<RuleId> = self.rule_ids_of(key).collect();
@@ -433,14 +466,56 @@ impl Engine {
                 self.index_rule(id, false);
             }
         }
+        let ids: Vec<RuleId> = self.rule_ids_of(key).collect();
+        for id in &ids {
+            let names = self.rule(id).map(set_names).unwrap_or_default();
+            self.stale_sets.extend(names);
+        }
         if let Some(old) = self.policies.remove(key) {
-            for rule in old.ingress.iter().chain(&old.egress).flatten() {
-                for suffix in SET_SUFFIXES {
-                    self.stale_sets.insert(format!("{}_{suffix}", rule.base));
-                }
+            self.release_name(&old.prefix);
+            for sel in old
+                .ingress
+                .iter()
+                .chain(&old.egress)
+                .flatten()
+                .flat_map(|rule| rule.peers.iter().flatten())
+            {
+                self.release_name(&sel.set);
             }
             if let Some(set) = self.by_ns.get_mut(&key.0) {
                 set.remove(key);
+            }
+        }
+    }
+
+    /// A name for what `key` says (a policy, a peer): `name`, or `name`
+    /// with a suffix when another key's hash gave it (two tenants'
+    /// objects never share sets by a hash collision). Counted: each claim
+    /// is released once.
+    fn claim(&mut self, name: String, key: &str) -> String {
+        let mut candidate = name.clone();
+        for n in 1.. {
+            match self.names.get_mut(&candidate) {
+                None => {
+                    self.names.insert(candidate.clone(), (key.to_owned(), 1));
+                    break;
+                }
+                Some((k, users)) if k == key => {
+                    *users += 1;
+                    break;
+                }
+                Some(_) => candidate = format!("{name}x{n}"),
+            }
+        }
+        candidate
+    }
+
+    /// Gives back one claim of a name [`Engine::claim`] gave.
+    fn release_name(&mut self, name: &str) {
+        if let Some((_, users)) = self.names.get_mut(name) {
+            *users -= 1;
+            if *users == 0 {
+                self.names.remove(name);
             }
         }
     }
@@ -500,8 +575,10 @@ impl Engine {
             for id in &ids {
                 self.index_rule(id, true);
             }
-            for id in ids {
-                self.recount(&id);
+            for id in &ids {
+                if !self.seed(id, &ids) {
+                    self.recount(id);
+                }
             }
         } else {
             for id in &ids {
@@ -560,8 +637,19 @@ impl Engine {
     }
 
     /// Enters (or takes out) a rule in the indexes telling which pods it
-    /// may select.
+    /// may select and which sets it has.
     fn index_rule(&mut self, id: &RuleId, add: bool) {
+        let Some(rule) = self.rule(id) else { return };
+        for name in set_names(rule) {
+            if add {
+                self.set_rules.entry(name).or_default().push(id.clone());
+            } else if let Some(users) = self.set_rules.get_mut(&name) {
+                users.retain(|u| u != id);
+                if users.is_empty() {
+                    self.set_rules.remove(&name);
+                }
+            }
+        }
         let Some(rule) = self.rule(id) else { return };
         let open = rule.wants_pairs() && (rule.peers.is_none() || !rule.blocks.is_empty());
         let same_ns = rule.peers.iter().flatten().any(|p| p.namespaces.is_none());
@@ -682,30 +770,47 @@ impl Engine {
         rule.peers
             .iter()
             .flatten()
-            .map(|sel| match &sel.namespaces {
-                None => ns == policy_ns,
-                Some(s) => self
-                    .namespaces
-                    .get(ns)
-                    .is_some_and(|labels| selects(s, labels)),
-            })
+            .map(|sel| self.peer_namespace(policy_ns, sel, ns))
             .collect()
     }
 
-    /// What `pod` adds to `rule`: member addresses and named-port pairs.
-    fn contribution(&self, policy_ns: &str, rule: &Rule, pod: &ClusterPod) -> Contribution {
-        let ns_ok = self.peer_namespaces(policy_ns, rule, &pod.namespace);
-        contribution_in(rule, pod, &ns_ok)
+    /// Whether peer `sel`'s namespace part (of a policy in `policy_ns`)
+    /// selects namespace `ns`.
+    fn peer_namespace(&self, policy_ns: &str, sel: &PeerSel, ns: &str) -> bool {
+        match &sel.namespaces {
+            None => ns == policy_ns,
+            Some(s) => self
+                .namespaces
+                .get(ns)
+                .is_some_and(|labels| selects(s, labels)),
+        }
     }
 
     /// Adds (or takes away) `pod`'s contribution to every rule.
     fn account(&mut self, pod: &ClusterPod, add: bool) {
+        // Each peer is judged once (by its sets' name: one peer, one
+        // name), however many rules name it.
+        let mut judged: HashMap<String, bool> = HashMap::new();
         for id in self.candidate_rules(&pod.namespace) {
             let Some(rule) = self.rule(&id) else { continue };
             if !rule.has_pod_peers() && !rule.wants_pairs() {
                 continue;
             }
-            let c = self.contribution(&id.0.0, rule, pod);
+            let picked: Vec<bool> = rule
+                .peers
+                .iter()
+                .flatten()
+                .map(|sel| match judged.get(sel.set.as_str()) {
+                    Some(ok) => *ok,
+                    None => {
+                        let ok = self.peer_namespace(&id.0.0, sel, &pod.namespace)
+                            && peer_picks(sel, pod);
+                        judged.insert(sel.set.clone(), ok);
+                        ok
+                    }
+                })
+                .collect();
+            let c = contribution_of(rule, pod, &picked);
             if c.members.is_empty() && c.pairs.is_empty() {
                 continue;
             }
@@ -722,6 +827,47 @@ impl Engine {
             }
             self.moved_rules.insert(id);
         }
+    }
+
+    /// Rule `id`'s members copied from the active rules it shares each pod
+    /// peer's sets with (not those of `fresh`, activated with it): a
+    /// policy's first local pod costs what its peers hold, not a look at
+    /// every pod they may select. `false` when a peer has no such rule or
+    /// the rule resolves named ports on its peers (its pairs are its own).
+    fn seed(&mut self, id: &RuleId, fresh: &[RuleId]) -> bool {
+        let Some(rule) = self.rule(id) else {
+            return false;
+        };
+        if rule.wants_pairs() || !rule.has_pod_peers() {
+            return false;
+        }
+        let mut members = BTreeMap::new();
+        for (i, sel) in rule.peers.iter().flatten().enumerate() {
+            let donor = self
+                .set_rules
+                .get(&format!("{}_p4", sel.set))
+                .into_iter()
+                .flatten()
+                .filter(|u| *u != id && !fresh.contains(u))
+                .find_map(|u| {
+                    let d = self.rule(u)?;
+                    let j = d.peers.iter().flatten().position(|p| p.set == sel.set)?;
+                    Some((d, j))
+                });
+            let Some((donor, j)) = donor else {
+                return false;
+            };
+            let all =
+                (j, IpAddr::V4(Ipv4Addr::UNSPECIFIED))..=(j, IpAddr::V6(Ipv6Addr::from(u128::MAX)));
+            members.extend(donor.members.range(all).map(|(&(_, ip), &n)| ((i, ip), n)));
+        }
+        let rule = self.rule_mut(id).expect("just looked up");
+        rule.members = members;
+        rule.pairs.clear();
+        rule.moved_members.clear();
+        rule.moved_pairs.clear();
+        self.dirty_rules.insert(id.clone());
+        true
     }
 
     /// Recomputes one rule's members and pairs from every pod.
@@ -762,23 +908,31 @@ impl Engine {
     /// applies them to [`Engine::desired`].
     pub fn refresh(&mut self) -> Delta {
         let mut delta = Delta::default();
-        // Sets of the rules that changed, and of rules that are gone.
-        let mut touched_sets: BTreeMap<String, Option<SetSpec>> = BTreeMap::new();
-        for name in std::mem::take(&mut self.stale_sets) {
-            touched_sets.insert(name, None);
-        }
+        // Sets of the rules that changed, and of rules that are gone: each
+        // as a live rule having it says (all of them agree), or gone.
+        let mut names = std::mem::take(&mut self.stale_sets);
         let dirty = std::mem::take(&mut self.dirty_rules);
         for id in &dirty {
-            let Some(rule) = self.rule(id) else { continue };
-            let live = !self.disabled.contains(&id.0) && self.active.contains(&id.0);
-            for (name, spec) in rule_sets(rule) {
-                touched_sets.insert(name, live.then_some(spec));
-            }
+            names.extend(self.rule(id).map(set_names).unwrap_or_default());
         }
+        let touched_sets: BTreeMap<String, Option<SetSpec>> = names
+            .into_iter()
+            .map(|name| {
+                let spec = self
+                    .set_rules
+                    .get(&name)
+                    .into_iter()
+                    .flatten()
+                    .find(|id| self.live(&id.0))
+                    .and_then(|id| self.rule(id))
+                    .and_then(|rule| rule_set(rule, &name));
+                (name, spec)
+            })
+            .collect();
         // Rules whose peers moved one by one: only those elements.
         let mut moved: Vec<(String, String, bool)> = Vec::new();
         for id in std::mem::take(&mut self.moved_rules) {
-            let live = !self.disabled.contains(&id.0) && self.active.contains(&id.0);
+            let live = self.live(&id.0);
             let Some(rule) = self.rule_mut(&id) else {
                 continue;
             };
@@ -788,10 +942,13 @@ impl Engine {
                 continue;
             }
             let rule = self.rule(&id).expect("just looked up");
-            for ip in members {
+            for (peer, ip) in members {
+                let Some(sel) = rule.peers.iter().flatten().nth(peer) else {
+                    continue;
+                };
                 let v = if ip.is_ipv4() { "p4" } else { "p6" };
-                let present = rule.members.contains_key(&ip);
-                moved.push((format!("{}_{v}", rule.base), ip.to_string(), present));
+                let present = rule.members.contains_key(&(peer, ip));
+                moved.push((format!("{}_{v}", sel.set), ip.to_string(), present));
             }
             for pair in pairs {
                 let v = if pair.0.is_ipv4() { "n4" } else { "n6" };
@@ -1037,7 +1194,7 @@ impl Engine {
                     if rule.peers.is_some() {
                         let mut r = AddrRanges::default();
                         if materialize {
-                            for ip in rule.members.keys() {
+                            for (_, ip) in rule.members.keys() {
                                 r.add_ip(*ip);
                             }
                             r.extend(&rule.blocks);
@@ -1049,7 +1206,7 @@ impl Engine {
                         peers: peers_v,
                         ports,
                         sets: Some(rule.base.clone()),
-                        has_pod_peers: rule.has_pod_peers(),
+                        peer_sets: rule.peers.iter().flatten().map(|p| p.set.clone()).collect(),
                         blocks: (!rule.blocks.v4.is_empty(), !rule.blocks.v6.is_empty()),
                     });
                     if rule.wants_pairs() {
@@ -1073,22 +1230,38 @@ impl Engine {
 
 #[derive(Default)]
 struct Contribution {
-    members: Vec<IpAddr>,
+    /// (peer, address).
+    members: Vec<(usize, IpAddr)>,
     pairs: Vec<(IpAddr, Protocol, u16)>,
 }
 
 /// What `pod` adds to `rule`, given for each peer whether its namespace
 /// part selects the pod's namespace: member addresses and named-port pairs.
 fn contribution_in(rule: &Rule, pod: &ClusterPod, ns_ok: &[bool]) -> Contribution {
+    let picked: Vec<bool> = rule
+        .peers
+        .iter()
+        .flatten()
+        .zip(ns_ok)
+        .map(|(sel, ok)| *ok && peer_picks(sel, pod))
+        .collect();
+    contribution_of(rule, pod, &picked)
+}
+
+/// Whether peer `sel`'s pod part selects `pod` (its namespace part aside).
+fn peer_picks(sel: &PeerSel, pod: &ClusterPod) -> bool {
+    sel.pods.as_ref().is_none_or(|s| selects(s, &pod.labels))
+}
+
+/// What `pod` adds to `rule`, given which of its peers select it.
+fn contribution_of(rule: &Rule, pod: &ClusterPod, picked: &[bool]) -> Contribution {
     let mut c = Contribution::default();
-    let selected = rule.peers.as_ref().is_some_and(|peers| {
-        peers
-            .iter()
-            .zip(ns_ok)
-            .any(|(sel, ok)| *ok && sel.pods.as_ref().is_none_or(|s| selects(s, &pod.labels)))
-    });
-    if selected {
-        c.members.extend(pod.ips.iter().copied());
+    let mut selected = false;
+    for (i, ok) in picked.iter().enumerate() {
+        if *ok {
+            selected = true;
+            c.members.extend(pod.ips.iter().map(|ip| (i, *ip)));
+        }
     }
     if rule.wants_pairs() {
         let anyone = rule.peers.is_none();
@@ -1133,21 +1306,54 @@ fn pair_element((ip, proto, port): &(IpAddr, Protocol, u16)) -> String {
     format!("{ip} . {} . {port}", proto.nft())
 }
 
-/// The suffixes of a rule's sets.
-const SET_SUFFIXES: [&str; 6] = ["p4", "p6", "b4", "b6", "n4", "n6"];
+/// The names of the sets a rule has when live: two per pod peer (shared
+/// with every rule naming the same peer), its ipBlocks' and its
+/// named-port pairs' (its own).
+fn set_names(rule: &Rule) -> Vec<String> {
+    let mut out = Vec::new();
+    for sel in rule.peers.iter().flatten() {
+        out.push(format!("{}_p4", sel.set));
+        out.push(format!("{}_p6", sel.set));
+    }
+    let own = |s: &str| format!("{}_{s}", rule.base);
+    if !rule.blocks.v4.is_empty() {
+        out.push(own("b4"));
+    }
+    if !rule.blocks.v6.is_empty() {
+        out.push(own("b6"));
+    }
+    if rule.wants_pairs() {
+        out.push(own("n4"));
+        out.push(own("n6"));
+    }
+    out
+}
+
+/// Set `name` of `rule` (one of [`set_names`]) with its elements.
+fn rule_set(rule: &Rule, name: &str) -> Option<SetSpec> {
+    rule_sets(rule)
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, spec)| spec)
+}
 
 /// A rule's sets with their elements.
 fn rule_sets(rule: &Rule) -> Vec<(String, SetSpec)> {
     let mut out = Vec::new();
     let name = |s: &str| format!("{}_{s}", rule.base);
-    if rule.has_pod_peers() {
-        let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = rule.members.keys().partition(|ip| ip.is_ipv4());
+    for (i, sel) in rule.peers.iter().flatten().enumerate() {
+        let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = rule
+            .members
+            .keys()
+            .filter(|(peer, _)| *peer == i)
+            .map(|(_, ip)| *ip)
+            .partition(IpAddr::is_ipv4);
         out.push((
-            name("p4"),
+            format!("{}_p4", sel.set),
             plain("ipv4_addr", v4.iter().map(ToString::to_string)),
         ));
         out.push((
-            name("p6"),
+            format!("{}_p6", sel.set),
             plain("ipv6_addr", v6.iter().map(ToString::to_string)),
         ));
     }
@@ -1226,8 +1432,8 @@ fn chain_lines(d: &Direction, addr: &str) -> Vec<String> {
             continue;
         }
         for (family, v) in [("ip", '4'), ("ip6", '6')] {
-            if allow.has_pod_peers {
-                lines.push(format!("{family} {addr} @{base}_p{v}{ports} return"));
+            for set in &allow.peer_sets {
+                lines.push(format!("{family} {addr} @{set}_p{v}{ports} return"));
             }
             let has_block = if v == '4' {
                 allow.blocks.0
@@ -1251,15 +1457,17 @@ fn chain_lines(d: &Direction, addr: &str) -> Vec<String> {
 }
 
 /// Compiles one policy (its rules' selectors, blocks and ports).
-fn compile(policy: &NetworkPolicy) -> Compiled {
+/// Compiles one policy; `prefix` starts its rules' set names. Peers'
+/// set names are left for the engine to give.
+fn compile(policy: &NetworkPolicy, prefix: &str) -> Compiled {
     let (ns, pname) = key_of(policy);
     let name = format!("{ns}/{pname}");
     let at_policy = format!("NetworkPolicy {name}");
-    let hash = fnv64(&name);
     let mut warnings = Vec::new();
     let Some(spec) = policy.spec.as_ref() else {
         return Compiled {
             name,
+            prefix: prefix.to_owned(),
             selector: None,
             ingress: Some(Vec::new()),
             egress: None,
@@ -1273,7 +1481,7 @@ fn compile(policy: &NetworkPolicy) -> Compiled {
             .enumerate()
             .map(|(i, (peers, ports))| {
                 let at = format!("{at_policy}: spec.{field}[{i}]");
-                let base = format!("r{hash:016x}_{}{i}", if egress { 'e' } else { 'i' });
+                let base = format!("{prefix}_{}{i}", if egress { 'e' } else { 'i' });
                 compile_rule(base, peers, ports, egress, &at, &mut warnings)
             })
             .collect()
@@ -1298,11 +1506,25 @@ fn compile(policy: &NetworkPolicy) -> Compiled {
     });
     Compiled {
         name,
+        prefix: prefix.to_owned(),
         selector: spec.pod_selector.clone(),
         ingress,
         egress,
         warnings,
     }
+}
+
+/// What a pod peer selects, as text: its selectors, and the policy's
+/// namespace when it has no namespace selector. Rules naming the same
+/// peer share its sets.
+fn peer_key(policy_ns: &str, sel: &PeerSel) -> String {
+    let scope = if sel.namespaces.is_some() {
+        "*"
+    } else {
+        policy_ns
+    };
+    let json = |s: &Option<LabelSelector>| serde_json::to_string(s).unwrap_or_default();
+    format!("{scope}\n{}\n{}", json(&sel.namespaces), json(&sel.pods))
 }
 
 type RuleInput<'a> = (
@@ -1351,6 +1573,7 @@ fn compile_rule(
             sels.push(PeerSel {
                 namespaces: peer.namespace_selector.clone(),
                 pods: peer.pod_selector.clone(),
+                set: String::new(),
             });
         }
         rule.blocks.normalize();
@@ -1402,4 +1625,27 @@ fn compile_rule(
     merge_ports(&mut numeric);
     rule.ports = Some(numeric);
     rule
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Engine;
+
+    #[test]
+    fn a_name_another_key_holds_gets_a_suffix_and_claims_are_counted() {
+        let mut e = Engine::new();
+        assert_eq!(e.claim("q1".into(), "a"), "q1");
+        assert_eq!(e.claim("q1".into(), "b"), "q1x1", "a hash collision");
+        assert_eq!(e.claim("q1".into(), "c"), "q1x2");
+        assert_eq!(
+            e.claim("q1".into(), "a"),
+            "q1",
+            "the same key, the same name"
+        );
+        e.release_name("q1");
+        assert_eq!(e.claim("q1".into(), "b"), "q1x1", "a still holds q1");
+        e.release_name("q1");
+        assert!(!e.names.contains_key("q1"), "both claims of a given back");
+        assert_eq!(e.names["q1x1"], ("b".to_owned(), 2));
+    }
 }

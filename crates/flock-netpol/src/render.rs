@@ -5,9 +5,11 @@
 //! through a verdict map on `iifname` (the sender's egress chain) and one
 //! on `oifname` (the receiver's ingress chain). A pod chain `return`s what
 //! a rule allows, so both ends are judged, and drops the rest. Peers live
-//! in named sets owned by the rule they belong to, so a packet costs two
-//! map lookups plus the rules of the pods it touches, whatever the number
-//! of policies, and a pod joining a rule's peers is one set element.
+//! in named sets (one pair per distinct pod peer, shared by the rules that
+//! name it; a rule's ipBlocks and named-port pairs in its own), so a
+//! packet costs two map lookups plus the rules of the pods it touches,
+//! whatever the number of policies, and a pod joining a peer is one set
+//! element.
 //! Established and related packets are accepted first; the node's own
 //! traffic to its pods leaves through `output`, never `forward`, so it is
 //! never blocked.

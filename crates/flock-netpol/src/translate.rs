@@ -263,8 +263,9 @@ pub struct Allow {
     pub ports: Option<Vec<PortSpec>>,
     /// The name prefix of the rule's sets.
     pub sets: Option<String>,
-    /// Whether the rule selects pods (its `_p4`/`_p6` sets exist).
-    pub has_pod_peers: bool,
+    /// The name prefixes of its pod peers' sets (`_p4`/`_p6`), one per
+    /// peer with selectors.
+    pub peer_sets: Vec<String>,
     /// Whether it has IPv4 and IPv6 ipBlocks (`_b4`/`_b6` sets).
     pub blocks: (bool, bool),
 }

@@ -223,7 +223,8 @@ proptest! {
         }
 
         // The first policy loaded, then the rest as one change, then a pod
-        // going away and one relabelled, each a change of its own.
+        // going away and one relabelled, then the first policy removed,
+        // each a change of its own.
         let mut inc = engine(&pods, &local, &namespaces);
         inc.set_policies(&policies[..1]);
         inc.refresh();
@@ -238,12 +239,25 @@ proptest! {
         inc.remove_pod("y", "p2");
         let mut relabelled = pods[0].clone();
         std::sync::Arc::make_mut(&mut relabelled.labels).insert("app".into(), "a3".into());
-        inc.upsert_pod(relabelled);
+        inc.upsert_pod(relabelled.clone());
         let delta = inc.refresh();
         let parts = delta_parts(&delta, inc.desired()).expect("render");
         if let Err(e) = nft.apply(parts) {
             prop_assert!(false, "the pod change was refused: {e}\n{}", render_delta(&delta).expect("render"));
         }
+        // The first policy goes: the peer sets it shares with the others stay.
+        inc.set_policies(&policies[1..]);
+        let delta = inc.refresh();
+        let parts = delta_parts(&delta, inc.desired()).expect("render");
+        if let Err(e) = nft.apply(parts) {
+            prop_assert!(false, "the policy removal was refused: {e}\n{}", render_delta(&delta).expect("render"));
+        }
+        let mut rest = engine(&pods, &local, &namespaces);
+        rest.remove_pod("y", "p2");
+        rest.upsert_pod(relabelled);
+        rest.set_policies(&policies[1..]);
+        rest.refresh();
+        prop_assert_eq!(inc.desired(), rest.desired());
         let have = nft.inventory().expect("list").expect("a table");
         prop_assert_eq!(have, Inventory::of(inc.desired()), "the kernel holds what a whole load would");
         // Element by element and rule by rule, what a whole load gives.

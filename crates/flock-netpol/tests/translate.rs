@@ -1,7 +1,7 @@
 //! NetworkPolicy semantics (NETPOL.md) on the pure translation, and the
 //! rendered scripts against golden files that `nft -c` accepts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use flock_netpol::{
@@ -631,4 +631,157 @@ fn only_policies_selecting_a_pod_of_this_node_own_sets() {
     assert_eq!(d.delete_sets.len(), 2, "{d:?}");
     assert_eq!(d.delete_chains.len(), 1, "{d:?}");
     assert!(e.desired().sets.is_empty() && e.desired().chains.is_empty());
+}
+
+#[test]
+fn rules_naming_the_same_peer_share_its_sets() {
+    let w = world();
+    let mut e = Engine::new();
+    e.set_namespaces(w.namespaces.clone());
+    for p in &w.pods {
+        e.upsert_pod(p.clone());
+    }
+    for lp in local_all(&w) {
+        e.upsert_local(lp);
+    }
+    // The same cross-namespace peer in x and y, a same-namespace peer in
+    // both (two peers: the namespace is part of what it selects).
+    let peer = "  - from:\n    - namespaceSelector: {matchLabels: {team: team-x}}\n      podSelector: {matchLabels: {pod: c}}\n    - podSelector: {matchLabels: {pod: c}}";
+    let two = format!(
+        "metadata: {{name: web, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n{peer}\n---\nmetadata: {{name: web, namespace: y}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n{peer}"
+    );
+    e.set_policies(&policies(&two));
+    let d = e.refresh();
+    assert_eq!(d.new_sets.len(), 6, "one shared peer, two own: {d:?}");
+    let shared: Vec<&String> = d
+        .new_sets
+        .iter()
+        .filter(|(_, s)| s.elements.contains("198.18.1.3"))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(shared.len(), 2, "x/c is in the shared peer and in x's own");
+    for chain in ["in_flockxa", "in_flockya"] {
+        let lines = &e.desired().chains[chain];
+        assert!(
+            lines.iter().filter(|l| l.contains("@q")).count() == 4,
+            "{chain}: {lines:?}"
+        );
+    }
+    let x_chain = e.desired().chains["in_flockxa"].clone();
+    let y_chain = e.desired().chains["in_flockya"].clone();
+    let common: Vec<&String> = x_chain.iter().filter(|l| y_chain.contains(l)).collect();
+    assert_eq!(
+        common.len(),
+        3,
+        "the shared peer's two lines and drop: {common:?}"
+    );
+    // A pod joining the shared peer: one element per family, whatever the
+    // number of rules naming it.
+    let mut c2 = w.pods[2].clone();
+    c2.name = "c2".into();
+    c2.ips = vec![
+        "198.18.1.9".parse().expect("ip"),
+        "2001:db8::1:9".parse().expect("ip"),
+    ];
+    e.upsert_pod(c2);
+    let d = e.refresh();
+    let added: usize = d.add_elements.values().map(BTreeSet::len).sum();
+    assert_eq!(added, 4, "the shared peer and x's own, two families: {d:?}");
+    assert_eq!(d.add_elements.len(), 4, "{d:?}");
+    // One of the two policies goes: the shared sets stay for the other.
+    e.set_policies(&policies(&two)[1..]);
+    let d = e.refresh();
+    assert_eq!(d.delete_sets.len(), 2, "x's own peer only: {d:?}");
+    assert!(
+        d.add_elements.is_empty() && d.remove_elements.is_empty(),
+        "{d:?}"
+    );
+    let rendered = flock_netpol::render_delta(&d).expect("render");
+    assert!(!rendered.contains("add set"), "{rendered}");
+    // The other goes too: everything goes.
+    e.set_policies::<NetworkPolicy>(&[]);
+    let d = e.refresh();
+    assert_eq!(d.delete_sets.len(), 4, "{d:?}");
+    assert!(e.desired().sets.is_empty() && e.desired().chains.is_empty());
+}
+
+/// A policy whose first local pod arrives while another policy already
+/// holds the peer it names takes that peer's members as they are (and
+/// looks at no pod to do so): the table is what an engine fed everything
+/// at once makes, before and after a pod joins and leaves the peer.
+#[test]
+fn a_policy_activated_beside_one_sharing_its_peer_has_the_same_members() {
+    let w = world();
+    let peer = "  - from:\n    - namespaceSelector: {matchLabels: {team: team-x}}\n      podSelector: {matchExpressions: [{key: pod, operator: In, values: [b, c]}]}";
+    let two = policies(&format!(
+        "metadata: {{name: web, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n{peer}\n---\nmetadata: {{name: web, namespace: z}}\nspec:\n  podSelector: {{matchLabels: {{pod: a}}}}\n  ingress:\n{peer}\n    ports: [{{port: 80}}]"
+    ));
+    let locals = local_all(&w);
+    let (xa, za) = (&locals[0], &locals[6]);
+    assert_eq!((xa.name.as_str(), za.namespace.as_str()), ("a", "z"));
+    let fresh = |extra: &[ClusterPod], gone: Option<&str>| {
+        let mut e = Engine::new();
+        e.set_namespaces(w.namespaces.clone());
+        for p in w.pods.iter().chain(extra) {
+            if Some(p.name.as_str()) != gone || p.namespace != "x" {
+                e.upsert_pod(p.clone());
+            }
+        }
+        e.upsert_local(xa.clone());
+        e.upsert_local(za.clone());
+        e.set_policies(&two);
+        e.refresh();
+        e
+    };
+    let mut e = Engine::new();
+    e.set_namespaces(w.namespaces.clone());
+    for p in &w.pods {
+        e.upsert_pod(p.clone());
+    }
+    e.set_policies(&two);
+    e.upsert_local(xa.clone());
+    e.refresh();
+    // z/a arrives: z's policy becomes active beside x's.
+    e.upsert_local(za.clone());
+    let d = e.refresh();
+    assert!(d.chains.contains_key("in_flockza"), "{d:?}");
+    let shared: Vec<&String> = e
+        .desired()
+        .sets
+        .iter()
+        .filter(|(_, s)| s.elements.contains("198.18.1.2"))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(shared.len(), 1, "one shared IPv4 peer set: {shared:?}");
+    assert_eq!(e.desired(), fresh(&[], None).desired());
+    // A pod joining the peer, then one leaving it.
+    let mut d2 = w.pods[2].clone();
+    d2.name = "d".into();
+    std::sync::Arc::make_mut(&mut d2.labels).insert("pod".into(), "b".into());
+    d2.ips = vec![
+        "198.18.1.9".parse().expect("ip"),
+        "2001:db8::1:9".parse().expect("ip"),
+    ];
+    e.upsert_pod(d2.clone());
+    e.refresh();
+    assert_eq!(
+        e.desired(),
+        fresh(std::slice::from_ref(&d2), None).desired()
+    );
+    e.remove_pod("x", "c");
+    e.refresh();
+    assert_eq!(
+        e.desired(),
+        fresh(std::slice::from_ref(&d2), Some("c")).desired()
+    );
+    // x's policy goes quiet (its pod leaves): z's keeps the members.
+    e.remove_local(&xa.iface);
+    e.refresh();
+    let only_z = {
+        let mut f = fresh(std::slice::from_ref(&d2), Some("c"));
+        f.remove_local(&xa.iface);
+        f.refresh();
+        f
+    };
+    assert_eq!(e.desired(), only_z.desired());
 }
