@@ -27,7 +27,7 @@ mod sysctl;
 pub use error::{NetlinkError, Result};
 pub use inspect::Drift;
 pub use netns::{Netns, NetnsRefusal, PodNetns, netns_inode};
-pub use nftables::{Change, Element, ElementChange, Match, NftElements, NftRule};
+pub use nftables::{Change, Element, ElementChange, Match, NewSet, NftElements, NftRule, SetKey};
 pub use pod::{Dataplane, PodSpec, SetupStep, Teardown};
 pub use routes::{InstalledRoute, Nexthop, RouteKind, is_flock_iface};
 

@@ -1,14 +1,15 @@
 //! Changes to an nf_tables table over nfnetlink in one batch (one kernel
-//! transaction: all or nothing): set and map elements added and deleted,
-//! chains replaced with their rules, chains deleted.
+//! transaction: all or nothing): named sets created with their elements
+//! and deleted, set and map elements added and deleted, chains replaced
+//! with their rules, chains deleted.
 //!
 //! `nft` builds a cache of the table before it changes anything (of every
 //! set's elements, to add or delete one element), so with thousands of
 //! sets each command costs a dump of them and a process. Speaking the
-//! messages directly costs only what changes. Named sets are still
-//! created by `nft`; the rules written here are the few shapes a pod's
-//! NetworkPolicy chain has ([`NftRule`]), encoded as `nft` encodes them,
-//! so `nft list` shows them the same.
+//! messages directly costs only what changes. The sets and rules written
+//! here are the few shapes a pod's NetworkPolicy chain has ([`SetKey`],
+//! [`NftRule`]), encoded as `nft` encodes them, so `nft list` shows them
+//! the same.
 
 use std::fs::File;
 use std::io;
@@ -25,6 +26,7 @@ const NFT_MSG_DELCHAIN: u16 = 5;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_APPEND: u16 = 0x800;
@@ -46,8 +48,17 @@ const NFTA_SET_DESC_SIZE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
 const NFT_SET_ANONYMOUS: u32 = 0x1;
 const NFT_SET_CONSTANT: u32 = 0x2;
-/// nft's type of `inet_proto . inet_service` (12 << 6 | 13).
-const KEY_TYPE_PROTO_SERVICE: u32 = (12 << 6) | 13;
+const NFT_SET_INTERVAL: u32 = 0x4;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+/// nft's data types: `ipv4_addr`, `ipv6_addr`, `inet_proto`,
+/// `inet_service`; a concatenation's type is theirs, 6 bits each.
+const TYPE_IPV4_ADDR: u32 = 7;
+const TYPE_IPV6_ADDR: u32 = 8;
+const TYPE_INET_PROTO: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+/// nft's type of `inet_proto . inet_service`.
+const KEY_TYPE_PROTO_SERVICE: u32 = (TYPE_INET_PROTO << 6) | TYPE_INET_SERVICE;
 const NFTA_META_DREG: u16 = 1;
 const NFTA_META_KEY: u16 = 2;
 const NFT_META_NFPROTO: u32 = 15;
@@ -81,6 +92,7 @@ const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -112,6 +124,50 @@ pub struct Element {
     pub key: Vec<u8>,
     /// `jump <chain>` (verdict maps only).
     pub jump: Option<String>,
+    /// The end of an interval: the first key past it (interval sets
+    /// only).
+    pub end: bool,
+}
+
+/// The key of a named set, as `nft` types it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKey {
+    /// `ipv4_addr`.
+    Ipv4,
+    /// `ipv6_addr`.
+    Ipv6,
+    /// `ipv4_addr . inet_proto . inet_service`.
+    Ipv4ProtoService,
+    /// `ipv6_addr . inet_proto . inet_service`.
+    Ipv6ProtoService,
+}
+
+impl SetKey {
+    /// nft's type number and the key's length in bytes (each field of a
+    /// concatenation padded to 4).
+    fn type_and_len(self) -> (u32, u32) {
+        let pair = |addr: u32| (addr << 12) | KEY_TYPE_PROTO_SERVICE;
+        match self {
+            SetKey::Ipv4 => (TYPE_IPV4_ADDR, 4),
+            SetKey::Ipv6 => (TYPE_IPV6_ADDR, 16),
+            SetKey::Ipv4ProtoService => (pair(TYPE_IPV4_ADDR), 12),
+            SetKey::Ipv6ProtoService => (pair(TYPE_IPV6_ADDR), 24),
+        }
+    }
+}
+
+/// A named set to create, with its elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSet {
+    /// The set's name.
+    pub name: String,
+    /// Its key.
+    pub key: SetKey,
+    /// `flags interval`: the elements are starts and ends (see
+    /// [`Element::end`]), in order, as `nft` sends them.
+    pub interval: bool,
+    /// The elements.
+    pub elements: Vec<Element>,
 }
 
 /// Elements to add to or delete from one set (or map).
@@ -164,6 +220,8 @@ pub struct NftRule {
 /// One change of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
+    /// A named set created with its elements (it must not exist).
+    NewSet(NewSet),
     /// Elements added to or deleted from a set or map.
     Elements(ElementChange),
     /// A chain created if missing and its rules replaced by these.
@@ -175,6 +233,8 @@ pub enum Change {
     },
     /// A chain deleted (with its rules).
     DeleteChain(String),
+    /// A named set deleted (no rule may still use it).
+    DeleteSet(String),
 }
 
 impl Change {
@@ -185,8 +245,10 @@ impl Change {
                 if c.delete { "deleting" } else { "adding" },
                 c.set
             ),
+            Change::NewSet(set) => format!("creating set {}", set.name),
             Change::Chain { name, .. } => format!("writing chain {name}"),
             Change::DeleteChain(name) => format!("deleting chain {name}"),
+            Change::DeleteSet(name) => format!("deleting set {name}"),
         }
     }
 }
@@ -237,14 +299,22 @@ fn message(ty: u16, flags: u16, seq: u32, family: u8, res_id: u16, payload: &[u8
     m
 }
 
-fn change_payload(table: &str, change: &ElementChange) -> Vec<u8> {
+/// The elements of a set (or map), the set named or (just created in
+/// this batch) also given by its id.
+fn elements_payload(table: &str, set: &str, id: Option<u32>, elements: &[Element]) -> Vec<u8> {
     let mut p = Vec::new();
     attr(&mut p, NFTA_SET_ELEM_LIST_TABLE, &strz(table));
-    attr(&mut p, NFTA_SET_ELEM_LIST_SET, &strz(&change.set));
+    attr(&mut p, NFTA_SET_ELEM_LIST_SET, &strz(set));
+    if let Some(id) = id {
+        u32_attr(&mut p, NFTA_SET_ELEM_LIST_SET_ID, id);
+    }
     nested(&mut p, NFTA_SET_ELEM_LIST_ELEMENTS, |p| {
-        for e in &change.elements {
+        for e in elements {
             nested(p, NFTA_LIST_ELEM, |p| {
                 nested(p, NFTA_SET_ELEM_KEY, |p| attr(p, NFTA_DATA_VALUE, &e.key));
+                if e.end {
+                    u32_attr(p, NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+                }
                 if let Some(chain) = &e.jump {
                     nested(p, NFTA_SET_ELEM_DATA, |p| {
                         nested(p, NFTA_DATA_VERDICT, |p| {
@@ -415,13 +485,42 @@ fn rule_messages(table: &str, chain: &str, rule: &NftRule, next_set_id: &mut u32
 /// One change's messages.
 fn change_messages(table: &str, change: &Change, next_set_id: &mut u32) -> Vec<Message> {
     match change {
+        Change::NewSet(set) => {
+            let id = *next_set_id;
+            *next_set_id += 1;
+            let (key_type, key_len) = set.key.type_and_len();
+            let mut p = Vec::new();
+            attr(&mut p, NFTA_SET_TABLE, &strz(table));
+            attr(&mut p, NFTA_SET_NAME, &strz(&set.name));
+            if set.interval {
+                u32_attr(&mut p, NFTA_SET_FLAGS, NFT_SET_INTERVAL);
+            }
+            u32_attr(&mut p, NFTA_SET_KEY_TYPE, key_type);
+            u32_attr(&mut p, NFTA_SET_KEY_LEN, key_len);
+            u32_attr(&mut p, NFTA_SET_ID, id);
+            // Without NLM_F_EXCL an existing set of that name would be
+            // taken as it is, elements and all.
+            let mut out = vec![(NFT_MSG_NEWSET, NLM_F_CREATE | NLM_F_EXCL, p)];
+            if !set.elements.is_empty() {
+                out.push((
+                    NFT_MSG_NEWSETELEM,
+                    NLM_F_CREATE,
+                    elements_payload(table, &set.name, Some(id), &set.elements),
+                ));
+            }
+            out
+        }
         Change::Elements(c) => {
             let (ty, flags) = if c.delete {
                 (NFT_MSG_DELSETELEM, 0)
             } else {
                 (NFT_MSG_NEWSETELEM, NLM_F_CREATE)
             };
-            vec![(ty, flags, change_payload(table, c))]
+            vec![(
+                ty,
+                flags,
+                elements_payload(table, &c.set, None, &c.elements),
+            )]
         }
         Change::Chain { name, rules } => {
             let chain = table_and_name(table, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, name);
@@ -438,6 +537,10 @@ fn change_messages(table: &str, change: &Change, next_set_id: &mut u32) -> Vec<M
         Change::DeleteChain(name) => {
             let chain = table_and_name(table, NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, name);
             vec![(NFT_MSG_DELCHAIN, 0, chain)]
+        }
+        Change::DeleteSet(name) => {
+            let set = table_and_name(table, NFTA_SET_TABLE, NFTA_SET_NAME, name);
+            vec![(NFT_MSG_DELSET, 0, set)]
         }
     }
 }
@@ -608,6 +711,7 @@ mod tests {
                 elements: vec![Element {
                     key: b"flock0123456789\0".to_vec(),
                     jump: Some("in_flock0123456789".into()),
+                    end: false,
                 }],
             }),
         ];

@@ -262,10 +262,11 @@ impl Loader for Applier {
         self.run(&["-c", "-f", "-"], script)
     }
 
-    /// One netlink batch for chains and elements when no set is created
-    /// or deleted (a pod's ADD or DEL, a peer coming or going); else nft
-    /// for sets and chains, and one netlink batch for the elements: `nft`
-    /// would read every set's elements to change one.
+    /// One netlink batch for sets, chains and elements when every change
+    /// is of a shape netlink writes here (a pod's ADD or DEL, a peer
+    /// coming or going, a policy's first local pod); else nft for sets and
+    /// chains, and one netlink batch for the elements: `nft` would read
+    /// every set's elements to change one.
     fn apply(&mut self, parts: DeltaParts) -> Result<(), ApplyError> {
         let Some(batch) = parts.batch.clone().filter(|b| NftElements::fits(TABLE, b)) else {
             // Too big for one batch (or in an interval set): one nft script.

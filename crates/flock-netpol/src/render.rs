@@ -16,7 +16,7 @@
 
 use std::fmt::Write as _;
 
-use flock_netlink::{Change, Element, ElementChange, Match, NftRule};
+use flock_netlink::{Change, Element, ElementChange, Match, NewSet, NftRule, SetKey};
 
 use crate::engine::{Delta, Desired, SetSpec};
 
@@ -133,10 +133,11 @@ pub struct DeltaParts {
     /// The element changes, as nft commands.
     pub elements: String,
     /// The element changes, for one netlink batch; with `whole`, the
-    /// chains too (`before` and `after` are then in it as well).
+    /// sets and chains too (`before` and `after` are then in it as well).
     pub batch: Option<Vec<Change>>,
-    /// `batch` holds every change (no set is created or deleted, and every
-    /// chain rule is of a shape [`NftRule`] writes).
+    /// `batch` holds every change (no set is recreated under its name,
+    /// every new set and chain rule is of a shape netlink writes here:
+    /// [`SetKey`], [`NftRule`]).
     pub whole: bool,
     /// nft commands last.
     pub after: String,
@@ -205,7 +206,11 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
                     delete,
                     elements: keys
                         .into_iter()
-                        .map(|key| Element { key, jump: None })
+                        .map(|key| Element {
+                            key,
+                            jump: None,
+                            end: false,
+                        })
                         .collect(),
                 })),
                 _ => batch = None,
@@ -227,26 +232,39 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
             b.push(map_change(map, iface, Some(chain)));
         }
     }
-    // No set created or deleted, every rule of a shape netlink writes:
-    // the chains go into the same batch, one transaction and no nft.
-    let chains: Option<Vec<Change>> = (delta.new_sets.is_empty() && delta.delete_sets.is_empty())
+    // No set recreated under its name, every new set and rule of a shape
+    // netlink writes: the sets and chains go into the same batch, one
+    // transaction and no nft. New sets come before the chains that use
+    // them; sets are deleted after the chains and rules that used them.
+    let recreated = delta
+        .delete_sets
+        .iter()
+        .any(|name| delta.new_sets.contains_key(name));
+    let sets: Option<Vec<Change>> = (!recreated)
         .then(|| {
             delta
-                .chains
+                .new_sets
                 .iter()
-                .map(|(name, lines)| {
-                    Some(Change::Chain {
-                        name: name.clone(),
-                        rules: lines.iter().map(|l| nft_rule(l)).collect::<Option<_>>()?,
-                    })
-                })
+                .map(|(name, spec)| new_set(name, spec).map(Change::NewSet))
                 .collect()
         })
         .flatten();
-    if let (Some(chains), Some(elements)) = (chains, batch.as_mut()) {
-        let mut all = chains;
+    let chains: Option<Vec<Change>> = delta
+        .chains
+        .iter()
+        .map(|(name, lines)| {
+            Some(Change::Chain {
+                name: name.clone(),
+                rules: lines.iter().map(|l| nft_rule(l)).collect::<Option<_>>()?,
+            })
+        })
+        .collect();
+    if let (Some(sets), Some(chains), Some(elements)) = (sets, chains, batch.as_mut()) {
+        let mut all = sets;
+        all.extend(chains);
         all.append(elements);
         all.extend(delta.delete_chains.iter().cloned().map(Change::DeleteChain));
+        all.extend(delta.delete_sets.iter().cloned().map(Change::DeleteSet));
         *elements = all;
         parts.whole = true;
     }
@@ -343,6 +361,7 @@ fn map_change(map: &str, iface: &str, jump: Option<&String>) -> Change {
         elements: vec![Element {
             key: ifname_key(iface),
             jump: jump.cloned(),
+            end: false,
         }],
     })
 }
@@ -357,6 +376,94 @@ fn ifname_key(iface: &str) -> Vec<u8> {
 /// An element (as the engine writes it) as the kernel's key of a set of
 /// type `ty`: addresses in network order, each field of a concatenation
 /// padded to 4 bytes. `None` for what flock does not write.
+/// A set of the engine's as netlink creates it; `None` for a type or an
+/// element it is not written for here (nft creates that one).
+fn new_set(name: &str, spec: &SetSpec) -> Option<NewSet> {
+    let key = match spec.ty {
+        "ipv4_addr" => SetKey::Ipv4,
+        "ipv6_addr" => SetKey::Ipv6,
+        "ipv4_addr . inet_proto . inet_service" => SetKey::Ipv4ProtoService,
+        "ipv6_addr . inet_proto . inet_service" => SetKey::Ipv6ProtoService,
+        _ => return None,
+    };
+    let elements = if spec.interval {
+        interval_elements(key, &spec.elements)?
+    } else {
+        spec.elements
+            .iter()
+            .map(|e| {
+                Some(Element {
+                    key: element_key(spec.ty, e)?,
+                    jump: None,
+                    end: false,
+                })
+            })
+            .collect::<Option<_>>()?
+    };
+    Some(NewSet {
+        name: name.to_owned(),
+        key,
+        interval: spec.interval,
+        elements,
+    })
+}
+
+/// The elements of an address interval set (`a` or `a-b` each, disjoint)
+/// as nft sends them: an end at the zero address unless the first range
+/// starts there, then each range's first address and, unless it runs to
+/// the last address, the one past its last, marked as an end.
+fn interval_elements(
+    key: SetKey,
+    elements: &std::collections::BTreeSet<String>,
+) -> Option<Vec<Element>> {
+    let v6 = match key {
+        SetKey::Ipv4 => false,
+        SetKey::Ipv6 => true,
+        _ => return None,
+    };
+    let number = |text: &str| -> Option<u128> {
+        match text.parse::<std::net::IpAddr>().ok()? {
+            std::net::IpAddr::V4(a) if !v6 => Some(u32::from(a).into()),
+            std::net::IpAddr::V6(a) if v6 => Some(a.into()),
+            _ => None,
+        }
+    };
+    let mut ranges = elements
+        .iter()
+        .map(|e| {
+            let (lo, hi) = e.split_once('-').unwrap_or((e, e));
+            let (lo, hi) = (number(lo)?, number(hi)?);
+            (lo <= hi).then_some((lo, hi))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    ranges.sort_unstable();
+    if ranges.windows(2).any(|w| w[1].0 <= w[0].1) {
+        // Overlapping: nft says why it refuses them.
+        return None;
+    }
+    let last = if v6 { u128::MAX } else { u32::MAX.into() };
+    let element = |n: u128, end: bool| Element {
+        key: if v6 {
+            n.to_be_bytes().to_vec()
+        } else {
+            (n as u32).to_be_bytes().to_vec()
+        },
+        jump: None,
+        end,
+    };
+    let mut out = Vec::with_capacity(2 * ranges.len() + 1);
+    if ranges.first().is_some_and(|&(lo, _)| lo != 0) {
+        out.push(element(0, true));
+    }
+    for (lo, hi) in ranges {
+        out.push(element(lo, false));
+        if hi < last {
+            out.push(element(hi + 1, true));
+        }
+    }
+    Some(out)
+}
+
 fn element_key(ty: &str, element: &str) -> Option<Vec<u8>> {
     let addr = |text: &str, v6: bool| -> Option<Vec<u8>> {
         match text.parse::<std::net::IpAddr>().ok()? {

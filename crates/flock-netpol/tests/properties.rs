@@ -329,6 +329,7 @@ fn element_changes_over_netlink_equal_a_whole_load() {
         elements: vec![flock_netlink::Element {
             key: b"flocknothere\0\0\0\0".to_vec(),
             jump: None,
+            end: false,
         }],
     };
     let before = listing(&ns);
@@ -338,5 +339,80 @@ fn element_changes_over_netlink_equal_a_whole_load() {
     };
     let err = nft.apply(parts).expect_err("refused");
     assert!(err.to_string().contains("ingress_pods"), "{err}");
+    assert_eq!(listing(&ns), before);
+}
+
+/// One change to an engine, named.
+type Step<'a> = dyn Fn(&mut Engine) + 'a;
+
+/// A policy's first local pod brings its sets (peer addresses, ipBlock
+/// intervals from the zero address to the last, named-port pairs) and its
+/// last one takes them away: each one netlink batch with the chains, no
+/// nft, and the kernel ends up with what a whole load gives.
+#[test]
+fn a_policys_sets_come_and_go_over_netlink_as_nft_makes_them() {
+    flock_testkit::require_root();
+    let (pods, local, namespaces) = world();
+    let policy: NetworkPolicy = serde_yaml::from_str(
+        "metadata: {name: edge, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: a1}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: a2}}\n    - ipBlock: {cidr: 0.0.0.0/1}\n    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 10.3.0.7/32]}\n    - ipBlock: {cidr: 240.0.0.0/4}\n    - ipBlock: {cidr: 203.0.113.9/32}\n    - ipBlock: {cidr: '::/0', except: ['2001:db8::/32']}\n    ports: [{port: web}, {port: 443}]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {team: y}}}, {ipBlock: {cidr: '2001:db8:ff::/48'}}]\n    ports: [{port: dns, protocol: UDP}]\n",
+    )
+    .expect("policy");
+    let ns = NetnsGuard::new("nfts");
+    let mut nft = Applier::in_netns(&["ip", "netns", "exec", ns.name(), "nft"], &ns.path());
+    // x/p1 (app a1) is not on the node yet: the policy has no sets.
+    let mut inc = engine(&pods, &local[1..], &namespaces);
+    inc.set_policies(std::slice::from_ref(&policy));
+    inc.refresh();
+    let sets_before = inc.desired().sets.len();
+    nft.load(&render_table(inc.desired()).expect("render"))
+        .expect("table");
+    let steps: [(&str, &Step<'_>); 2] = [
+        ("the first local pod", &|e| e.upsert_local(local[0].clone())),
+        ("the last local pod gone", &|e| {
+            e.remove_local(&local[0].iface)
+        }),
+    ];
+    for (i, (what, step)) in steps.iter().enumerate() {
+        step(&mut inc);
+        let delta = inc.refresh();
+        if i == 0 {
+            assert!(delta.new_sets.len() >= 6, "{what}: {delta:?}");
+            assert!(
+                delta.new_sets.values().any(|s| s.interval)
+                    && delta.new_sets.values().any(|s| !s.interval),
+                "{what}: interval and plain sets"
+            );
+        } else {
+            assert!(delta.delete_sets.len() >= 6, "{what}: {delta:?}");
+            assert_eq!(inc.desired().sets.len(), sets_before);
+        }
+        let parts = delta_parts(&delta, inc.desired()).expect("render");
+        assert!(
+            parts.whole,
+            "{what}: sets, chains and elements in one batch"
+        );
+        nft.apply(parts).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let fresh = NetnsGuard::new("nftw");
+        let mut loader = Applier::with_command(&["ip", "netns", "exec", fresh.name(), "nft"]);
+        loader
+            .load(&render_table(inc.desired()).expect("render"))
+            .expect("whole table");
+        assert_eq!(listing(&ns), listing(&fresh), "{what}");
+        let have = nft.inventory().expect("list").expect("a table");
+        assert_eq!(have, Inventory::of(inc.desired()), "{what}");
+    }
+    // A set of that name already there: the batch is refused whole, names
+    // the set, and changes nothing.
+    inc.upsert_local(local[0].clone());
+    let delta = inc.refresh();
+    let parts = delta_parts(&delta, inc.desired()).expect("render");
+    let first = delta.new_sets.keys().next().expect("a new set").clone();
+    nft.load(&format!(
+        "add set inet flock {first} {{ type ipv4_addr; }}\n"
+    ))
+    .expect("squatter");
+    let before = listing(&ns);
+    let err = nft.apply(parts).expect_err("refused");
+    assert!(err.to_string().contains(&first), "{err}");
     assert_eq!(listing(&ns), before);
 }
