@@ -194,6 +194,26 @@ impl<S: AllocationStore> Allocations<S> {
         self.lock().ifaces.get(iface).cloned()
     }
 
+    /// The entry whose veth is `iface`, if any.
+    pub fn of_iface(&self, iface: &str) -> Option<Allocation> {
+        let state = self.lock();
+        state
+            .ifaces
+            .get(iface)
+            .and_then(|k| state.entries.get(k))
+            .cloned()
+    }
+
+    /// The entries of pod `namespace/pod` (its sandboxes' attachments).
+    pub fn of_pod(&self, namespace: &str, pod: &str) -> Vec<Allocation> {
+        self.lock()
+            .entries
+            .values()
+            .filter(|a| a.namespace == namespace && a.pod == pod)
+            .cloned()
+            .collect()
+    }
+
     /// Every entry.
     pub fn snapshot(&self) -> Vec<Allocation> {
         self.lock().entries.values().cloned().collect()

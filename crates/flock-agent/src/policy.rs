@@ -28,7 +28,7 @@ use flock_netpol::{
     ClusterPod, Delta, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, delta_parts,
     render_table,
 };
-use flock_store::AllocState;
+use flock_store::{AllocState, Allocation};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -153,6 +153,44 @@ impl Ownership {
                 }
             }
             self.pods.insert(key, p);
+        }
+        affected
+    }
+
+    /// Replaces one local pod's addresses (empty: none here any more), as
+    /// [`Self::set_store`] would with that pod's entries changed alone;
+    /// returns the pods affected.
+    fn set_local(&mut self, key: &Key, ips: Vec<IpAddr>) -> BTreeSet<Key> {
+        let old = self.local_ips.get(key).cloned().unwrap_or_default();
+        if old == ips {
+            return BTreeSet::new();
+        }
+        let mut affected = BTreeSet::from([key.clone()]);
+        for ip in old.iter().chain(&ips) {
+            affected.extend(
+                self.reported
+                    .get(ip)
+                    .into_iter()
+                    .flatten()
+                    .map(|p| key_of(p)),
+            );
+        }
+        for ip in &old {
+            if self.store.get(ip) == Some(key) {
+                self.store.remove(ip);
+            }
+        }
+        for ip in &ips {
+            if let Some(other) = self.store.insert(*ip, key.clone())
+                && other != *key
+            {
+                affected.insert(other);
+            }
+        }
+        if ips.is_empty() {
+            self.local_ips.remove(key);
+        } else {
+            self.local_ips.insert(key.clone(), ips);
         }
         affected
     }
@@ -494,6 +532,34 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         self.feed(affected);
     }
 
+    /// [`Self::sync_locals`] for the pod on `iface` alone: an ADD's
+    /// isolation reads its own entries, not every entry (the pass right
+    /// after it reads them all).
+    fn sync_local(&mut self, iface: &str) {
+        let Some(a) = self.allocations.of_iface(iface) else {
+            return self.sync_locals();
+        };
+        if a.state == AllocState::Releasing {
+            return self.sync_locals();
+        }
+        let key = (a.namespace.clone(), a.pod.clone());
+        // In the order the whole reading gives them, so it sees no change.
+        let ips: Vec<IpAddr> = self
+            .allocations
+            .of_pod(&key.0, &key.1)
+            .iter()
+            .filter(|e| e.state != AllocState::Releasing)
+            .flat_map(Allocation::unicast)
+            .collect();
+        self.engine.upsert_local(LocalPod {
+            namespace: a.namespace,
+            name: a.pod,
+            iface: a.host_iface,
+        });
+        let affected = self.owners.set_local(&key, ips);
+        self.feed(affected);
+    }
+
     /// Gives the engine the pods' effective views.
     fn feed(&mut self, keys: BTreeSet<Key>) {
         for key in keys {
@@ -505,7 +571,7 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
     }
 
     async fn isolate(&mut self, iface: &str) -> Result<(), NotEnforced> {
-        self.sync_locals();
+        self.sync_local(iface);
         // The new pod's labels, if the cache has them by now.
         let keys: BTreeSet<Key> = self
             .engine
@@ -741,5 +807,58 @@ fn note(changes: &mut Changes, event: Event) {
         Event::Namespaces => changes.namespaces = true,
         Event::Policies => changes.policies = true,
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(ns: &str, name: &str, ip: &str) -> Arc<PodInfo> {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": ns, "name": name, "uid": name, "creationTimestamp": "2026-11-20T10:00:00Z"},
+            "status": {"phase": "Running", "podIPs": [{"ip": ip}]},
+        }))
+        .expect("pod");
+        Arc::new(PodInfo::from_pod(&pod))
+    }
+
+    fn key(ns: &str, name: &str) -> Key {
+        (ns.to_owned(), name.to_owned())
+    }
+
+    /// One local pod's entries changed alone give what reading them all
+    /// gives: the same owners, the same pods told.
+    #[test]
+    fn one_local_pods_addresses_equal_reading_every_entry() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+        let start = || {
+            let mut o = Ownership::default();
+            // A pod elsewhere still reports the address the node reuses.
+            o.set_pod(key("x", "old"), Some(pod("x", "old", "10.0.0.5")));
+            o.set_pod(key("x", "l1"), Some(pod("x", "l1", "10.0.0.1")));
+            o.set_store(HashMap::from([(key("x", "l1"), vec![ip("10.0.0.1")])]));
+            o
+        };
+        let (mut one, mut all) = (start(), start());
+        let new = vec![ip("2001:db8::5"), ip("10.0.0.5")];
+        let a = one.set_local(&key("x", "l2"), new.clone());
+        let b = all.set_store(HashMap::from([
+            (key("x", "l1"), vec![ip("10.0.0.1")]),
+            (key("x", "l2"), new.clone()),
+        ]));
+        assert_eq!(a, b);
+        assert!(a.contains(&key("x", "old")), "{a:?}");
+        assert_eq!(one.store, all.store);
+        assert_eq!(one.local_ips, all.local_ips);
+        assert_eq!(one.effective(&key("x", "old")).map(|p| p.ips), Some(vec![]));
+        // Unchanged: nobody is told.
+        assert!(one.set_local(&key("x", "l2"), new.clone()).is_empty());
+        // l1's entries gone.
+        let a = one.set_local(&key("x", "l1"), Vec::new());
+        let b = all.set_store(HashMap::from([(key("x", "l2"), new)]));
+        assert_eq!(a, b);
+        assert_eq!(one.store, all.store);
+        assert_eq!(one.local_ips, all.local_ips);
     }
 }
