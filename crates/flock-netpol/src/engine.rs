@@ -3,12 +3,14 @@
 //! the objects it touched.
 //!
 //! Every rule of a policy that selects a pod of this node (an *active*
-//! policy) owns named sets whose names derive from the policy and the rule
-//! (`r<hash>_i0_p4`: policy hash, ingress rule 0, pod peers, IPv4), so a
-//! pod joining or leaving a rule's peers changes set elements only. The
-//! other policies of the cluster keep no peers and own nothing in the
-//! table: a node holds sets for the policies of its own pods, not for the
-//! cluster's. Every isolated pod on this node owns its chains (`in_<iface>`,
+//! policy) has named sets: one pair per pod peer, named for the peer
+//! (`q<hash>_p4`/`_p6`: its scope and selectors) and shared by every rule
+//! naming the same peer, and its own for its ipBlocks and named-port pairs
+//! (`r<hash>_i0_b4`: policy hash, ingress rule 0, ipBlocks, IPv4). A pod
+//! joining or leaving a peer changes one element per family, however many
+//! rules name the peer. The other policies of the cluster keep no peers
+//! and own nothing in the table: a node holds sets for the policies of its
+//! own pods, not for the cluster's. Every isolated pod on this node owns its chains (`in_<iface>`,
 //! `out_<iface>`) and its verdict map elements. [`Engine::refresh`] turns
 //! what changed since the last call into a [`Delta`] (set elements,
 //! chains, map elements); [`Engine::desired`] is the whole table, for
