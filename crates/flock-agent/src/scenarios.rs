@@ -1192,7 +1192,7 @@ async fn a_policy_nft_refuses_isolates_with_nothing_allowed_and_the_rest_is_enfo
     let last = scripts.last().expect("a table was loaded");
     let chain = format!("chain in_{}", host_iface_name("c1"));
     assert!(last.contains(&chain), "the pod is isolated: {last}");
-    assert!(last.contains("tcp . 80"), "the good policy is enforced");
+    assert!(last.contains("tcp dport 80"), "the good policy is enforced");
     assert!(!last.contains("4242"), "the refused one allows nothing");
     assert_eq!(metrics.netpol_refused.get(), 1);
     assert!(

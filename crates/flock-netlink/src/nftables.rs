@@ -196,6 +196,9 @@ pub enum Match {
     /// `meta l4proto . th dport { 6 . 80, … }`: single ports, as an
     /// anonymous set of (protocol number, port).
     Ports(Vec<(u8, u16)>),
+    /// `tcp dport 80` (`udp`, `sctp`): one port, as two comparisons
+    /// (protocol number, port).
+    Port(u8, u16),
     /// `ip daddr . meta l4proto . th dport @set` (`ip6`, `saddr`).
     AddrPort {
         /// IPv6 (else IPv4).
@@ -365,21 +368,20 @@ fn payload(out: &mut Vec<u8>, base: u32, offset: u32, len: u32, dreg: u32) {
     });
 }
 
+/// Register 1 equals `value`.
+fn cmp(out: &mut Vec<u8>, value: &[u8]) {
+    expr(out, "cmp", |p| {
+        u32_attr(p, NFTA_CMP_SREG, NFT_REG_1);
+        u32_attr(p, NFTA_CMP_OP, NFT_CMP_EQ);
+        nested(p, NFTA_CMP_DATA, |p| attr(p, NFTA_DATA_VALUE, value));
+    });
+}
+
 /// `ip`/`ip6` (the inet table's dependency), then the address into
 /// register 1.
 fn address(out: &mut Vec<u8>, v6: bool, daddr: bool) {
     meta(out, NFT_META_NFPROTO, NFT_REG_1);
-    expr(out, "cmp", |p| {
-        u32_attr(p, NFTA_CMP_SREG, NFT_REG_1);
-        u32_attr(p, NFTA_CMP_OP, NFT_CMP_EQ);
-        nested(p, NFTA_CMP_DATA, |p| {
-            attr(
-                p,
-                NFTA_DATA_VALUE,
-                &[if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }],
-            );
-        });
-    });
+    cmp(out, &[if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }]);
     let (offset, len) = match (v6, daddr) {
         (false, false) => (12, 4),
         (false, true) => (16, 4),
@@ -423,6 +425,12 @@ fn rule_messages(table: &str, chain: &str, rule: &NftRule, next_set_id: &mut u32
                 meta(&mut exprs, NFT_META_L4PROTO, proto);
                 payload(&mut exprs, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, port);
                 lookup(&mut exprs, set, None);
+            }
+            Match::Port(proto, port) => {
+                meta(&mut exprs, NFT_META_L4PROTO, NFT_REG_1);
+                cmp(&mut exprs, &[*proto]);
+                payload(&mut exprs, NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2, NFT_REG_1);
+                cmp(&mut exprs, &port.to_be_bytes());
             }
             Match::Ports(ports) => {
                 let id = *next_set_id;

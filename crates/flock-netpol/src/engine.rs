@@ -1414,6 +1414,11 @@ fn chain_lines(d: &Direction, addr: &str) -> Vec<String> {
         let ports = match &allow.ports {
             None => String::new(),
             Some(list) if list.is_empty() => continue,
+            // One port: two comparisons, no anonymous set (each set a
+            // batch creates costs a walk of the table's sets).
+            Some(list) if list.len() == 1 && list[0].from == list[0].to => {
+                format!(" {} dport {}", list[0].protocol.nft(), list[0].from)
+            }
             Some(list) => {
                 let elements: Vec<String> = list
                     .iter()

@@ -316,6 +316,15 @@ fn nft_rule(line: &str) -> Option<NftRule> {
             rest = after.trim_start();
             continue;
         }
+        if let Some((proto, r)) = ["tcp", "udp", "sctp"].iter().find_map(|p| {
+            let r = rest.strip_prefix(p)?.strip_prefix(" dport ")?;
+            Some((*p, r))
+        }) {
+            let (port, after) = r.split_once(' ')?;
+            matches.push(Match::Port(proto_number(proto)?, port.parse::<u16>().ok()?));
+            rest = after;
+            continue;
+        }
         let (family, r) = rest.split_once(' ')?;
         let v6 = match family {
             "ip" => false,

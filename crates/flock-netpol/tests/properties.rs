@@ -354,7 +354,7 @@ fn a_policys_sets_come_and_go_over_netlink_as_nft_makes_them() {
     flock_testkit::require_root();
     let (pods, local, namespaces) = world();
     let policy: NetworkPolicy = serde_yaml::from_str(
-        "metadata: {name: edge, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: a1}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: a2}}\n    - ipBlock: {cidr: 0.0.0.0/1}\n    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 10.3.0.7/32]}\n    - ipBlock: {cidr: 240.0.0.0/4}\n    - ipBlock: {cidr: 203.0.113.9/32}\n    - ipBlock: {cidr: '::/0', except: ['2001:db8::/32']}\n    ports: [{port: web}, {port: 443}]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {team: y}}}, {ipBlock: {cidr: '2001:db8:ff::/48'}}]\n    ports: [{port: dns, protocol: UDP}]\n",
+        "metadata: {name: edge, namespace: x}\nspec:\n  podSelector: {matchLabels: {app: a1}}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: a2}}\n    - ipBlock: {cidr: 0.0.0.0/1}\n    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 10.3.0.7/32]}\n    - ipBlock: {cidr: 240.0.0.0/4}\n    - ipBlock: {cidr: 203.0.113.9/32}\n    - ipBlock: {cidr: '::/0', except: ['2001:db8::/32']}\n    ports: [{port: web}, {port: 443}]\n  - from: [{podSelector: {}}]\n    ports: [{port: 8443}]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {team: y}}}, {ipBlock: {cidr: '2001:db8:ff::/48'}}]\n    ports: [{port: dns, protocol: UDP}]\n",
     )
     .expect("policy");
     let ns = NetnsGuard::new("nfts");
