@@ -157,6 +157,15 @@ impl Ownership {
         affected
     }
 
+    /// The pods that report `ip`.
+    fn reporters(&self, ip: &IpAddr) -> impl Iterator<Item = Key> + '_ {
+        self.reported
+            .get(ip)
+            .into_iter()
+            .flatten()
+            .map(|p| key_of(p))
+    }
+
     /// Replaces one local pod's addresses (empty: none here any more), as
     /// [`Self::set_store`] would with that pod's entries changed alone;
     /// returns the pods affected.
@@ -167,13 +176,7 @@ impl Ownership {
         }
         let mut affected = BTreeSet::from([key.clone()]);
         for ip in old.iter().chain(&ips) {
-            affected.extend(
-                self.reported
-                    .get(ip)
-                    .into_iter()
-                    .flatten()
-                    .map(|p| key_of(p)),
-            );
+            affected.extend(self.reporters(ip));
         }
         for ip in &old {
             if self.store.get(ip) == Some(key) {
@@ -207,13 +210,7 @@ impl Ownership {
         for (ip, key) in self.store.iter().chain(store.iter()) {
             if self.store.get(ip) != store.get(ip) {
                 affected.insert(key.clone());
-                affected.extend(
-                    self.reported
-                        .get(ip)
-                        .into_iter()
-                        .flatten()
-                        .map(|p| key_of(p)),
-                );
+                affected.extend(self.reporters(ip));
             }
         }
         for key in self.local_ips.keys().chain(local_ips.keys()) {

@@ -194,24 +194,12 @@ pub fn delta_parts(delta: &Delta, desired: &Desired) -> Result<DeltaParts, Rende
                 .sets
                 .get(name)
                 .filter(|spec| !spec.interval)
-                .and_then(|spec| {
-                    items
-                        .iter()
-                        .map(|e| element_key(spec.ty, e))
-                        .collect::<Option<Vec<_>>>()
-                });
+                .and_then(|spec| plain_elements(spec.ty, items));
             match (encoded, batch.as_mut()) {
-                (Some(keys), Some(b)) => b.push(Change::Elements(ElementChange {
+                (Some(elements), Some(b)) => b.push(Change::Elements(ElementChange {
                     set: name.clone(),
                     delete,
-                    elements: keys
-                        .into_iter()
-                        .map(|key| Element {
-                            key,
-                            jump: None,
-                            end: false,
-                        })
-                        .collect(),
+                    elements,
                 })),
                 _ => batch = None,
             }
@@ -398,16 +386,7 @@ fn new_set(name: &str, spec: &SetSpec) -> Option<NewSet> {
     let elements = if spec.interval {
         interval_elements(key, &spec.elements)?
     } else {
-        spec.elements
-            .iter()
-            .map(|e| {
-                Some(Element {
-                    key: element_key(spec.ty, e)?,
-                    jump: None,
-                    end: false,
-                })
-            })
-            .collect::<Option<_>>()?
+        plain_elements(spec.ty, &spec.elements)?
     };
     Some(NewSet {
         name: name.to_owned(),
@@ -415,6 +394,21 @@ fn new_set(name: &str, spec: &SetSpec) -> Option<NewSet> {
         interval: spec.interval,
         elements,
     })
+}
+
+/// The elements of a set of type `ty` without intervals; `None` when one
+/// of them is not of a shape netlink is written for here.
+fn plain_elements(ty: &str, elements: &std::collections::BTreeSet<String>) -> Option<Vec<Element>> {
+    elements
+        .iter()
+        .map(|e| {
+            Some(Element {
+                key: element_key(ty, e)?,
+                jump: None,
+                end: false,
+            })
+        })
+        .collect()
 }
 
 /// The elements of an address interval set (`a` or `a-b` each, disjoint)
