@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::metrics::Metrics;
+use crate::settings::Validations;
 use crate::status::Board;
 
 /// The pools in force and the cluster's pod prefixes.
@@ -165,11 +166,14 @@ pub fn cluster_claims(
     (unicast, claims)
 }
 
-/// The node prefixes of every NodeConfig that validates.
-fn node_prefixes(cache: &Cache) -> Vec<(String, IpNet)> {
+/// The node prefixes of every NodeConfig that validates (each validated
+/// once per change).
+fn node_prefixes(cache: &Cache, validations: &mut Validations) -> Vec<(String, IpNet)> {
+    let configs = cache.node_configs();
+    validations.retain(&configs.iter().map(|nc| nc.name_any()).collect());
     let mut out = Vec::new();
-    for nc in cache.node_configs() {
-        if let Ok(s) = nc.settings() {
+    for nc in configs {
+        if let Ok(s) = validations.settings(&nc) {
             out.extend(s.cidr6.map(|c| (s.node.clone(), IpNet::V6(c))));
             out.extend(s.cidr4.map(|c| (s.node.clone(), IpNet::V4(c))));
         }
@@ -238,6 +242,8 @@ pub struct ConsentLoop {
     board: Arc<Board>,
     metrics: Metrics,
     status: Option<PoolStatus>,
+    /// Every NodeConfig, validated once per change.
+    validations: Validations,
 }
 
 impl ConsentLoop {
@@ -251,6 +257,7 @@ impl ConsentLoop {
                 board,
                 metrics,
                 status: None,
+                validations: Validations::default(),
             },
             rx,
         )
@@ -263,7 +270,7 @@ impl ConsentLoop {
     }
 
     /// Runs until cancelled.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         let mut events = self.cache.subscribe();
         loop {
             tokio::select! {
@@ -290,9 +297,9 @@ impl ConsentLoop {
         }
     }
 
-    async fn pass(&self) {
+    async fn pass(&mut self) {
         let pools = self.cache.pools();
-        let consent = Consent::build(&pools, node_prefixes(&self.cache));
+        let consent = Consent::build(&pools, node_prefixes(&self.cache, &mut self.validations));
         if let Some(status) = &self.status {
             for pool in &pools {
                 let refused = consent.refused.get(&pool.name_any()).map(String::as_str);

@@ -140,6 +140,8 @@ pub struct KernelState {
     pub namespaces: HashMap<PathBuf, u64>,
     /// Paths that name the node's own namespace.
     pub node_paths: HashSet<PathBuf>,
+    /// Paths refused for another reason (a FIFO, a hung open).
+    pub refused_paths: HashMap<PathBuf, NetnsRefusal>,
     /// Host ends of pod veths.
     pub links: BTreeMap<String, FakeLink>,
     /// Links a dump misses (a dump is no proof).
@@ -267,6 +269,9 @@ impl Kernel for FakeKernel {
             return Err(NetnsRefusal::NodeNamespace {
                 path: path.to_owned(),
             });
+        }
+        if let Some(refusal) = s.refused_paths.get(path) {
+            return Err(refusal.clone());
         }
         match s.namespaces.get(path) {
             Some(&inode) => Ok(OpenedNetns {

@@ -437,18 +437,20 @@ async fn after_a_crash_mid_add_a_retried_add_finishes_it_with_one_allocation() {
     );
 }
 
-/// Gates of DEL, in order.
-const DEL_CRASH_POINTS: [(&str, &str); 5] = [
-    ("store", "write"),        // before the releasing record is durable
-    ("store", "written"),      // releasing durable, DEL not answered
-    ("kernel", "teardown"),    // releasing durable, routes not yet removed
-    ("kernel", "veth_delete"), // DEL answered, the kernel still deleting
-    ("store", "written"),      // (second write) the removal durable
+/// Gates of DEL, in order: (fake, gate, which call of that gate in the DEL).
+const DEL_CRASH_POINTS: [(&str, &str, usize); 7] = [
+    ("store", "write", 1),         // before the releasing record is durable
+    ("store", "written", 1),       // releasing durable, DEL not answered
+    ("kernel", "teardown", 1),     // releasing durable, routes not yet removed
+    ("kernel", "veth_delete", 1),  // DEL answered, the kernel still deleting
+    ("kernel", "forget_flows", 1), // veth gone, its flows not yet forgotten
+    ("store", "write", 2),         // veth and flows gone, the removal not yet durable
+    ("store", "written", 2),       // the removal durable
 ];
 
 #[tokio::test(start_paused = true)]
 async fn a_crash_at_any_point_of_del_leaks_nothing() {
-    for (i, (place, gate)) in DEL_CRASH_POINTS.into_iter().enumerate() {
+    for (place, gate, nth) in DEL_CRASH_POINTS {
         let (kernel, store) = (FakeKernel::default(), FakeStore::default());
         let node = TestNode::ready(&kernel, &store).await;
         node.add("c1", "web").await;
@@ -457,8 +459,6 @@ async fn a_crash_at_any_point_of_del_leaks_nothing() {
         } else {
             &kernel.gates
         };
-        // The last point is the second store write of the DEL.
-        let nth = if i == 4 { 2 } else { 1 };
         let before = gates.reached(gate);
         gates.hold_nth(gate, nth);
         let handler = node.handler.clone();
@@ -476,6 +476,14 @@ async fn a_crash_at_any_point_of_del_leaks_nothing() {
         }
         node.settle().await;
         assert_empty(&kernel, &store);
+        assert!(
+            store
+                .loaded()
+                .released
+                .iter()
+                .any(|(ip, _)| ip.to_string() == "198.18.0.2"),
+            "{place} {gate} #{nth}: the release is on record"
+        );
     }
 }
 
@@ -594,6 +602,16 @@ async fn a_retried_add_answers_from_what_is_in_place_or_rebuilds_with_the_same_a
     assert_eq!(node.add("c1", "web").await, ip);
     assert_eq!(setups(&kernel), 2);
     assert_eq!(kernel.link_names(), vec![host_iface_name("c1")]);
+    // The pod's side is gone (renamed inside the pod): rebuilt as well.
+    kernel
+        .state()
+        .links
+        .get_mut(&host_iface_name("c1"))
+        .expect("veth")
+        .ifname = "gone0".into();
+    assert_eq!(node.add("c1", "web").await, ip);
+    assert_eq!(setups(&kernel), 3);
+    assert_eq!(kernel.state().links[&host_iface_name("c1")].ifname, "eth0");
     // Another namespace at the same path: rebuilt there.
     let newer = kernel.add_netns("/run/netns/web-2");
     let moved = node.call(Op::Add, "c1", "/run/netns/web-2", "web").await;
@@ -613,6 +631,13 @@ async fn a_retried_add_answers_from_what_is_in_place_or_rebuilds_with_the_same_a
     let refused = node.handler.handle(second).await;
     assert_eq!(code(&refused), ErrorCode::INVALID_NETWORK_CONFIG);
     assert!(message(&refused).contains("a second attachment (net1) is not supported"));
+    assert_eq!(store.entries().len(), 1);
+    assert_eq!(kernel.link_names(), vec![host_iface_name("c1")]);
+    // The runtime's cleanup DEL of net1 leaves eth0 alone.
+    let mut cleanup = node.request(Op::Del, "c1", "/run/netns/web-2", "web", "uid-web");
+    cleanup.if_name = "net1".into();
+    assert_eq!(node.handler.handle(cleanup).await, Response::Done {});
+    node.settle().await;
     assert_eq!(store.entries().len(), 1);
     assert_eq!(kernel.link_names(), vec![host_iface_name("c1")]);
 }
@@ -672,14 +697,35 @@ async fn a_host_interface_name_in_use_is_code_104_and_the_other_pod_is_untouched
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_nodes_own_namespace_is_refused_with_code_4() {
+async fn the_nodes_own_namespace_or_no_namespace_is_refused_with_code_4() {
+    use flock_netlink::NetnsRefusal;
     let (kernel, store) = (FakeKernel::default(), FakeStore::default());
     let node = TestNode::ready(&kernel, &store).await;
     node.put_pod("web", "uid-web");
     kernel.state().node_paths.insert("/proc/1/ns/net".into());
-    let add = node.call(Op::Add, "c1", "/proc/1/ns/net", "web").await;
-    assert_eq!(code(&add), ErrorCode::INVALID_ENVIRONMENT);
-    assert!(message(&add).contains("/proc/1/ns/net"));
+    for (path, refusal) in [
+        (
+            "/run/netns/fifo",
+            NetnsRefusal::NotANetns {
+                path: "/run/netns/fifo".into(),
+                found: "a FIFO".into(),
+            },
+        ),
+        (
+            "/run/netns/hung",
+            NetnsRefusal::Timeout {
+                path: "/run/netns/hung".into(),
+                timeout: crate::kernel::NETNS_OPEN_TIMEOUT,
+            },
+        ),
+    ] {
+        kernel.state().refused_paths.insert(path.into(), refusal);
+    }
+    for path in ["/proc/1/ns/net", "/run/netns/fifo", "/run/netns/hung"] {
+        let add = node.call(Op::Add, "c1", path, "web").await;
+        assert_eq!(code(&add), ErrorCode::INVALID_ENVIRONMENT, "{path}");
+        assert!(message(&add).contains(path), "{}", message(&add));
+    }
     assert_eq!(store.entries(), vec![]);
     assert!(
         kernel.state().calls.is_empty(),
@@ -725,10 +771,30 @@ async fn two_entries_holding_one_address_keep_it_from_a_third_and_check_names_th
     );
     node.del("c1", "one").await;
     node.settle().await;
-    for i in 0..3 {
-        let ip = node.add(&format!("n{i}"), &format!("new-{i}")).await;
-        assert_ne!(ip.to_string(), "198.18.0.2", "still c2's");
+    // A /29 leaves a handful of addresses: new pods take every one of them
+    // but the one c2 still holds, however long ago c1 gave it back.
+    node.apply("198.18.0.0/29");
+    let mut handed = Vec::new();
+    for i in 0..8 {
+        let (pod, netns) = (format!("new-{i}"), format!("/run/netns/new-{i}"));
+        node.put_pod(&pod, &format!("uid-{pod}"));
+        kernel.add_netns(&netns);
+        match node.call(Op::Add, &format!("n{i}"), &netns, &pod).await {
+            Response::Result(r) => handed.push(r.ips[0].address.addr().to_string()),
+            refused => {
+                assert_eq!(code(&refused), ErrorCode::ADDRESS_ALLOCATION, "{refused:?}");
+                break;
+            }
+        }
     }
+    assert!(
+        handed.len() >= 3 && handed.len() < 8,
+        "the pool ran out: {handed:?}"
+    );
+    assert!(
+        !handed.iter().any(|ip| ip == "198.18.0.2"),
+        "still c2's: {handed:?}"
+    );
     assert!(node.pods.allocations.duplicates().is_empty());
 }
 
@@ -775,6 +841,39 @@ async fn a_failed_write_reaches_the_runtime_and_a_refusing_store_still_tears_dow
     );
     let status = node.call(Op::Status, "", "", "").await;
     assert_eq!(code(&status), ErrorCode::PLUGIN_NOT_AVAILABLE);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_write_in_flight_holds_no_lock_the_others_wait_on() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.add("c1", "web").await;
+    node.put_pod("db", "uid-db");
+    kernel.add_netns("/run/netns/db");
+    let before = store.gates.reached("write");
+    store.gates.hold("write");
+    let handler = node.handler.clone();
+    let request = node.request(Op::Add, "c2", "/run/netns/db", "db", "uid-db");
+    let add = tokio::spawn(async move { handler.handle(request).await });
+    store.gates.wait_reached("write", before + 1).await;
+    // While c2's record is on its way to disk, the allocations are free:
+    // another thread reads them at once (it would block on a held lock).
+    let allocations = node.pods.allocations.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(allocations.snapshot().len());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "the allocations lock is held across a store write"
+    );
+    // and another pod's CHECK is served.
+    let check = node.call(Op::Check, "c1", "/run/netns/web", "web").await;
+    assert_eq!(check, Response::Done {});
+    assert!(!add.is_finished(), "c2's ADD waits for its record");
+    store.gates.release("write");
+    let added = add.await.expect("ADD");
+    assert!(matches!(added, Response::Result(_)), "{added:?}");
 }
 
 #[tokio::test(start_paused = true)]

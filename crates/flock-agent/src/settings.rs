@@ -8,14 +8,15 @@
 //! blackholes flock installed. An invalid or deleted NodeConfig keeps the
 //! last good settings.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use flock_datastore::{Cache, Event};
-use flock_model::NodeSettings;
+use flock_model::{NodeConfig, NodeConfigSpec, NodeSettings};
 use flock_netlink::RouteKind;
 use ipnet::IpNet;
+use kube::ResourceExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -35,6 +36,56 @@ pub type Published = watch::Receiver<Option<Arc<NodeSettings>>>;
 /// The node's prefixes: the NodeConfig's and older ones still held.
 pub type Prefixes = watch::Receiver<Vec<IpNet>>;
 
+/// NodeConfigs validated once per change: the outcome of an unchanged one
+/// (same name, annotations and spec) is reused.
+#[derive(Debug, Default)]
+pub struct Validations {
+    seen: HashMap<String, Validation>,
+    /// How many validations ran.
+    runs: u64,
+}
+
+#[derive(Debug)]
+struct Validation {
+    annotations: BTreeMap<String, String>,
+    spec: NodeConfigSpec,
+    outcome: Result<Arc<NodeSettings>, String>,
+}
+
+impl Validations {
+    /// `nc`'s settings, or why it is refused (naming the field).
+    pub fn settings(&mut self, nc: &NodeConfig) -> Result<Arc<NodeSettings>, String> {
+        let name = nc.name_any();
+        if let Some(v) = self.seen.get(&name)
+            && v.spec == nc.spec
+            && &v.annotations == nc.annotations()
+        {
+            return v.outcome.clone();
+        }
+        self.runs += 1;
+        let outcome = nc.settings().map(Arc::new).map_err(|e| e.to_string());
+        self.seen.insert(
+            name,
+            Validation {
+                annotations: nc.annotations().clone(),
+                spec: nc.spec.clone(),
+                outcome: outcome.clone(),
+            },
+        );
+        outcome
+    }
+
+    /// Forgets NodeConfigs not in `names` (deleted ones).
+    pub fn retain(&mut self, names: &HashSet<String>) {
+        self.seen.retain(|name, _| names.contains(name));
+    }
+
+    /// How many validations ran so far.
+    pub fn runs(&self) -> u64 {
+        self.runs
+    }
+}
+
 /// The loop's own state.
 pub struct SettingsLoop<K, S> {
     cache: Cache,
@@ -50,6 +101,8 @@ pub struct SettingsLoop<K, S> {
     retired: BTreeSet<IpNet>,
     /// Whether the kernel's blackholes were looked at for retired prefixes.
     adopted: bool,
+    /// This node's NodeConfig, validated once per change.
+    validations: Validations,
 }
 
 impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
@@ -75,6 +128,7 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
                 last_problem: None,
                 retired: BTreeSet::new(),
                 adopted: false,
+                validations: Validations::default(),
             },
             rx,
         )
@@ -106,13 +160,16 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
 
     async fn pass(&mut self) {
         let mut fresh = None;
-        match self.cache.node_config().map(|nc| nc.settings()) {
+        let validated = self
+            .cache
+            .node_config()
+            .map(|nc| self.validations.settings(&nc));
+        match validated {
             None => {}
-            Some(Err(problem)) => self.refuse(problem.to_string()),
+            Some(Err(problem)) => self.refuse(problem),
             Some(Ok(settings)) => {
                 let before = self.published.borrow().clone();
-                if before.as_deref() != Some(&settings) {
-                    let settings = Arc::new(settings);
+                if before.as_deref() != Some(&*settings) {
                     match self.allocations.apply_settings(settings.clone()) {
                         Ok(()) => {
                             if let Some(old) = before {
@@ -221,4 +278,49 @@ pub fn own_prefixes(settings: &NodeSettings) -> Vec<IpNet> {
         .into_iter()
         .chain(settings.cidr4.map(IpNet::V4))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_config(cidr4: &str) -> NodeConfig {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "flock.fritzlab.net/v1alpha1",
+            "kind": "NodeConfig",
+            "metadata": {"name": "node-a"},
+            "spec": {"cidr4": cidr4},
+        }))
+        .expect("NodeConfig")
+    }
+
+    #[test]
+    fn a_nodeconfig_is_validated_once_per_change() {
+        let mut validations = Validations::default();
+        let nc = node_config("198.18.0.0/24");
+        for _ in 0..3 {
+            assert!(validations.settings(&nc).is_ok());
+        }
+        assert_eq!(
+            validations.runs(),
+            1,
+            "an unchanged NodeConfig is not validated again"
+        );
+        let bad = node_config("198.18.0.0/33");
+        let refused = validations.settings(&bad).expect_err("refused");
+        assert!(refused.contains("spec.cidr4"), "{refused}");
+        assert_eq!(validations.settings(&bad), Err(refused));
+        assert_eq!(validations.runs(), 2);
+        let mut annotated = nc.clone();
+        annotated
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert("flock.fritzlab.net/ip-algo".into(), "random".into());
+        let _ = validations.settings(&annotated);
+        assert_eq!(validations.runs(), 3, "annotations are part of the change");
+        validations.retain(&HashSet::new());
+        let _ = validations.settings(&annotated);
+        assert_eq!(validations.runs(), 4, "a deleted NodeConfig is forgotten");
+    }
 }

@@ -139,6 +139,38 @@ fn a_filling_state_filesystem_loses_no_acknowledged_write_and_loads_nothing_half
         );
     }
 
+    // DELs with the disk still full: each answered "ok" is durable, each
+    // failure reaches the runtime as "try again later".
+    let mut deleted = Vec::new();
+    for id in acknowledged.keys().take(3) {
+        let (_, name, ns) = pods.iter().find(|(p, _, _)| p == id).expect("pod");
+        let out = node.cni("DEL", id, Some(&ns.path()), name, CONF);
+        if out.status.success() {
+            deleted.push(id.clone());
+        } else {
+            let v: Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+            assert_eq!(
+                v["code"], 11,
+                "a failed DEL write is 'try again later': {v}"
+            );
+        }
+    }
+    eprintln!(
+        "{} of 3 DELs acknowledged with the disk full",
+        deleted.len()
+    );
+    node.kill();
+    let loaded = flock_store::Store::read_only(&node.state_dir()).expect("the store loads");
+    for id in &deleted {
+        assert!(
+            loaded
+                .iter()
+                .all(|a| &a.container_id != id || a.state != AllocState::Committed),
+            "an acknowledged DEL of {id} survived the crash"
+        );
+    }
+    node.spawn();
+
     // Room again: every DEL goes through and nothing is left.
     std::fs::remove_file(filler).expect("free space");
     for (id, name, ns) in &pods {

@@ -185,6 +185,14 @@ fn a_retried_add_answers_from_what_is_in_place_or_rebuilds_it_with_the_same_addr
     let rebuilt = ok(&node.cni("ADD", &pod.id, Some(&pod.ns.path()), &pod.name, CONF));
     assert_eq!(rebuilt["ips"], pod.result["ips"]);
     ok(&node.cni("CHECK", &pod.id, Some(&pod.ns.path()), &pod.name, CONF));
+    // The pod's side is gone (renamed inside the pod): rebuilt too.
+    pod.ns.ip(&["link", "set", "eth0", "down"]);
+    pod.ns.ip(&["link", "set", "eth0", "name", "gone0"]);
+    let rebuilt = ok(&node.cni("ADD", &pod.id, Some(&pod.ns.path()), &pod.name, CONF));
+    assert_eq!(rebuilt["ips"], pod.result["ips"]);
+    ok(&node.cni("CHECK", &pod.id, Some(&pod.ns.path()), &pod.name, CONF));
+    let inside = pod.ns.ip_output(&["addr", "show", "eth0"]);
+    assert!(inside.contains(&pod.ip(true).to_string()), "{inside}");
     // Another namespace: the pod is rebuilt there, same addresses.
     let moved = NetnsGuard::new("pod");
     let there = ok(&node.cni("ADD", &pod.id, Some(&moved.path()), &pod.name, CONF));
@@ -208,6 +216,16 @@ fn a_retried_add_answers_from_what_is_in_place_or_rebuilds_it_with_the_same_addr
         msg.contains("a second attachment (net1) is not supported"),
         "{msg}"
     );
+    ok(&node.cni("CHECK", &pod.id, Some(&moved.path()), &pod.name, CONF));
+    // The runtime's cleanup of the refused attachment leaves the first alone.
+    ok(&node.cni_raw(
+        "DEL",
+        &pod.id,
+        &moved.path().display().to_string(),
+        "net1",
+        &args,
+        CONF,
+    ));
     ok(&node.cni("CHECK", &pod.id, Some(&moved.path()), &pod.name, CONF));
     assert_eq!(node.flock_links(), vec![iface(&pod.id)]);
 }

@@ -3,7 +3,8 @@
 //! Each node owns an IPv6 and an IPv4 prefix (from its NodeConfig). A pod
 //! gets a random IPv6 interface ID inside the effective prefix, or, with
 //! ip-algo, an interface ID whose top bits identify its workload; and the
-//! lowest free IPv4 address, never the network address, `.1` or broadcast.
+//! free IPv4 address — never-used ones first (lowest first), then the one
+//! released longest ago — never the network address, `.1` or broadcast.
 //! Pod annotations may narrow the prefix ([`effective_v6`],
 //! [`effective_v4`]).
 //!

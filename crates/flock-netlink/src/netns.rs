@@ -111,12 +111,22 @@ impl PodNetns {
         node: &[u64],
         timeout: Duration,
     ) -> std::result::Result<PodNetns, NetnsRefusal> {
+        PodNetns::open_with(path, node, timeout, open_checked).await
+    }
+
+    /// [`PodNetns::open`] with the opening step given (a test's may hang).
+    async fn open_with(
+        path: &Path,
+        node: &[u64],
+        timeout: Duration,
+        opener: fn(&Path) -> std::result::Result<(File, u64), OpenError>,
+    ) -> std::result::Result<PodNetns, NetnsRefusal> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let target = path.to_owned();
         let spawned = std::thread::Builder::new()
             .name("flock-netns-open".into())
             .spawn(move || {
-                let _ = tx.send(open_checked(&target));
+                let _ = tx.send(opener(&target));
             });
         if let Err(e) = spawned {
             return Err(NetnsRefusal::Unopenable {
@@ -353,5 +363,57 @@ impl Netns {
         .map_err(NetlinkError::io(format!(
             "look at network namespace {self}"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An open that never returns, as on a hung filesystem.
+    fn hangs(_: &Path) -> std::result::Result<(File, u64), OpenError> {
+        std::thread::sleep(Duration::from_secs(3600));
+        Err(OpenError::Io("woke up".into()))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_open_that_hangs_is_refused_at_the_deadline_and_blocks_no_worker() {
+        let path = Path::new("/hung/netns");
+        let started = std::time::Instant::now();
+        // The only worker keeps serving other tasks while the open hangs.
+        let ticks = tokio::spawn(async {
+            let mut n = 0;
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                n += 1;
+            }
+            n
+        });
+        let refused = PodNetns::open_with(path, &[], Duration::from_millis(500), hangs).await;
+        let waited = started.elapsed();
+        assert_eq!(
+            refused.err(),
+            Some(NetnsRefusal::Timeout {
+                path: path.to_owned(),
+                timeout: Duration::from_millis(500),
+            })
+        );
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+        assert_eq!(
+            ticks.await.expect("ticks"),
+            5,
+            "the worker was never blocked"
+        );
+        assert!(
+            NetnsRefusal::Timeout {
+                path: path.to_owned(),
+                timeout: Duration::from_secs(1),
+            }
+            .to_string()
+            .contains("/hung/netns: did not open within 1000ms")
+        );
     }
 }
