@@ -216,6 +216,34 @@ fuzz_target!(|input: Vec<Policy>| {
     inc.upsert_pod(pods.iter().find(|p| p.namespace == "y" && p.name == "a").expect("pod").clone());
     deltas += &render_delta(&inc.refresh()).expect("delta");
     assert_eq!(inc.desired(), whole.desired(), "back where it was");
+    // Pods added as an ADD adds them (their places in peer sets waiting,
+    // the pods' chains refreshed at once), a namespace change and a pod
+    // leaving while some wait: after a refresh, the whole translation.
+    let mut late = Engine::new();
+    for p in &policies {
+        late.upsert_policy(p.clone());
+    }
+    late.set_namespaces(swapped.clone());
+    for lp in &local {
+        late.upsert_local(lp.clone());
+    }
+    for (i, p) in pods.iter().enumerate() {
+        late.upsert_pod_peers_later(p.clone());
+        for lp in &local {
+            deltas += &render_delta(&late.refresh_iface(&lp.iface)).expect("delta");
+        }
+        if i % 3 == 1 {
+            deltas += &render_delta(&late.refresh()).expect("delta");
+        }
+        if i % 3 == 2 {
+            late.set_namespaces(namespaces.clone());
+        }
+    }
+    late.remove_pod("y", "a");
+    late.upsert_pod_peers_later(pods.iter().find(|p| p.namespace == "y" && p.name == "a").expect("pod").clone());
+    late.set_namespaces(namespaces.clone());
+    deltas += &render_delta(&late.refresh()).expect("delta");
+    assert_eq!(late.desired(), whole.desired(), "peer places that waited");
     for line in text.lines().chain(deltas.lines()).filter(|l| !l.starts_with('#')) {
         assert!(
             line.chars().all(|c| c.is_ascii_alphanumeric() || " \t_.:,/{}@=-\";".contains(c)),

@@ -554,13 +554,29 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             iface: a.host_iface,
         });
         let affected = self.owners.set_local(&key, ips);
-        self.feed(affected);
+        self.feed_adding(&key, affected);
     }
 
     /// Gives the engine the pods' effective views.
     fn feed(&mut self, keys: BTreeSet<Key>) {
         for key in keys {
             match self.owners.effective(&key) {
+                Some(pod) => self.engine.upsert_pod(pod),
+                None => self.engine.remove_pod(&key.0, &key.1),
+            }
+        }
+    }
+
+    /// [`Self::feed`] for an ADD's isolation: the added pod's own place in
+    /// peer sets waits for the pass right after (what it joins stays
+    /// closed to it until then; what it leaves goes as late as any event
+    /// does), so its isolation does not judge every rule's peers. Every
+    /// other pod affected (one reporting an address the new pod now owns)
+    /// is fed at once: a reused address never keeps old rights.
+    fn feed_adding(&mut self, adding: &Key, keys: BTreeSet<Key>) {
+        for key in keys {
+            match self.owners.effective(&key) {
+                Some(pod) if key == *adding => self.engine.upsert_pod_peers_later(pod),
                 Some(pod) => self.engine.upsert_pod(pod),
                 None => self.engine.remove_pod(&key.0, &key.1),
             }
@@ -576,12 +592,11 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             .filter(|l| l.iface == iface)
             .map(|l| (l.namespace.clone(), l.name.clone()))
             .collect();
-        let mut affected = BTreeSet::new();
         for key in keys {
             let pod = self.cache.pod_shared(&key.0, &key.1);
-            affected.extend(self.owners.set_pod(key, pod));
+            let affected = self.owners.set_pod(key.clone(), pod);
+            self.feed_adding(&key, affected);
         }
-        self.feed(affected);
         if self.cache.policies_revision() != self.policies_revision {
             // The handle saw policies whose event is still on its way: the
             // pod is isolated by them, so they are enforced first (a pass,

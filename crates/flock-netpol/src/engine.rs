@@ -160,6 +160,10 @@ type RuleId = (Key, bool, usize);
 #[derive(Debug, Default)]
 pub struct Engine {
     pods: HashMap<Key, ClusterPod>,
+    /// Pods whose place in peer sets waits for the next refresh (see
+    /// [`Engine::upsert_pod_peers_later`]): the view that is counted in
+    /// the rules' members (`None`: none is).
+    pending: HashMap<Key, Option<ClusterPod>>,
     /// Pod names by namespace, so a rule looks at the pods it can select.
     pods_by_ns: HashMap<String, BTreeSet<String>>,
     /// Rules selecting pods of the policy's own namespace, by namespace.
@@ -234,26 +238,68 @@ impl Engine {
     /// given: the caller resolves ownership.
     pub fn upsert_pod(&mut self, pod: ClusterPod) {
         let key = (pod.namespace.clone(), pod.name.clone());
-        let old = self.pods.remove(&key);
-        if old.as_ref() == Some(&pod) {
-            self.pods.insert(key, pod);
-            return;
+        let shown = self.pods.remove(&key);
+        let pending = self.pending.remove(&key);
+        let counted = match &pending {
+            Some(counted) => counted.as_ref(),
+            None => shown.as_ref(),
+        };
+        if counted != Some(&pod) {
+            if let Some(counted) = counted {
+                let counted = counted.clone();
+                self.account(&counted, false);
+            }
+            self.account(&pod, true);
         }
-        if let Some(old) = &old {
-            self.account(old, false);
+        self.show_pod(key, shown, pod);
+    }
+
+    /// [`Engine::upsert_pod`] for a pod of this node being added: which
+    /// policies select it, and so its chains, follow at once; its place in
+    /// the peer sets of rules (other pods' business) waits for the next
+    /// [`Engine::refresh`], so that an ADD's isolation
+    /// ([`Engine::refresh_iface`]) does not judge every rule's peers. Until
+    /// then the sets leave the pod out: closed to it, never open.
+    pub fn upsert_pod_peers_later(&mut self, pod: ClusterPod) {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        let shown = self.pods.remove(&key);
+        if !self.pending.contains_key(&key) {
+            self.pending.insert(key.clone(), shown.clone());
         }
-        self.account(&pod, true);
-        let labels_or_ports_changed = old
+        self.show_pod(key, shown, pod);
+    }
+
+    /// Makes `pod` the view selection uses (`shown`: the one before).
+    fn show_pod(&mut self, key: Key, shown: Option<ClusterPod>, pod: ClusterPod) {
+        let labels_or_ports_changed = shown
             .as_ref()
             .is_none_or(|o| o.labels != pod.labels || o.ports != pod.ports);
-        self.pods_by_ns
-            .entry(key.0.clone())
-            .or_default()
-            .insert(key.1.clone());
+        if shown.is_none() {
+            self.pods_by_ns
+                .entry(key.0.clone())
+                .or_default()
+                .insert(key.1.clone());
+        }
         self.pods.insert(key.clone(), pod);
         if labels_or_ports_changed && self.local_by_key.contains_key(&key) {
             self.touch_local(&key);
             self.update_active_in(&key.0.clone(), Some(&key), true);
+        }
+    }
+
+    /// Counts the pods whose accounting waited in their rules' peers.
+    fn account_pending(&mut self) {
+        for (key, counted) in std::mem::take(&mut self.pending) {
+            let shown = self.pods.get(&key).cloned();
+            if counted == shown {
+                continue;
+            }
+            if let Some(counted) = &counted {
+                self.account(counted, false);
+            }
+            if let Some(shown) = &shown {
+                self.account(shown, true);
+            }
         }
     }
 
@@ -267,7 +313,10 @@ impl Engine {
                     self.pods_by_ns.remove(namespace);
                 }
             }
-            self.account(&old, false);
+            let counted = self.pending.remove(&key).unwrap_or(Some(old));
+            if let Some(counted) = &counted {
+                self.account(counted, false);
+            }
             if self.local_by_key.contains_key(&key) {
                 self.touch_local(&key);
                 self.update_active_in(namespace, None, true);
@@ -705,7 +754,11 @@ impl Engine {
             return Vec::new();
         };
         if self.open_rules.contains(id) {
-            return self.pods.values().collect();
+            return self
+                .pods
+                .iter()
+                .filter_map(|(key, pod)| self.counted(key, pod))
+                .collect();
         }
         let mut namespaces: BTreeSet<&str> = BTreeSet::new();
         if rule.peers.iter().flatten().any(|p| p.namespaces.is_none()) {
@@ -728,10 +781,20 @@ impl Engine {
             for name in self.pods_by_ns.get(ns).into_iter().flatten() {
                 key.1.clear();
                 key.1.push_str(name);
-                pods.extend(self.pods.get(&key));
+                if let Some(pod) = self.pods.get(&key) {
+                    pods.extend(self.counted(&key, pod));
+                }
             }
         }
         pods
+    }
+
+    /// The view of pod `key` (shown as `pod`) that its rules count.
+    fn counted<'a>(&'a self, key: &Key, pod: &'a ClusterPod) -> Option<&'a ClusterPod> {
+        match self.pending.get(key) {
+            Some(counted) => counted.as_ref(),
+            None => Some(pod),
+        }
     }
 
     fn rule(&self, (key, egress, i): &RuleId) -> Option<&Rule> {
@@ -909,6 +972,7 @@ impl Engine {
     /// Turns every change since the last call into table changes, and
     /// applies them to [`Engine::desired`].
     pub fn refresh(&mut self) -> Delta {
+        self.account_pending();
         let mut delta = Delta::default();
         // Sets of the rules that changed, and of rules that are gone: each
         // as a live rule having it says (all of them agree), or gone.

@@ -584,6 +584,79 @@ fn a_delta_changes_only_what_a_pod_touches() {
 }
 
 #[test]
+fn an_added_pods_chains_come_at_once_and_its_place_in_peer_sets_with_the_next_refresh() {
+    let w = world();
+    let mut e = Engine::new();
+    e.set_namespaces(w.namespaces.clone());
+    for p in &w.pods {
+        e.upsert_pod(p.clone());
+    }
+    // x/a's clients (role: client) may reach it; x/client is isolated too.
+    e.set_policies(&policies(
+        "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {role: client}}}]\n    ports: [{port: 80}]\n---\nmetadata: {name: clients, namespace: x}\nspec:\n  podSelector: {matchLabels: {role: client}}\n  policyTypes: [Ingress]",
+    ));
+    e.upsert_local(LocalPod {
+        namespace: "x".into(),
+        name: "a".into(),
+        iface: iface("x", "a"),
+    });
+    e.refresh();
+    // An ADD of x/client on this node.
+    let mut client = w.pods[1].clone();
+    client.name = "client".into();
+    std::sync::Arc::make_mut(&mut client.labels).insert("role".into(), "client".into());
+    client.ips = vec![
+        "198.18.1.50".parse().expect("ip"),
+        "2001:db8::1:50".parse().expect("ip"),
+    ];
+    e.upsert_local(LocalPod {
+        namespace: "x".into(),
+        name: "client".into(),
+        iface: iface("x", "client"),
+    });
+    e.upsert_pod_peers_later(client.clone());
+    assert!(e.isolates(&iface("x", "client")));
+    let isolation = e.refresh_iface(&iface("x", "client"));
+    assert_eq!(isolation.chains.len(), 1, "its chain: {isolation:?}");
+    assert!(
+        isolation.add_elements.is_empty(),
+        "no peer set waits on it: {isolation:?}"
+    );
+    // The pass right after puts it in x/a's peer set, and only that.
+    let after = e.refresh();
+    assert!(after.chains.is_empty(), "{after:?}");
+    let added: Vec<&String> = after.add_elements.values().flatten().collect();
+    assert_eq!(added, ["198.18.1.50", "2001:db8::1:50"]);
+    // Where a whole build of the same pods ends.
+    let mut whole = Engine::new();
+    whole.set_namespaces(w.namespaces.clone());
+    for p in w.pods.iter().chain([&client]) {
+        whole.upsert_pod(p.clone());
+    }
+    whole.set_policies(&policies(
+        "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {role: client}}}]\n    ports: [{port: 80}]\n---\nmetadata: {name: clients, namespace: x}\nspec:\n  podSelector: {matchLabels: {role: client}}\n  policyTypes: [Ingress]",
+    ));
+    for name in ["a", "client"] {
+        whole.upsert_local(LocalPod {
+            namespace: "x".into(),
+            name: name.into(),
+            iface: iface("x", name),
+        });
+    }
+    whole.refresh();
+    assert_eq!(e.desired(), whole.desired());
+    // Taken out while its place still waits: nothing of it stays counted.
+    e.upsert_pod_peers_later(client);
+    e.remove_pod("x", "client");
+    let gone = e.refresh();
+    assert_eq!(
+        gone.remove_elements.values().flatten().count(),
+        2,
+        "{gone:?}"
+    );
+}
+
+#[test]
 fn only_policies_selecting_a_pod_of_this_node_own_sets() {
     let w = world();
     let mut e = Engine::new();
