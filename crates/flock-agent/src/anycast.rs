@@ -205,9 +205,22 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
                     self.metrics.reconciled("anycast_route_removed");
                 }
                 let problems: Vec<String> = changes
-                    .failed
+                    .missing
                     .iter()
-                    .map(|(ip, e)| format!("{ip} not routed (so not announced): {e}"))
+                    .flat_map(|(ip, hops)| {
+                        hops.iter().map(move |h| {
+                            format!(
+                                "{ip}: nexthop {} dev {} left out until its host veth exists again",
+                                h.via, h.dev
+                            )
+                        })
+                    })
+                    .chain(
+                        changes
+                            .failed
+                            .iter()
+                            .map(|(ip, e)| format!("{ip} not routed (so not announced): {e}")),
+                    )
                     .chain(changes.errors)
                     .collect();
                 for error in &problems {

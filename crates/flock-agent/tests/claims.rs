@@ -2,9 +2,10 @@
 //! BIRD peered with a node running BIRD and the real agent, pods through
 //! the real plugin. A tenant's claim of another pod's addresses or of an
 //! IP no AddressPool covers is refused and changes nothing, on the node or
-//! the ToR; a narrowed pool withdraws; a terminating pod leaves its
-//! nexthops; a new peer restarts no other session; a configuration BIRD
-//! would refuse never replaces the good bird.conf.
+//! the ToR; a replica whose veth is gone leaves a shared IP routed and
+//! announced through the others; a narrowed pool withdraws; a terminating
+//! pod leaves its nexthops; a new peer restarts no other session; a
+//! configuration BIRD would refuse never replaces the good bird.conf.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -141,6 +142,52 @@ fn claims_need_consent_take_nothing_and_what_is_announced_is_what_is_routed() {
         (r.matches("nexthop").count() == 2 && tor_routes(&tor).contains(&svc.to_string()))
             .then_some(r)
     });
+    // A third replica whose veth goes away under the agent (its entry
+    // stays): the kernel drops the whole multipath route, and the next
+    // pass routes the IP through the two veths that exist, still announced.
+    let s3 = NetnsGuard::new("pod");
+    let links = node.flock_links();
+    node.put_manifest("svc-3", &pod("svc-3", &ann, false));
+    assert!(add(node, "svc-3", &s3).status.success(), "svc-3");
+    until("three nexthops", Duration::from_secs(15), || {
+        let r = route_to_svc();
+        (r.matches("nexthop").count() == 3).then_some(r)
+    });
+    let gone = node
+        .flock_links()
+        .into_iter()
+        .find(|l| !links.contains(l))
+        .expect("svc-3's veth");
+    node.node.ip(&["link", "del", &gone]);
+    until(
+        "routed through the other two, still announced",
+        Duration::from_secs(15),
+        || {
+            let r = route_to_svc();
+            (r.matches("nexthop").count() == 2
+                && !r.contains(&gone)
+                && tor_routes(&tor).contains(&svc.to_string()))
+            .then_some(r)
+        },
+    );
+    let log = node.log();
+    assert!(
+        log.contains(&format!(
+            "dev {gone} left out until its host veth exists again"
+        )),
+        "{log}"
+    );
+    let (_, metrics) = node.http("/metrics");
+    assert!(
+        metrics.contains("flock_errors_total{kind=\"anycast\"}"),
+        "{metrics}"
+    );
+    let del = node.cni("DEL", "c0ffeesvc-3", Some(&s3.path()), "svc-3", CONF);
+    assert!(
+        del.status.success(),
+        "{}",
+        String::from_utf8_lossy(&del.stdout)
+    );
     // svc-2 is being deleted (a preStop drain): out of the nexthops at once.
     node.put_manifest("svc-2", &pod("svc-2", &ann, true));
     until("one nexthop", Duration::from_secs(5), || {
