@@ -26,6 +26,8 @@ use crate::policy::policy_loop;
 use crate::serial::ContainerLocks;
 use crate::status::{Board, Readiness};
 
+mod consent;
+
 const NODE: &str = "node-a";
 const CONF: &str = r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"flock"}"#;
 

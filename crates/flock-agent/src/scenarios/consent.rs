@@ -1,0 +1,103 @@
+//! Claims and the AddressPools' consent over time, with paused time: a
+//! withdrawal that comes back.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use super::*;
+use crate::anycast::{ANYCAST_TICK, Announced, AnycastLoop};
+
+/// What the current thread logs while the guard lives (the paused-time
+/// tests run every task on the test's one thread).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// How many lines hold `text`.
+    fn count(&self, text: &str) -> usize {
+        let bytes = self.0.lock().expect("logs").clone();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Starts the node's anycast loop; cancel the token to stop it.
+fn spawn_anycast(node: &TestNode) -> (Announced, CancellationToken) {
+    let (anycast, announced) = AnycastLoop::new(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        node.pods.kernel.clone(),
+        node.pods.anycast.clone(),
+        node.pods.consent.clone(),
+        node.pods.prefixes.clone(),
+        Arc::new(Board::default()),
+        node.pods.metrics.clone(),
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(anycast.run(stop.clone()));
+    (announced, stop)
+}
+
+fn routed(kernel: &FakeKernel, ip: &str) -> bool {
+    kernel
+        .state()
+        .routes
+        .contains_key(&ipnet::IpNet::from(ip_of(ip)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_withdrawn_again_after_it_was_routed_is_logged_again() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let (logs, _guard) = Logs::capture();
+    let node = TestNode::ready(&kernel, &store).await;
+    let pool = [("dns", "203.0.113.0/24", flock_model::PoolUse::Anycast, None)];
+    node.allow(&pool);
+    let pod = claim_pod("dns", "flock.fritzlab.net/anycast", "203.0.113.53");
+    node.cache.replace_local_pods(vec![pod]);
+    kernel.add_netns("/run/netns/dns");
+    let added = node.call(Op::Add, "c1", "/run/netns/dns", "dns").await;
+    assert!(matches!(added, Response::Result(_)), "{added:?}");
+    let (_announced, stop) = spawn_anycast(&node);
+    let withdrawn = "203.0.113.53 withdrawn: no AddressPool of use anycast contains it";
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(routed(&kernel, "203.0.113.53"));
+    node.allow(&[]);
+    tokio::time::sleep(ANYCAST_TICK * 3).await;
+    assert!(!routed(&kernel, "203.0.113.53"));
+    assert_eq!(logs.count(withdrawn), 1, "logged once, not every pass");
+    node.allow(&pool);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(routed(&kernel, "203.0.113.53"), "admitted again");
+    node.allow(&[]);
+    tokio::time::sleep(ANYCAST_TICK * 3).await;
+    assert!(!routed(&kernel, "203.0.113.53"));
+    assert_eq!(
+        logs.count(withdrawn),
+        2,
+        "the second withdrawal is logged too"
+    );
+    stop.cancel();
+}
