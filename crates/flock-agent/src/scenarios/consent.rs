@@ -1,5 +1,6 @@
-//! Claims and the AddressPools' consent over time, with paused time: a
-//! withdrawal that comes back.
+//! Claims and the AddressPools' consent over time, with paused time: an
+//! upgrade that finds claims no pool covers, and a withdrawal that comes
+//! back.
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -66,6 +67,81 @@ fn routed(kernel: &FakeKernel, ip: &str) -> bool {
         .state()
         .routes
         .contains_key(&ipnet::IpNet::from(ip_of(ip)))
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upgrade_that_finds_claims_no_pool_covers_withdraws_each_loudly() {
+    // What a version without AddressPools left: a committed entry with an
+    // anycast and an `addresses` IP, its veth, and routes to both.
+    let mut old = entry("c1", "dns", "198.18.0.7", AllocState::Committed);
+    old.anycast = vec![ip_of("203.0.113.53")];
+    old.addresses = vec![ip_of("198.51.100.7")];
+    let store = FakeStore::with(vec![old.clone()]);
+    let kernel = FakeKernel::default();
+    let inode = kernel.add_netns(&old.netns);
+    {
+        let mut s = kernel.state();
+        s.links.insert(
+            old.host_iface.clone(),
+            crate::fakes::FakeLink {
+                netns_inode: inode,
+                ifname: "eth0".into(),
+                ips: vec![ip_of("198.18.0.7")],
+            },
+        );
+    }
+    for ip in ["203.0.113.53", "198.51.100.7"] {
+        flock_anycast::Routes::replace(
+            &kernel,
+            ip_of(ip),
+            &[flock_netlink::Nexthop {
+                via: ip_of("198.18.0.7"),
+                dev: old.host_iface.clone(),
+            }],
+        )
+        .await
+        .expect("an old route");
+    }
+    let (logs, _guard) = Logs::capture();
+    // The new version starts with no pool (the pools are listed, empty).
+    let node = TestNode::ready(&kernel, &store).await;
+    assert_eq!(store.entries().len(), 1, "the pod is kept");
+    let mut pod = claim_pod("dns", "flock.fritzlab.net/anycast", "203.0.113.53");
+    pod.annotations
+        .insert("flock.fritzlab.net/addresses".into(), "198.51.100.7".into());
+    node.cache.replace_local_pods(vec![pod]);
+    let (announced, stop) = spawn_anycast(&node);
+    tokio::time::sleep(ANYCAST_TICK).await;
+    assert!(!routed(&kernel, "203.0.113.53"), "anycast route withdrawn");
+    assert!(
+        !routed(&kernel, "198.51.100.7"),
+        "addresses route withdrawn"
+    );
+    assert_eq!(announced.borrow().clone(), Some(Default::default()));
+    assert_eq!(
+        logs.count(
+            "pod default/dns: 203.0.113.53 withdrawn: no AddressPool of use anycast contains it"
+        ),
+        1
+    );
+    assert_eq!(
+        logs.count(
+            "pod default/dns: 198.51.100.7 withdrawn: no AddressPool of use addresses contains it"
+        ),
+        1
+    );
+    assert_eq!(node.pods.metrics.withdrawn_claims.get(), 2);
+    assert!(
+        node.pods
+            .metrics
+            .encode()
+            .contains("flock_withdrawn_claims 2"),
+        "the metric is exported"
+    );
+    // The pod itself is untouched.
+    assert_eq!(kernel.link_names(), vec![old.host_iface.clone()]);
+    assert_eq!(store.entries(), vec![old]);
+    stop.cancel();
 }
 
 #[tokio::test(start_paused = true)]
