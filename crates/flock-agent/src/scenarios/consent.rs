@@ -1,6 +1,6 @@
 //! Claims and the AddressPools' consent over time, with paused time: an
-//! upgrade that finds claims no pool covers, and a withdrawal that comes
-//! back.
+//! upgrade that finds claims no pool covers, a withdrawal that comes back,
+//! and the readiness gate that waits for pools and NodeConfigs.
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -175,5 +175,49 @@ async fn a_claim_withdrawn_again_after_it_was_routed_is_logged_again() {
         2,
         "the second withdrawal is logged too"
     );
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_runtime_is_ready_only_once_pools_and_nodeconfigs_are_listed() {
+    let cache = Cache::new(NODE);
+    cache.replace_pods(Vec::<PodInfo>::new());
+    cache.replace_namespaces(BTreeMap::from([("default".into(), BTreeMap::new())]));
+    cache.replace_policies(Vec::<k8s_openapi::api::networking::v1::NetworkPolicy>::new());
+    cache.mark_local_pods_synced();
+    let (consent, consented) =
+        crate::claims::ConsentLoop::new(cache.clone(), Arc::new(Board::default()), Metrics::new());
+    let stop = CancellationToken::new();
+    tokio::spawn(consent.run(stop.clone()));
+    let (readiness, state) = watch::channel(Readiness::Starting("recovering".into()));
+    let gate = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            crate::runtime::ready_once_listed(
+                NODE,
+                consented,
+                &cache,
+                Duration::from_secs(10),
+                &readiness,
+            )
+            .await
+        })
+    };
+    let not_ready = |why: &str| match &*state.borrow() {
+        Readiness::Starting(reason) => assert!(
+            reason.contains("waiting for the AddressPools and NodeConfigs"),
+            "{why}: {reason}"
+        ),
+        Readiness::Ready => panic!("ready {why}"),
+    };
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    not_ready("with nothing listed");
+    cache.replace_pools(Vec::new());
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    not_ready("with the pools listed but no NodeConfig list");
+    cache.replace_node_configs(vec![node_config("198.18.0.0/24")]);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(*state.borrow(), Readiness::Ready, "both listed");
+    gate.await.expect("gate task").expect("ready");
     stop.cancel();
 }
