@@ -3,10 +3,11 @@
 //! the real plugin. Every refusal (a namespace the pool does not select,
 //! another pod's address, an IP an older pod claims, a node prefix, a
 //! prefix the node still holds, no pool) fails the ADD and changes
-//! nothing, on the node or the ToR; a replica whose veth is gone leaves a shared IP routed and
-//! announced through the others; a narrowed pool withdraws; a terminating
-//! pod leaves its nexthops; a new peer restarts no other session; a
-//! configuration BIRD would refuse never replaces the good bird.conf.
+//! nothing, on the node or the ToR; a replica whose veth is gone leaves a
+//! shared IP routed and announced through the others; a narrowed pool
+//! withdraws; a terminating pod leaves its nexthops; a peer added or
+//! removed restarts no other session; a configuration BIRD would refuse
+//! never replaces the good bird.conf.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -292,6 +293,47 @@ fn claims_need_consent_take_nothing_and_what_is_announced_is_what_is_routed() {
                 || l.contains("2001:db8:0:1::/64")
                 || l.contains("203.0.113.77"))),
         "adding a peer withdrew routes on the ToR:\n{changes}"
+    );
+    // The peer removed again: no other session restarts either. (Its
+    // sessions up first, or a restart would have nothing to withdraw.)
+    until(
+        "the ToR has node-a's routes",
+        Duration::from_secs(30),
+        || {
+            let r = tor_routes(tor);
+            (r.contains("198.18.1.0/24 via 198.19.1.1")
+                && r.contains("2001:db8:0:1::/64 via 2001:db8:ff:1::1")
+                && r.contains("203.0.113.77"))
+            .then_some(r)
+        },
+    );
+    let monitor = RouteMonitor::start(tor);
+    node.put_manifest(
+        "nodeconfig",
+        &node_config_for("node-a", &fabric::node_spec(1, 65001), ""),
+    );
+    until(
+        "bird.conf without the peer",
+        Duration::from_secs(10),
+        || {
+            let c = std::fs::read_to_string(node.bird_config()).ok()?;
+            (!c.contains("peer_198_19_1_2 ") && c.contains("protocol bgp peer_198_19_1_254 {"))
+                .then_some(c)
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let changes = monitor.stop();
+    assert!(
+        !changes.lines().any(|l| l.starts_with("Deleted")
+            && (l.contains("198.18.1.0/24")
+                || l.contains("2001:db8:0:1::/64")
+                || l.contains("203.0.113.77"))),
+        "removing a peer withdrew routes on the ToR:\n{changes}"
+    );
+    assert!(
+        tor_routes(tor).contains("198.18.1.0/24 via 198.19.1.1")
+            && tor_routes(tor).contains("203.0.113.77"),
+        "the ToR still has node-a's routes"
     );
 
     // A peer BIRD would refuse (link-local, no interface): the good
