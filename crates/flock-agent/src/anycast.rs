@@ -45,7 +45,9 @@ pub struct AnycastLoop<K, S> {
     announced: watch::Sender<Option<BTreeSet<IpAddr>>>,
     board: Arc<Board>,
     metrics: Metrics,
-    /// Each skipped address is logged once, not every pass.
+    /// The skipped addresses of the last pass: each is logged when it
+    /// starts being skipped, not every pass, and again if it comes back
+    /// after it was routed.
     warned: HashSet<String>,
 }
 
@@ -174,11 +176,12 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
             },
         );
         self.metrics.withdrawn_claims.set(withdrawn.get());
-        for warning in warnings {
-            if self.warned.insert(warning.clone()) {
+        for warning in &warnings {
+            if !self.warned.contains(warning) {
                 warn!(%warning, "anycast address not routed or announced");
             }
         }
+        self.warned = warnings.into_iter().collect();
         let reconciled = flock_anycast::reconcile(&*self.kernel, &targets).await;
         // Announced: what the node has a route for.
         let routed: BTreeSet<IpAddr> = match &reconciled {
@@ -205,9 +208,22 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
                     self.metrics.reconciled("anycast_route_removed");
                 }
                 let problems: Vec<String> = changes
-                    .failed
+                    .missing
                     .iter()
-                    .map(|(ip, e)| format!("{ip} not routed (so not announced): {e}"))
+                    .flat_map(|(ip, hops)| {
+                        hops.iter().map(move |h| {
+                            format!(
+                                "{ip}: nexthop {} dev {} left out until its host veth exists again",
+                                h.via, h.dev
+                            )
+                        })
+                    })
+                    .chain(
+                        changes
+                            .failed
+                            .iter()
+                            .map(|(ip, e)| format!("{ip} not routed (so not announced): {e}")),
+                    )
                     .chain(changes.errors)
                     .collect();
                 for error in &problems {

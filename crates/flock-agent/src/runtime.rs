@@ -319,31 +319,46 @@ async fn start(
             Err(_) => {}
         }
     }
-    readiness.send_replace(Readiness::Starting(format!(
-        "node {}: waiting for the AddressPools and NodeConfigs to be listed",
-        cfg.node
-    )));
-    let mut consented = pods.consent.clone();
-    if consented.wait_for(Option::is_some).await.is_err() {
-        anyhow::bail!("the AddressPool loop stopped");
-    }
-    readiness.send_replace(Readiness::Starting(format!(
-        "node {}: waiting for pods, namespaces and NetworkPolicies to be listed",
-        cfg.node
-    )));
-    while !pods
-        .cache
-        .wait_for_policy_inputs(cfg.nodeconfig_timeout)
-        .await
-    {
-        warn!(
-            "pods, namespaces or NetworkPolicies not listed yet; not ready for ADD until they are"
-        );
-    }
-    readiness.send_replace(Readiness::Ready);
+    ready_once_listed(
+        &cfg.node,
+        pods.consent.clone(),
+        &pods.cache,
+        cfg.nodeconfig_timeout,
+        readiness,
+    )
+    .await?;
     if let Some(usage) = pods.allocations.usage() {
         pods.metrics.set_usage(usage);
     }
     info!(entries = pods.allocations.len(), "node runtime ready");
     Ok(source)
+}
+
+/// The last gate before ADD, once the NodeConfig is applied: the consent
+/// (AddressPools and every NodeConfig listed), then pods, namespaces and
+/// NetworkPolicies listed; only then [`Readiness::Ready`]. A missing list
+/// is warned about every `warn_every`.
+pub(crate) async fn ready_once_listed(
+    node: &str,
+    mut consented: crate::claims::Consented,
+    cache: &Cache,
+    warn_every: Duration,
+    readiness: &watch::Sender<Readiness>,
+) -> anyhow::Result<()> {
+    readiness.send_replace(Readiness::Starting(format!(
+        "node {node}: waiting for the AddressPools and NodeConfigs to be listed"
+    )));
+    if consented.wait_for(Option::is_some).await.is_err() {
+        anyhow::bail!("the AddressPool loop stopped");
+    }
+    readiness.send_replace(Readiness::Starting(format!(
+        "node {node}: waiting for pods, namespaces and NetworkPolicies to be listed"
+    )));
+    while !cache.wait_for_policy_inputs(warn_every).await {
+        warn!(
+            "pods, namespaces or NetworkPolicies not listed yet; not ready for ADD until they are"
+        );
+    }
+    readiness.send_replace(Readiness::Ready);
+    Ok(())
 }

@@ -26,6 +26,8 @@ use crate::policy::policy_loop;
 use crate::serial::ContainerLocks;
 use crate::status::{Board, Readiness};
 
+mod consent;
+
 const NODE: &str = "node-a";
 const CONF: &str = r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"flock"}"#;
 
@@ -997,6 +999,87 @@ async fn the_anycast_loop_routes_an_ip_to_its_ready_pods_only() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(!routed(&kernel), "withdrawn when it is not");
     assert_eq!(announced.borrow().clone(), Some(Default::default()));
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_veth_of_a_shared_ip_leaves_it_routed_and_announced_through_the_others() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.allow(&[("dns", "203.0.113.0/24", flock_model::PoolUse::Anycast, None)]);
+    let pods =
+        ["dns-a", "dns-b"].map(|p| claim_pod(p, "flock.fritzlab.net/anycast", "203.0.113.53"));
+    node.cache.replace_local_pods(pods.to_vec());
+    for (id, pod) in [("ca", "dns-a"), ("cb", "dns-b")] {
+        let netns = format!("/run/netns/{pod}");
+        kernel.add_netns(&netns);
+        assert!(matches!(
+            node.call(Op::Add, id, &netns, pod).await,
+            Response::Result(_)
+        ));
+    }
+    let board = Arc::new(Board::default());
+    let (anycast, announced) = crate::anycast::AnycastLoop::new(
+        node.cache.clone(),
+        node.pods.allocations.clone(),
+        node.pods.kernel.clone(),
+        node.pods.anycast.clone(),
+        node.pods.consent.clone(),
+        node.pods.prefixes.clone(),
+        board.clone(),
+        node.pods.metrics.clone(),
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(anycast.run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let ip = ip_of("203.0.113.53");
+    let hops = |k: &FakeKernel| {
+        k.state()
+            .routes
+            .get(&ipnet::IpNet::from(ip))
+            .map_or(0, |r| r.nexthops.len())
+    };
+    assert_eq!(hops(&kernel), 2);
+    let errors = || {
+        node.pods
+            .metrics
+            .errors
+            .get_or_create(&crate::metrics::KindLabels {
+                kind: "anycast".into(),
+            })
+            .get()
+    };
+    assert_eq!(errors(), 0);
+    // dns-b's veth goes away under the agent (its entry stays): the kernel
+    // drops the multipath route with it.
+    let gone = host_iface_name("cb");
+    let link = {
+        let mut s = kernel.state();
+        let link = s.links.remove(&gone).expect("dns-b's veth");
+        s.routes.remove(&ipnet::IpNet::from(ip));
+        link
+    };
+    tokio::time::sleep(crate::anycast::ANYCAST_TICK).await;
+    assert_eq!(hops(&kernel), 1, "routed through dns-a's veth");
+    assert_eq!(
+        announced.borrow().clone(),
+        Some(std::collections::BTreeSet::from([ip])),
+        "and so still announced"
+    );
+    assert!(errors() >= 1, "the missing nexthop is counted");
+    assert!(
+        board
+            .all()
+            .iter()
+            .any(|w| w.contains("203.0.113.53") && w.contains(&gone)),
+        "{:?}",
+        board.all()
+    );
+    // The veth is back: the next pass routes through both again.
+    kernel.state().links.insert(gone, link);
+    tokio::time::sleep(crate::anycast::ANYCAST_TICK).await;
+    assert_eq!(hops(&kernel), 2);
+    assert_eq!(board.all(), Vec::<String>::new());
     stop.cancel();
 }
 

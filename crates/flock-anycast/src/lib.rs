@@ -88,6 +88,10 @@ pub struct Changes {
     /// Targets that could not be routed, with why; the others were still
     /// reconciled. They must not be announced.
     pub failed: BTreeMap<IpAddr, String>,
+    /// Nexthops left out because their host veth does not exist, by IP:
+    /// the IP is routed (and may be announced) through the others, and the
+    /// missing ones are tried again on the next pass.
+    pub missing: BTreeMap<IpAddr, Vec<Nexthop>>,
     /// Stale routes that could not be removed, each naming its prefix.
     pub errors: Vec<String>,
 }
@@ -132,9 +136,11 @@ impl Routes for Dataplane {
 
 /// Makes the installed anycast routes equal `targets`, touching only what
 /// differs. Routes are told apart from the pods' own host routes by having
-/// a gateway. A target that fails (a veth that just went away, say) is
-/// reported and the others go on, stale routes included; only when the
-/// kernel cannot even be listed does nothing happen.
+/// a gateway. A nexthop whose veth is gone is left out (in
+/// [`Changes::missing`]) and the IP goes through the nexthops that exist;
+/// an IP with none left loses its route. A target that fails is reported
+/// in [`Changes::failed`] and the others go on, stale routes included; only
+/// when the kernel cannot even be listed does nothing happen.
 pub async fn reconcile(routes: &impl Routes, targets: &Targets) -> flock_netlink::Result<Changes> {
     let indices = routes.link_indices().await?;
     let installed: BTreeMap<IpNet, Vec<(Option<IpAddr>, u32)>> = routes
@@ -146,15 +152,35 @@ pub async fn reconcile(routes: &impl Routes, targets: &Targets) -> flock_netlink
         .collect();
     let mut changes = Changes::default();
     for (ip, hops) in targets {
-        let mut want: Vec<(Option<IpAddr>, u32)> = hops
+        let (present, missing): (Vec<Nexthop>, Vec<Nexthop>) = hops
+            .iter()
+            .cloned()
+            .partition(|h| indices.contains_key(&h.dev));
+        if !missing.is_empty() {
+            changes.missing.insert(*ip, missing);
+        }
+        let dst = IpNet::from(*ip);
+        if present.is_empty() {
+            changes
+                .failed
+                .insert(*ip, "no nexthop's host veth exists".to_owned());
+            if installed.contains_key(&dst) {
+                match routes.remove(dst).await {
+                    Ok(()) => changes.removed += 1,
+                    Err(e) => changes.errors.push(format!("{dst}: {e}")),
+                }
+            }
+            continue;
+        }
+        let mut want: Vec<(Option<IpAddr>, u32)> = present
             .iter()
             .filter_map(|h| indices.get(&h.dev).map(|&i| (Some(h.via), i)))
             .collect();
         want.sort();
-        if installed.get(&IpNet::from(*ip)) == Some(&want) {
+        if installed.get(&dst) == Some(&want) {
             continue;
         }
-        match routes.replace(*ip, hops).await {
+        match routes.replace(*ip, &present).await {
             Ok(()) => changes.replaced += 1,
             Err(e) => {
                 changes.failed.insert(*ip, e.to_string());
@@ -174,9 +200,184 @@ pub async fn reconcile(routes: &impl Routes, targets: &Targets) -> flock_netlink
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
     use std::time::SystemTime;
 
+    use flock_netlink::{FLOCK_ROUTE_PROTOCOL, NetlinkError};
+
     use super::*;
+
+    /// Routes in memory: the veths that exist, flock's routes, and IPs
+    /// whose replace the kernel refuses.
+    #[derive(Default)]
+    struct MemRoutes {
+        links: Vec<&'static str>,
+        routes: Mutex<BTreeMap<IpNet, InstalledRoute>>,
+        refuse: Vec<IpAddr>,
+    }
+
+    fn index(dev: &str) -> u32 {
+        dev.bytes().map(u32::from).sum()
+    }
+
+    impl MemRoutes {
+        fn vias(&self, ip: &str) -> Option<Vec<String>> {
+            let dst = IpNet::from(ip.parse::<IpAddr>().expect("ip"));
+            let routes = self.routes.lock().expect("routes");
+            let route = routes.get(&dst)?;
+            Some(
+                route
+                    .nexthops
+                    .iter()
+                    .map(|(via, _)| via.expect("gateway").to_string())
+                    .collect(),
+            )
+        }
+    }
+
+    impl Routes for MemRoutes {
+        async fn installed(&self) -> flock_netlink::Result<Vec<InstalledRoute>> {
+            Ok(self
+                .routes
+                .lock()
+                .expect("routes")
+                .values()
+                .cloned()
+                .collect())
+        }
+
+        async fn link_indices(&self) -> flock_netlink::Result<HashMap<String, u32>> {
+            Ok(self
+                .links
+                .iter()
+                .map(|l| (l.to_string(), index(l)))
+                .collect())
+        }
+
+        async fn replace(&self, dst: IpAddr, nexthops: &[Nexthop]) -> flock_netlink::Result<()> {
+            if self.refuse.contains(&dst) {
+                return Err(NetlinkError::Conflict(format!("anycast {dst}: refused")));
+            }
+            let mut hops = Vec::new();
+            for h in nexthops {
+                if !self.links.contains(&h.dev.as_str()) {
+                    return Err(NetlinkError::Conflict(format!(
+                        "anycast {dst}: nexthop device {} does not exist",
+                        h.dev
+                    )));
+                }
+                hops.push((Some(h.via), index(&h.dev)));
+            }
+            hops.sort();
+            let dst = IpNet::from(dst);
+            self.routes.lock().expect("routes").insert(
+                dst,
+                InstalledRoute {
+                    dst,
+                    kind: RouteKind::Unicast,
+                    nexthops: hops,
+                    protocol: FLOCK_ROUTE_PROTOCOL,
+                },
+            );
+            Ok(())
+        }
+
+        async fn remove(&self, dst: IpNet) -> flock_netlink::Result<()> {
+            self.routes.lock().expect("routes").remove(&dst);
+            Ok(())
+        }
+    }
+
+    fn hop(via: &str, dev: &str) -> Nexthop {
+        Nexthop {
+            via: via.parse().expect("via"),
+            dev: dev.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_veth_or_a_failing_target_stops_nothing_else() {
+        let kernel = MemRoutes {
+            links: vec!["flockaaaa", "flockcccc"],
+            refuse: vec!["203.0.113.3".parse().expect("ip")],
+            ..MemRoutes::default()
+        };
+        // Routes of an earlier pass: one to an IP nobody claims any more,
+        // one whose only pod's veth is gone.
+        let old = Targets::from([
+            (
+                "203.0.113.9".parse().expect("ip"),
+                vec![hop("198.18.0.2", "flockaaaa")],
+            ),
+            (
+                "203.0.113.4".parse().expect("ip"),
+                vec![hop("198.18.0.2", "flockaaaa")],
+            ),
+        ]);
+        reconcile(&kernel, &old).await.expect("first pass");
+        let targets = Targets::from([
+            (
+                "203.0.113.1".parse().expect("ip"),
+                vec![
+                    hop("198.18.0.2", "flockaaaa"),
+                    hop("198.18.0.3", "flockbbbb"),
+                ],
+            ),
+            (
+                "203.0.113.2".parse().expect("ip"),
+                vec![hop("198.18.0.4", "flockcccc")],
+            ),
+            (
+                "203.0.113.3".parse().expect("ip"),
+                vec![hop("198.18.0.4", "flockcccc")],
+            ),
+            (
+                "203.0.113.4".parse().expect("ip"),
+                vec![hop("198.18.0.3", "flockbbbb")],
+            ),
+        ]);
+        let changes = reconcile(&kernel, &targets).await.expect("listed");
+        assert_eq!(
+            kernel.vias("203.0.113.1"),
+            Some(vec!["198.18.0.2".to_owned()]),
+            "the shared IP goes through the nexthop that exists"
+        );
+        assert_eq!(
+            kernel.vias("203.0.113.2"),
+            Some(vec!["198.18.0.4".to_owned()])
+        );
+        assert_eq!(kernel.vias("203.0.113.3"), None, "refused by the kernel");
+        assert_eq!(
+            kernel.vias("203.0.113.4"),
+            None,
+            "no nexthop left: no route"
+        );
+        assert_eq!(kernel.vias("203.0.113.9"), None, "stale route removed");
+        assert_eq!(
+            changes
+                .missing
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["203.0.113.1", "203.0.113.4"]
+        );
+        assert_eq!(
+            changes.missing[&"203.0.113.1".parse::<IpAddr>().expect("ip")][0].dev,
+            "flockbbbb"
+        );
+        assert_eq!(
+            changes
+                .failed
+                .keys()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["203.0.113.3", "203.0.113.4"],
+            "not routed, so not to be announced"
+        );
+        assert!(changes.failed[&"203.0.113.3".parse::<IpAddr>().expect("ip")].contains("refused"));
+        assert_eq!((changes.replaced, changes.removed), (2, 2));
+        assert!(changes.errors.is_empty(), "{:?}", changes.errors);
+    }
 
     fn alloc(
         id: &str,
