@@ -68,6 +68,7 @@ fn ready_line(warnings: &[String]) -> String {
         .iter()
         .map(|w| w.split(':').next().unwrap_or("agent"))
         .collect();
+    sources.sort_unstable();
     sources.dedup();
     format!(
         "ready; {} warning{} ({}): details in the log\n",
@@ -84,12 +85,12 @@ mod tests {
         assert_eq!(super::ready_line(&[]), "ready\n");
         let line = super::ready_line(&[
             "bird: last configuration not loaded".into(),
-            "bird: another".into(),
             "allocations: 198.18.0.2 is held by 2 entries".into(),
+            "bird: another".into(),
         ]);
         assert_eq!(
             line,
-            "ready; 3 warnings (bird, allocations): details in the log\n"
+            "ready; 3 warnings (allocations, bird): details in the log\n"
         );
     }
 }

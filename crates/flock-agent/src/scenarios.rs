@@ -835,12 +835,9 @@ async fn a_failed_write_reaches_the_runtime_and_a_refusing_store_still_tears_dow
         "but the kernel side is torn down"
     );
     assert_eq!(kernel.host_routes(), vec![]);
-    assert!(
-        node.handler
-            .warnings()
-            .iter()
-            .any(|w| w.contains("takes no writes"))
-    );
+    // It cannot serve ADD: not ready (503), with the reason.
+    let not_ready = node.handler.readiness().expect_err("not ready");
+    assert!(not_ready.contains("takes no writes"), "{not_ready}");
     let status = node.call(Op::Status, "", "", "").await;
     assert_eq!(code(&status), ErrorCode::PLUGIN_NOT_AVAILABLE);
 }

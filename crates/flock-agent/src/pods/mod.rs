@@ -168,8 +168,15 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
 impl<K: Kernel, S: AllocationStore> Handler for PodHandler<K, S> {
     fn readiness(&self) -> Result<(), String> {
         match &*self.pods.readiness.borrow() {
-            Readiness::Ready => Ok(()),
-            Readiness::Starting(reason) => Err(reason.clone()),
+            Readiness::Ready => {}
+            Readiness::Starting(reason) => return Err(reason.clone()),
+        }
+        // Every ADD would answer "try again later" until a restart.
+        match self.pods.allocations.refusing() {
+            Some(reason) => Err(format!(
+                "the allocation store takes no writes until flock-agent restarts: {reason}"
+            )),
+            None => Ok(()),
         }
     }
 
@@ -183,9 +190,6 @@ impl<K: Kernel, S: AllocationStore> Handler for PodHandler<K, S> {
                 holders.join(", ")
             )
         }));
-        if let Some(reason) = pods.allocations.refusing() {
-            out.push(format!("allocations: the store takes no writes: {reason}"));
-        }
         out
     }
 
