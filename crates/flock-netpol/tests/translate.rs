@@ -466,6 +466,37 @@ fn table(w: &World, yaml: &str) -> String {
 }
 
 #[test]
+fn a_few_single_ports_are_a_rule_each_and_more_or_ranges_one_anonymous_set() {
+    let w = world();
+    let few = table(
+        &w,
+        "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: b}}}]\n    ports: [{port: 80}, {port: 443}, {protocol: UDP, port: 53}]",
+    );
+    let chain: Vec<&str> = few
+        .lines()
+        .skip_while(|l| !l.contains("chain in_flockxa"))
+        .take_while(|l| !l.trim().starts_with('}'))
+        .collect();
+    for port in [
+        "tcp dport 80 return",
+        "tcp dport 443 return",
+        "udp dport 53 return",
+    ] {
+        assert_eq!(
+            chain.iter().filter(|l| l.ends_with(port)).count(),
+            2,
+            "one rule per family: {chain:?}"
+        );
+    }
+    assert!(!few.contains("th dport {"), "no anonymous set: {few}");
+    let many = table(
+        &w,
+        "metadata: {name: web, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: a}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: b}}}]\n    ports: [{port: 80}, {port: 81}, {port: 82}, {port: 83}, {port: 84}]\n  - from: [{podSelector: {matchLabels: {pod: c}}}]\n    ports: [{port: 8000, endPort: 8080}]",
+    );
+    assert_eq!(many.matches("th dport {").count(), 4, "{many}");
+}
+
+#[test]
 fn golden_scripts_are_stable_and_nft_accepts_them() {
     let w = world();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
