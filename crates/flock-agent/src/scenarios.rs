@@ -27,6 +27,7 @@ use crate::serial::ContainerLocks;
 use crate::status::{Board, Readiness};
 
 mod consent;
+mod pool_status;
 
 const NODE: &str = "node-a";
 const CONF: &str = r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"flock"}"#;
