@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # flock's one test command: installs the Debian packages the tests need when
 # they are missing, then checks formatting and lints, fuzzes the parsers
-# (installing cargo-fuzz when missing), and runs every test.
+# (installing cargo-fuzz when missing), builds the Go-built test components
+# (scripts/kube-bin.sh) and runs every test.
 # Tests that need root (network namespaces, nft, bird) expect to run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +72,19 @@ for target in $targets; do
     echo "$target: $done_line"
     rm -rf "$corpus" "$flog"
 done
+
+# The real control plane for the kubernetes-datastore tests: etcd and
+# kube-apiserver (and critest) built from their Go modules once, cached
+# outside the clone (minutes on a fresh machine, seconds after).
+echo "== Go: go vet of the wrapper modules, scripts/kube-bin.sh"
+if ! command -v go >/dev/null; then
+    echo "test.sh: no Go toolchain; the kubernetes-datastore tests need it (scripts/kube-bin.sh)" >&2
+    exit 1
+fi
+for module in scripts/kube-bin/*/; do
+    go -C "$module" vet ./...
+done
+bash scripts/kube-bin.sh
 
 echo "== cargo test --workspace"
 log=$(mktemp)

@@ -188,52 +188,7 @@ pub type Consented = watch::Receiver<Option<Arc<Consent>>>;
 /// Where each pool's `Valid` condition is written: the API server's
 /// AddressPool status (the kubernetes datastore; with `dir:` refusals are
 /// logged only).
-#[derive(Clone)]
-pub struct PoolStatus {
-    pools: kube::Api<AddressPool>,
-}
-
-impl PoolStatus {
-    /// Through `client`.
-    pub fn new(client: kube::Client) -> PoolStatus {
-        PoolStatus {
-            pools: kube::Api::all(client),
-        }
-    }
-
-    /// Writes `Valid` (with why not, when refused) unless `pool` says so already.
-    async fn report(&self, pool: &AddressPool, refused: Option<&str>) -> Result<(), kube::Error> {
-        let (status, reason, message) = match refused {
-            None => ("True", "Accepted", "the pool is in force"),
-            Some(why) => ("False", "Refused", why),
-        };
-        let current = pool
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Valid"));
-        if current.is_some_and(|c| c.status == status && c.message == message) {
-            return Ok(());
-        }
-        let patch = serde_json::json!({
-            "status": {"conditions": [{
-                "type": "Valid",
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
-                "observedGeneration": pool.metadata.generation,
-            }]}
-        });
-        self.pools
-            .patch_status(
-                &pool.name_any(),
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(patch),
-            )
-            .await
-            .map(drop)
-    }
-}
+pub type PoolStatus = crate::condition::ValidStatus<AddressPool>;
 
 /// Rebuilds the [`Consent`] on every change of pools or NodeConfigs.
 pub struct ConsentLoop {

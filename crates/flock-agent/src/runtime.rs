@@ -21,7 +21,7 @@ use crate::allocations::Allocations;
 use crate::anycast::AnycastLoop;
 use crate::bird::BirdLoop;
 use crate::claims::ConsentLoop;
-use crate::condition::{KubeNode, keep_network_available};
+use crate::condition::{KubeNode, ValidStatus, keep_network_available};
 use crate::kernel::NodeKernel;
 use crate::metrics::Metrics;
 use crate::pods::{PodHandler, Pods};
@@ -235,7 +235,6 @@ async fn start(
                 SourceGuard::Kube(flock_datastore::kubernetes::start(
                     client.clone(),
                     pods.cache.clone(),
-                    false,
                 )),
                 Some(client),
             )
@@ -257,6 +256,10 @@ async fn start(
         board.clone(),
         metrics.clone(),
     );
+    let settings = match &client {
+        Some(client) => settings.reporting(ValidStatus::new(client.clone())),
+        None => settings,
+    };
     tasks.spawn(settings.run(cancel.clone()));
     tasks.spawn(consent.run(cancel.clone()));
     let (anycast, announced) = AnycastLoop::new(

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::allocations::Allocations;
+use crate::condition::ValidStatus;
 use crate::kernel::Kernel;
 use crate::metrics::Metrics;
 use crate::status::Board;
@@ -103,6 +104,8 @@ pub struct SettingsLoop<K, S> {
     adopted: bool,
     /// This node's NodeConfig, validated once per change.
     validations: Validations,
+    /// Where the NodeConfig's `Valid` condition is written (kubernetes datastore).
+    status: Option<ValidStatus<NodeConfig>>,
 }
 
 impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
@@ -129,9 +132,16 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
                 retired: BTreeSet::new(),
                 adopted: false,
                 validations: Validations::default(),
+                status: None,
             },
             rx,
         )
+    }
+
+    /// Reports the NodeConfig's validity in its status too.
+    pub fn reporting(mut self, status: ValidStatus<NodeConfig>) -> Self {
+        self.status = Some(status);
+        self
     }
 
     /// Follows NodeConfig changes (and, while an old prefix is kept, the
@@ -160,13 +170,16 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
 
     async fn pass(&mut self) {
         let mut fresh = None;
-        let validated = self
-            .cache
-            .node_config()
-            .map(|nc| self.validations.settings(&nc));
+        let node_config = self.cache.node_config();
+        let validated = node_config.as_ref().map(|nc| self.validations.settings(nc));
+        let mut refused = None;
         match validated {
+            // Deleted after one was in force: it stays in force, and says so.
+            None if self.published.borrow().is_some() => {
+                self.refuse(format!("NodeConfig {} was deleted", self.cache.node()));
+            }
             None => {}
-            Some(Err(problem)) => self.refuse(problem),
+            Some(Err(problem)) => refused = Some(problem),
             Some(Ok(settings)) => {
                 let before = self.published.borrow().clone();
                 if before.as_deref() != Some(&*settings) {
@@ -177,12 +190,20 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
                             }
                             fresh = Some(settings);
                         }
-                        Err(problem) => self.refuse(problem),
+                        Err(problem) => refused = Some(problem),
                     }
                 } else {
                     self.accept();
                 }
             }
+        }
+        if let Some(problem) = &refused {
+            self.refuse(problem.clone());
+        }
+        if let (Some(status), Some(nc)) = (&self.status, &node_config)
+            && let Err(error) = status.report(nc, refused.as_deref()).await
+        {
+            warn!(node = %nc.name_any(), %error, "cannot write the NodeConfig's Valid condition");
         }
         let Some(settings) = fresh.clone().or_else(|| self.published.borrow().clone()) else {
             return;

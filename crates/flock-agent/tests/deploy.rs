@@ -278,7 +278,11 @@ fn rbac_grants_exactly_what_the_agent_uses() {
             "flock.fritzlab.net/addresspools/status".to_owned(),
             vec!["patch".to_owned()],
         ),
-        ("/nodes/status".to_owned(), vec!["patch".to_owned()]),
+        // Read first, so a refresh keeps the condition's lastTransitionTime.
+        (
+            "/nodes/status".to_owned(),
+            vec!["get".to_owned(), "patch".to_owned()],
+        ),
     ]);
     assert_eq!(got, want);
     let binding = all

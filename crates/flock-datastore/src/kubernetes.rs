@@ -10,13 +10,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flock_model::{AddressPool, NodeConfig};
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event as WatchEvent};
 use kube::{Api, Client, ResourceExt};
@@ -24,9 +22,6 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{Cache, PodInfo};
-
-/// How often the node's `NetworkUnavailable` condition is refreshed.
-pub const CONDITION_REFRESH: Duration = Duration::from_secs(60);
 
 /// The running watchers; dropping it stops them.
 #[derive(Debug)]
@@ -42,9 +37,8 @@ impl Drop for KubeWatch {
     }
 }
 
-/// Starts the watchers (and, if `set_condition`, the node-condition
-/// refresher) feeding `cache`.
-pub fn start(client: Client, cache: Cache, set_condition: bool) -> KubeWatch {
+/// Starts the watchers feeding `cache`.
+pub fn start(client: Client, cache: Cache) -> KubeWatch {
     let node = cache.node().to_owned();
     let mut tasks = Vec::new();
 
@@ -195,9 +189,6 @@ pub fn start(client: Client, cache: Cache, set_condition: bool) -> KubeWatch {
         },
     )));
 
-    if set_condition {
-        tasks.push(tokio::spawn(keep_network_available(client, node)));
-    }
     KubeWatch { tasks }
 }
 
@@ -232,38 +223,4 @@ where
             Err(error) => warn!(watcher = what, %error, "watch failed; retrying"),
         }
     }
-}
-
-/// Keeps the Node's `NetworkUnavailable` condition False (reason
-/// `FlockReady`), so the node is schedulable while flock serves it.
-async fn keep_network_available(client: Client, node: String) {
-    let nodes: Api<Node> = Api::all(client);
-    let mut tick = tokio::time::interval(CONDITION_REFRESH);
-    loop {
-        tick.tick().await;
-        if let Err(error) = set_network_available(&nodes, &node).await {
-            warn!(%node, %error, "cannot update the NetworkUnavailable condition");
-        }
-    }
-}
-
-/// Patches the condition once.
-pub async fn set_network_available(nodes: &Api<Node>, node: &str) -> Result<(), kube::Error> {
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let patch = serde_json::json!({
-        "status": {
-            "conditions": [{
-                "type": "NetworkUnavailable",
-                "status": "False",
-                "reason": "FlockReady",
-                "message": "flock-agent is running on this node",
-                "lastTransitionTime": now.to_string(),
-                "lastHeartbeatTime": now.to_string(),
-            }]
-        }
-    });
-    nodes
-        .patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
-        .await
-        .map(drop)
 }

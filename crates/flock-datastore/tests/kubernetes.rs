@@ -1,6 +1,6 @@
 //! The kubernetes source over real HTTP against a small list/watch test
 //! double: initial list, streamed events, an expired watch, 410 Gone and a
-//! relist, and the node condition patch.
+//! relist.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{Method, Uri};
-use axum::routing::{any, patch};
+use axum::routing::any;
 use flock_datastore::{Cache, Event, kubernetes};
-use k8s_openapi::api::core::v1::Node;
-use kube::{Api, Client};
+use kube::Client;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -29,7 +28,6 @@ struct Inner {
     objects: BTreeMap<String, BTreeMap<(String, String), Value>>,
     /// How many of the next watches of a path answer 410 Gone.
     gone_next: BTreeMap<String, usize>,
-    patches: Vec<(String, Value)>,
     watches: usize,
 }
 
@@ -117,10 +115,7 @@ impl Double {
     }
 
     async fn serve(self) -> String {
-        let app = Router::new()
-            .route("/api/v1/nodes/{name}/status", patch(patch_status))
-            .fallback(any(list_or_watch))
-            .with_state(self);
+        let app = Router::new().fallback(any(list_or_watch)).with_state(self);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -128,16 +123,6 @@ impl Double {
         tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
         format!("http://{addr}")
     }
-}
-
-async fn patch_status(
-    State(d): State<Double>,
-    Path(name): Path<String>,
-    body: String,
-) -> axum::Json<Value> {
-    let v: Value = serde_json::from_str(&body).expect("patch body");
-    d.lock().patches.push((name.clone(), v));
-    axum::Json(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}))
 }
 
 async fn list_or_watch(
@@ -240,7 +225,7 @@ async fn event(rx: &mut broadcast::Receiver<Event>, want: Event) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lists_streams_relists_after_expiry_and_gone_and_patches_the_node() {
+async fn lists_streams_and_relists_after_expiry_and_gone() {
     let double = Double::new();
     double.put(PODS, pod("web-1", "node-a", false));
     double.put(PODS, pod("other", "node-b", true));
@@ -253,7 +238,7 @@ async fn lists_streams_relists_after_expiry_and_gone_and_patches_the_node() {
 
     let cache = Cache::new("node-a");
     let mut events = cache.subscribe();
-    let _watch = kubernetes::start(client.clone(), cache.clone(), false);
+    let _watch = kubernetes::start(client.clone(), cache.clone());
 
     // Initial list.
     until("initial lists", || {
@@ -328,27 +313,5 @@ async fn lists_streams_relists_after_expiry_and_gone_and_patches_the_node() {
     assert!(
         cache.local_pod("shop", "web-2").is_some(),
         "relist keeps what exists"
-    );
-
-    // The node condition.
-    let nodes: Api<Node> = Api::all(client);
-    kubernetes::set_network_available(&nodes, "node-a")
-        .await
-        .expect("patch");
-    let patches = double.lock().patches.clone();
-    let (name, body) = patches.last().expect("a patch");
-    assert_eq!(name, "node-a");
-    let condition = &body["status"]["conditions"][0];
-    assert_eq!(
-        (
-            condition["type"].as_str(),
-            condition["status"].as_str(),
-            condition["reason"].as_str()
-        ),
-        (
-            Some("NetworkUnavailable"),
-            Some("False"),
-            Some("FlockReady")
-        )
     );
 }

@@ -29,6 +29,7 @@ pub use error::{ModelError, Result};
 pub use iface::host_iface_name;
 pub use ipalgo::resolve_ip_algo;
 pub use nodeconfig::{
-    BgpPeerSpec, BgpSpec, FamilyDefaultsSpec, NodeBgp, NodeConfig, NodeConfigSpec, NodeSettings,
+    BgpPeerSpec, BgpSpec, FamilyDefaultsSpec, NodeBgp, NodeConfig, NodeConfigSpec,
+    NodeConfigStatus, NodeSettings,
 };
 pub use workload::{app_name, image_ref};

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -20,8 +21,10 @@ use crate::{ModelError, Result};
     kind = "NodeConfig",
     plural = "nodeconfigs",
     shortname = "nc",
+    status = "NodeConfigStatus",
     printcolumn = r#"{"name":"CIDR6","type":"string","jsonPath":".spec.cidr6"}"#,
-    printcolumn = r#"{"name":"CIDR4","type":"string","jsonPath":".spec.cidr4"}"#
+    printcolumn = r#"{"name":"CIDR4","type":"string","jsonPath":".spec.cidr4"}"#,
+    printcolumn = r#"{"name":"VALID","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct NodeConfigSpec {
@@ -35,11 +38,21 @@ pub struct NodeConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub defaults: Option<FamilyDefaultsSpec>,
     /// MTU of pod interfaces; by default the MTU of the interface holding the default route.
+    /// At least 1280 when cidr6 is set (IPv6's minimum), else at least 576.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 576, max = 65535))]
     pub mtu: Option<u32>,
     /// BGP: this node's ASN and router id, and the peers it announces its prefixes to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<BgpSpec>,
+}
+
+/// What the node's agent reports of its NodeConfig.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct NodeConfigStatus {
+    /// `Valid`: whether the agent put the NodeConfig in force, and why not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
 }
 
 /// Per-node address family defaults.

@@ -66,6 +66,7 @@ pub struct AgentNode {
     dir: tempfile::TempDir,
     agent_bin: PathBuf,
     plugin_bin: PathBuf,
+    kubeconfig: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -111,8 +112,20 @@ impl AgentNode {
             dir,
             agent_bin: agent_bin.to_owned(),
             plugin_bin: plugin_bin.to_owned(),
+            kubeconfig: None,
             child: None,
         }
+    }
+
+    /// From the next start on, the agent reads the `kubernetes` datastore
+    /// through `kubeconfig` instead of its manifest directory.
+    pub fn use_kubernetes(&mut self, kubeconfig: &Path) {
+        self.kubeconfig = Some(kubeconfig.to_owned());
+    }
+
+    /// A path in the node's private directory (kubeconfigs, scratch files).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// The agent's socket.
@@ -270,7 +283,8 @@ impl AgentNode {
             .append(true)
             .open(self.dir.path().join("agent.log"))
             .expect("log");
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", self.node.name()])
             .arg(&self.agent_bin)
             .arg("--socket")
@@ -278,9 +292,16 @@ impl AgentNode {
             .arg("--state-dir")
             .arg(self.state_dir())
             .args(["--node", &self.name])
-            .args(["--log-format", "json", "--nodeconfig-timeout", "10"])
-            .arg("--datastore")
-            .arg(format!("dir:{}", self.manifests().display()))
+            .args(["--log-format", "json", "--nodeconfig-timeout", "10"]);
+        match &self.kubeconfig {
+            Some(kubeconfig) => command
+                .args(["--datastore", "kubernetes"])
+                .env("KUBECONFIG", kubeconfig),
+            None => command
+                .arg("--datastore")
+                .arg(format!("dir:{}", self.manifests().display())),
+        };
+        let child = command
             .args(["--metrics-addr", "127.0.0.1:9602"])
             // Never the host's /etc/flock or /run/flock.
             .arg("--bird-config")
@@ -504,9 +525,22 @@ impl AgentNode {
 
     /// ADDs pod `namespace/name`, whose manifest is already in place.
     pub fn add_pod_in(&self, namespace: &str, name: &str, config: &str) -> Pod {
+        self.add_pod_as(namespace, name, &pod_uid(namespace, name), config)
+    }
+
+    /// ADDs pod `namespace/name` whose UID is `uid` (an API server's pod).
+    pub fn add_pod_as(&self, namespace: &str, name: &str, uid: &str, config: &str) -> Pod {
         let ns = NetnsGuard::new("pod");
         let id = format!("c0ffee{namespace}{name}");
-        let out = self.cni_in(namespace, "ADD", &id, Some(&ns.path()), name, config);
+        let args = AgentNode::pod_args(namespace, name, &id, uid);
+        let out = self.cni_raw(
+            "ADD",
+            &id,
+            &ns.path().display().to_string(),
+            "eth0",
+            &args,
+            config,
+        );
         assert!(
             out.status.success(),
             "ADD {name} failed: {}{}",

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use flock_netlink::Netns;
 
 pub mod agent;
+pub mod apiserver;
 pub mod fabric;
 
 /// Fails the calling test unless it runs as root: tests that program the
