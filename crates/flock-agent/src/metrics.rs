@@ -57,6 +57,19 @@ pub struct Metrics {
     pub withdrawn_claims: Gauge,
     /// NetworkPolicies nft refused: they isolate their pods and allow nothing.
     pub netpol_refused: Gauge,
+    /// Lists the datastore's watches completed, by kind.
+    pub datastore_lists: Family<KindLabels, Counter>,
+    /// Lists after the first, by kind and why the watch started over.
+    pub datastore_relists: Family<RelistLabels, Counter>,
+}
+
+/// Labels of a relist.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelistLabels {
+    /// The kind listed (`pods`, `networkpolicies`, …).
+    pub kind: String,
+    /// Why: `gone` (410), `list_failed`, `no_resource_version`, `restarted`.
+    pub reason: String,
 }
 
 /// Labels naming an outcome.
@@ -135,8 +148,22 @@ impl Metrics {
             "NetworkPolicies nft refused: their pods stay isolated and they allow nothing (the log names each)",
             netpol_refused.clone(),
         );
+        let datastore_lists = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "datastore_lists",
+            "Lists the Kubernetes datastore's watches completed, by kind (the first and every relist)",
+            datastore_lists.clone(),
+        );
+        let datastore_relists = Family::<RelistLabels, Counter>::default();
+        registry.register(
+            "datastore_relists",
+            "Lists after a kind's first, by kind and reason (gone: the API server answered 410 for the watch's resourceVersion)",
+            datastore_relists.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
+            datastore_lists,
+            datastore_relists,
             netpol_refused,
             duplicate_addresses,
             withdrawn_claims,
@@ -215,5 +242,23 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+}
+
+impl flock_datastore::kubernetes::ListObserver for Metrics {
+    fn listed(&self, kind: &'static str, _objects: usize, relist: Option<&'static str>) {
+        self.datastore_lists
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+        if let Some(reason) = relist {
+            self.datastore_relists
+                .get_or_create(&RelistLabels {
+                    kind: kind.to_owned(),
+                    reason: reason.to_owned(),
+                })
+                .inc();
+        }
     }
 }

@@ -235,6 +235,7 @@ async fn start(
                 SourceGuard::Kube(flock_datastore::kubernetes::start(
                     client.clone(),
                     pods.cache.clone(),
+                    Arc::new(pods.metrics.clone()),
                 )),
                 Some(client),
             )

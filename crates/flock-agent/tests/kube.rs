@@ -18,6 +18,14 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
+/// The kinds the kubernetes datastore watches.
+const KINDS: [&str; 5] = [
+    "nodeconfigs",
+    "addresspools",
+    "namespaces",
+    "networkpolicies",
+    "pods",
+];
 const CONF: &str = r#"{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"flock"}"#;
 
 fn plugin() -> PathBuf {
@@ -56,7 +64,7 @@ fn until_or<T>(
 /// running as the flock ServiceAccount.
 struct KubeNode {
     // Dropped in this order: the forward, the agent, the control plane.
-    _forward: Forward,
+    forward: Forward,
     node: AgentNode,
     cluster: KubeCluster,
 }
@@ -64,7 +72,11 @@ struct KubeNode {
 impl KubeNode {
     fn start(node_config: &str) -> KubeNode {
         require_root();
-        let cluster = KubeCluster::start();
+        KubeNode::start_on(KubeCluster::start(), node_config)
+    }
+
+    /// [`KubeNode::start`] on a cluster already running.
+    fn start_on(cluster: KubeCluster, node_config: &str) -> KubeNode {
         cluster.create_node(NODE);
         cluster.apply(node_config);
         let mut node = AgentNode::prepare(Path::new(AGENT), &plugin(), NODE, "");
@@ -74,7 +86,7 @@ impl KubeNode {
         node.use_kubernetes(&kubeconfig);
         node.spawn();
         KubeNode {
-            _forward: forward,
+            forward,
             node,
             cluster,
         }
@@ -83,10 +95,79 @@ impl KubeNode {
     /// Creates pod `ns/name` on the node through the API, ADDs it through
     /// the plugin and reports its addresses and readiness as a kubelet.
     fn add(&self, ns: &str, name: &str, labels: &[(&str, &str)]) -> Pod {
-        let uid = self.cluster.create_pod(ns, name, NODE, labels, &[]);
+        self.add_annotated(ns, name, labels, &[])
+    }
+
+    /// [`KubeNode::add`] with `annotations` on the pod.
+    fn add_annotated(
+        &self,
+        ns: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+    ) -> Pod {
+        let uid = self.cluster.create_pod(ns, name, NODE, labels, annotations);
         let pod = self.node.add_pod_as(ns, name, &uid, CONF);
-        self.cluster.set_pod_status(ns, name, &pod.ips(), true);
+        self.set_ready(ns, name, &pod, true);
         pod
+    }
+
+    /// Reports pod `ns/name` Ready or not, with its first address of each
+    /// family as `podIPs` (as a kubelet does).
+    fn set_ready(&self, ns: &str, name: &str, pod: &Pod, ready: bool) {
+        let ips = pod.ips();
+        let mut first: Vec<IpAddr> = Vec::new();
+        for ip in ips {
+            if !first.iter().any(|f| f.is_ipv4() == ip.is_ipv4()) {
+                first.push(ip);
+            }
+        }
+        self.cluster.set_pod_status(ns, name, &first, ready);
+    }
+
+    /// DELs `pod` of namespace `ns` through the plugin.
+    fn del(&self, ns: &str, name: &str, pod: &Pod) -> std::process::Output {
+        self.node.cni_raw(
+            "DEL",
+            &pod.id,
+            &pod.ns.path().display().to_string(),
+            "eth0",
+            &AgentNode::pod_args(ns, name, &pod.id, "ignored"),
+            CONF,
+        )
+    }
+
+    /// Every unicast address the agent's store holds.
+    fn held(&self) -> Vec<IpAddr> {
+        self.node
+            .settled_store()
+            .iter()
+            .flat_map(|a| a.unicast().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// The sum of the agent's metric samples whose name and labels start
+    /// with `series` (e.g. `flock_datastore_lists_total{kind="pods"}`).
+    fn metric(&self, series: &str) -> f64 {
+        let (code, text) = self.node.http("/metrics");
+        assert_eq!(code, 200, "{text}");
+        text.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The lists completed so far, per kind.
+    fn lists(&self) -> Vec<(&'static str, f64)> {
+        KINDS
+            .iter()
+            .map(|k| {
+                (
+                    *k,
+                    self.metric(&format!("flock_datastore_lists_total{{kind=\"{k}\"}}")),
+                )
+            })
+            .collect()
     }
 
     /// [`until_or`], with the agent's log in the panic.
@@ -303,25 +384,13 @@ fn the_agent_serves_pods_and_follows_its_nodeconfig_through_the_api() {
     k.cluster.apply(&default_node_config());
 
     // DEL through the plugin releases the address.
-    let del = k.node.cni_raw(
-        "DEL",
-        &web.id,
-        &web.ns.path().display().to_string(),
-        "eth0",
-        &AgentNode::pod_args("shop", "web", &web.id, "ignored"),
-        CONF,
-    );
+    let del = k.del("shop", "web", &web);
     assert!(
         del.status.success(),
         "DEL: {}",
         String::from_utf8_lossy(&del.stdout)
     );
-    let held: Vec<IpAddr> = k
-        .node
-        .settled_store()
-        .iter()
-        .flat_map(|a| a.unicast().collect::<Vec<_>>())
-        .collect();
+    let held = k.held();
     assert!(!held.contains(&v4) && !held.contains(&v6), "{held:?}");
 
     // A restart refreshes the condition without moving its transition time.
@@ -389,4 +458,424 @@ fn network_policies_through_the_api_are_enforced() {
     k.until("open again", Duration::from_secs(10), || {
         (reaches(&a) && reaches(&c)).then_some(())
     });
+}
+
+/// Routes to `ip` (a /32 or /128) in the node namespace.
+fn routed(k: &KubeNode, ip: &str) -> bool {
+    let family = if ip.contains(':') { "-6" } else { "-4" };
+    !k.node
+        .node
+        .ip_output(&[family, "route", "show", ip])
+        .trim()
+        .is_empty()
+}
+
+/// Every pod annotation, read from pods created through the API; the
+/// AddressPools that consent to claims, applied and deleted through it; an
+/// anycast IP and an extra address routed while the pod's Ready condition,
+/// patched as a kubelet would, says True.
+#[test]
+fn annotations_address_pools_and_anycast_through_the_api() {
+    let k = KubeNode::start(&default_node_config());
+    k.cluster.apply(flock_testkit::agent::TEST_POOLS);
+    k.cluster.create_namespace("shop", &[]);
+    let v6 = "2001:db8:0:1::/64".parse::<ipnet::IpNet>().expect("prefix");
+
+    let only6 = k.add_annotated(
+        "shop",
+        "only6",
+        &[],
+        &[("flock.fritzlab.net/ipv4", "false")],
+    );
+    assert!(
+        only6.ips().iter().all(IpAddr::is_ipv6),
+        "ipv4=false: {:?}",
+        only6.ips()
+    );
+    let only4 = k.add_annotated(
+        "shop",
+        "only4",
+        &[],
+        &[("flock.fritzlab.net/ipv6", "false")],
+    );
+    assert!(
+        only4.ips().iter().all(IpAddr::is_ipv4),
+        "ipv6=false: {:?}",
+        only4.ips()
+    );
+
+    let ranged = k.add_annotated(
+        "shop",
+        "ranged",
+        &[],
+        &[
+            ("flock.fritzlab.net/cidr4", "198.18.0.128/28"),
+            ("flock.fritzlab.net/cidr6", "2001:db8:0:1:ffff::/80"),
+        ],
+    );
+    let sub4 = "198.18.0.128/28".parse::<ipnet::IpNet>().expect("prefix");
+    let sub6 = "2001:db8:0:1:ffff::/80"
+        .parse::<ipnet::IpNet>()
+        .expect("prefix");
+    assert!(sub4.contains(&ranged.ip(true)), "{:?}", ranged.ips());
+    assert!(sub6.contains(&ranged.ip(false)), "{:?}", ranged.ips());
+
+    // ip-algo `namespace`: bits 63-48 of the interface ID are FNV-1a of
+    // `shop` folded to 16 bits (docs/ip-algo.md's worked example).
+    let algo = k.add_annotated(
+        "shop",
+        "algo",
+        &[],
+        &[("flock.fritzlab.net/ip-algo", "namespace")],
+    );
+    let IpAddr::V6(a6) = algo.ip(false) else {
+        unreachable!()
+    };
+    assert!(v6.contains(&IpAddr::V6(a6)));
+    assert_eq!(a6.segments()[4], 0x48ee, "{a6}");
+
+    // A bad annotation fails the ADD naming the key.
+    let uid = k.cluster.create_pod(
+        "shop",
+        "bad",
+        NODE,
+        &[],
+        &[("flock.fritzlab.net/cidr4", "10.0.0.0/33")],
+    );
+    let ns = flock_testkit::NetnsGuard::new("pod");
+    let args = AgentNode::pod_args("shop", "bad", "c0ffeebad", &uid);
+    let out = k.node.cni_raw(
+        "ADD",
+        "c0ffeebad",
+        &ns.path().display().to_string(),
+        "eth0",
+        &args,
+        CONF,
+    );
+    assert!(!out.status.success());
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("flock.fritzlab.net/cidr4"), "{answer}");
+
+    // anycast and addresses: routed while Ready.
+    let svc = k.add_annotated(
+        "shop",
+        "svc",
+        &[],
+        &[
+            (
+                "flock.fritzlab.net/anycast",
+                "203.0.113.10, 2001:db8:aa::10",
+            ),
+            ("flock.fritzlab.net/addresses", "198.51.100.5"),
+        ],
+    );
+    assert!(
+        svc.ips().contains(&"198.51.100.5".parse().expect("ip")),
+        "addresses in the result: {:?}",
+        svc.ips()
+    );
+    let claims = ["203.0.113.10", "2001:db8:aa::10", "198.51.100.5"];
+    let all_routed = |want: bool| claims.iter().all(|ip| routed(&k, ip) == want);
+    k.until("claims routed while Ready", Duration::from_secs(10), || {
+        all_routed(true).then_some(())
+    });
+    k.set_ready("shop", "svc", &svc, false);
+    k.until(
+        "claims withdrawn when not Ready",
+        Duration::from_secs(10),
+        || all_routed(false).then_some(()),
+    );
+    k.set_ready("shop", "svc", &svc, true);
+    k.until("claims routed again", Duration::from_secs(10), || {
+        all_routed(true).then_some(())
+    });
+
+    // The pools are in force (their Valid condition says so); deleting the
+    // anycast one withdraws the anycast IPs though the pod stays Ready.
+    let pools: Api<flock_model::AddressPool> = Api::all(k.cluster.admin());
+    k.until("the pools' Valid=True", Duration::from_secs(10), || {
+        let pool = k.cluster.block_on(pools.get("test-anycast")).ok()?;
+        let c = pool
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Valid")?;
+        (c.status == "True").then_some(())
+    });
+    k.cluster
+        .block_on(pools.delete("test-anycast", &DeleteParams::default()))
+        .expect("delete the pool");
+    k.until(
+        "anycast withdrawn with its pool",
+        Duration::from_secs(10),
+        || {
+            (!routed(&k, "203.0.113.10")
+                && !routed(&k, "2001:db8:aa::10")
+                && routed(&k, "198.51.100.5"))
+            .then_some(())
+        },
+    );
+    k.until("the withdrawal logged", Duration::from_secs(5), || {
+        k.node
+            .log()
+            .contains("203.0.113.10 withdrawn: no AddressPool of use anycast contains it")
+            .then_some(())
+    });
+}
+
+/// kube-apiserver stopped for 30 s while pods come and go: DEL and ADD of
+/// known pods keep working, nothing is lost, and once it is back each
+/// watch resumes with at most one list of its kind.
+#[test]
+fn the_api_server_away_for_30s_during_churn_loses_nothing() {
+    let mut k = KubeNode::start(&default_node_config());
+    k.cluster.create_namespace("churn", &[]);
+    let mut live: Vec<(String, Pod)> = (0..4)
+        .map(|i| {
+            let name = format!("before-{i}");
+            let pod = k.add("churn", &name, &[]);
+            (name, pod)
+        })
+        .collect();
+    // Created (scheduled) before the outage, ADDed during it.
+    let late: Vec<(String, String)> = (0..3)
+        .map(|i| {
+            let name = format!("late-{i}");
+            let uid = k.cluster.create_pod("churn", &name, NODE, &[], &[]);
+            (name, uid)
+        })
+        .collect();
+    // One watch delivers pods in order: once a pod created after them is
+    // served, the agent knows the late ones too.
+    live.push(("marker".into(), k.add("churn", "marker", &[])));
+    let before = k.lists();
+
+    k.cluster.stop_apiserver();
+    let down = Instant::now();
+    let mut released = Vec::new();
+    for (name, uid) in &late {
+        let pod = k.node.add_pod_as("churn", name, uid, CONF);
+        live.push((name.clone(), pod));
+        let (name, pod) = live.remove(0);
+        let del = k.del("churn", &name, &pod);
+        assert!(
+            del.status.success(),
+            "DEL {name} with the API server down: {}",
+            String::from_utf8_lossy(&del.stdout)
+        );
+        released.extend(pod.ips());
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let held = k.held();
+    for ip in &released {
+        assert!(
+            !held.contains(ip),
+            "{ip} released while the API server was down"
+        );
+    }
+    for (name, pod) in &live {
+        for ip in pod.ips() {
+            assert!(held.contains(&ip), "{name}'s {ip} kept");
+        }
+    }
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(down.elapsed()));
+    k.cluster.start_apiserver();
+
+    // Back: what happened meanwhile and after is seen, in order.
+    for (name, _) in live.iter().filter(|(n, _)| n.starts_with("late")) {
+        let pod = &live.iter().find(|(n, _)| n == name).expect("live").1;
+        k.set_ready("churn", name, pod, true);
+    }
+    let after = k.add("churn", "after", &[("app", "after")]);
+    k.cluster.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: guard-after, namespace: churn}\nspec:\n  podSelector: {matchLabels: {app: after}}\n  policyTypes: [Ingress]\n",
+    );
+    let _echo = udp_echo(&after.ns.netns(), 80);
+    let to = SocketAddr::new(after.ip(true), 80);
+    let from = &live.last().expect("a live pod").1;
+    k.until(
+        "a policy made after the outage enforced",
+        Duration::from_secs(15),
+        || {
+            udp_probe(&from.ns.netns(), to, Duration::from_millis(300))
+                .is_none()
+                .then_some(())
+        },
+    );
+    // Past the watchers' longest backoff: every watch has resumed.
+    std::thread::sleep(Duration::from_secs(6));
+    let lists = k.lists();
+    eprintln!("lists before the outage {before:?}, after {lists:?}");
+    for ((kind, was), (_, now)) in before.iter().zip(&lists) {
+        assert!(
+            now - was <= 1.0,
+            "{kind}: {} lists after the outage (before {was}, now {now}); at most one",
+            now - was
+        );
+    }
+    // Nothing lost: the store holds exactly the live pods' addresses.
+    let mut want: Vec<IpAddr> = live.iter().flat_map(|(_, p)| p.ips()).collect();
+    want.extend(after.ips());
+    want.sort();
+    let mut held = k.held();
+    held.sort();
+    assert_eq!(held, want, "the store holds the live pods, nothing more");
+}
+
+/// A watch cut off while objects change and etcd compacts past it gets
+/// 410 Gone when it resumes: the agent relists (its counter says so with
+/// reason `gone`) and misses none of the changes. The API server runs
+/// without its watch cache, so the watch reads etcd itself.
+#[test]
+fn a_watch_behind_an_etcd_compaction_relists_and_misses_nothing() {
+    require_root();
+    let cluster = KubeCluster::start_with(&["--watch-cache=false"]);
+    let k = KubeNode::start_on(cluster, &default_node_config());
+    k.cluster.create_namespace("x", &[]);
+    let a = k.add("x", "a", &[("role", "client")]);
+    let c = k.add("x", "c", &[("role", "client")]);
+    let d = k.add("x", "d", &[("pod", "d")]);
+    let b = k.add("x", "b", &[("pod", "b")]);
+    let policy = |from: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: guard-b, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  policyTypes: [Ingress]\n  ingress:\n{from}"
+        )
+    };
+    k.cluster.apply(&policy(
+        "  - from: [{podSelector: {matchLabels: {role: client}}}]",
+    ));
+    let _echo = udp_echo(&b.ns.netns(), 80);
+    let to_b = SocketAddr::new(b.ip(true), 80);
+    let reaches =
+        |from: &Pod| udp_probe(&from.ns.netns(), to_b, Duration::from_millis(300)).is_some();
+    k.until("clients allowed, d denied", Duration::from_secs(10), || {
+        (reaches(&a) && reaches(&c) && !reaches(&d)).then_some(())
+    });
+    let gone = |kind: &str| {
+        k.metric(&format!(
+            "flock_datastore_relists_total{{kind=\"{kind}\",reason=\"gone\"}}"
+        ))
+    };
+    assert_eq!(gone("pods") + gone("networkpolicies"), 0.0);
+
+    // Cut off: pod a's object goes (it leaves the peer set though its
+    // network stays), the policy lets d in too; then etcd compacts.
+    k.forward.pause();
+    let pods: Api<KubePod> = Api::namespaced(k.cluster.admin(), "x");
+    k.cluster
+        .block_on(pods.delete("a", &DeleteParams::default().grace_period(0)))
+        .expect("delete pod a");
+    k.cluster.apply(&policy(
+        "  - from: [{podSelector: {matchLabels: {role: client}}}, {podSelector: {matchLabels: {pod: d}}}]",
+    ));
+    let revision = k.cluster.compact_etcd();
+    assert!(revision > 0);
+    k.forward.resume();
+
+    k.until(
+        "410 seen for pods and policies",
+        Duration::from_secs(30),
+        || (gone("pods") >= 1.0 && gone("networkpolicies") >= 1.0).then_some(()),
+    );
+    eprintln!(
+        "relists after the compaction at revision {revision}: pods {}, networkpolicies {}",
+        gone("pods"),
+        gone("networkpolicies")
+    );
+    k.until(
+        "every change made while cut off enforced",
+        Duration::from_secs(15),
+        || (!reaches(&a) && reaches(&c) && reaches(&d)).then_some(()),
+    );
+    assert!(
+        k.node.log().contains("relisted"),
+        "the relist logged:\n{}",
+        k.node.log()
+    );
+}
+
+/// The agent restarted while kube-apiserver is down: DEL is served (the
+/// address released), ADD of an unknown pod answers "try again later",
+/// and once the API server is back the agent is ready with nothing lost.
+#[test]
+fn the_agent_restarted_while_the_api_server_is_down() {
+    let mut k = KubeNode::start(&default_node_config());
+    k.cluster.create_namespace("r", &[]);
+    let keep = k.add("r", "keep", &[]);
+    let gone = k.add("r", "gone", &[]);
+    let (_, _, since, _) = k.until("NetworkUnavailable=False", Duration::from_secs(20), || {
+        k.network_unavailable()
+    });
+
+    k.cluster.stop_apiserver();
+    k.node.stop();
+    k.node.spawn_serving();
+    let del = until_or(
+        "DEL served by the restarted agent",
+        Duration::from_secs(20),
+        || {
+            let out = k.del("r", "gone", &gone);
+            out.status.success().then_some(out)
+        },
+        || k.node.log(),
+    );
+    assert!(del.status.success());
+    let held = k.held();
+    for ip in gone.ips() {
+        assert!(
+            !held.contains(&ip),
+            "{ip} released with the API server down"
+        );
+    }
+    for ip in keep.ips() {
+        assert!(held.contains(&ip), "{ip} kept");
+    }
+    let ns = flock_testkit::NetnsGuard::new("pod");
+    let add = k.node.cni_raw(
+        "ADD",
+        "c0ffeenew",
+        &ns.path().display().to_string(),
+        "eth0",
+        &AgentNode::pod_args("r", "new", "c0ffeenew", "uid-new"),
+        CONF,
+    );
+    assert!(!add.status.success(), "ADD without the API server");
+    let answer: serde_json::Value = serde_json::from_slice(&add.stdout).expect("CNI error JSON");
+    assert_eq!(answer["code"], 11, "try again later: {answer}");
+
+    k.cluster.start_apiserver();
+    let new = k.until(
+        "ADD once the API server is back",
+        Duration::from_secs(30),
+        || {
+            let uid = k
+                .cluster
+                .block_on(Api::<KubePod>::namespaced(k.cluster.admin(), "r").get_opt("new"))
+                .ok()
+                .flatten()
+                .and_then(|p| p.metadata.uid)
+                .unwrap_or_else(|| k.cluster.create_pod("r", "new", NODE, &[], &[]));
+            let out = k.node.cni_raw(
+                "ADD",
+                "c0ffeenew",
+                &ns.path().display().to_string(),
+                "eth0",
+                &AgentNode::pod_args("r", "new", "c0ffeenew", &uid),
+                CONF,
+            );
+            out.status.success().then_some(out)
+        },
+    );
+    let ips =
+        flock_testkit::agent::result_ips(&serde_json::from_slice(&new.stdout).expect("result"));
+    let mut want: Vec<IpAddr> = keep.ips().into_iter().chain(ips).collect();
+    want.sort();
+    let mut held = k.held();
+    held.sort();
+    assert_eq!(held, want, "keep's and new's addresses, nothing more");
+    let (status, _, since_after, _) =
+        k.until("NetworkUnavailable kept", Duration::from_secs(20), || {
+            k.network_unavailable()
+        });
+    assert_eq!((status.as_str(), since_after), ("False", since));
 }

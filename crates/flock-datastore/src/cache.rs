@@ -1,6 +1,6 @@
 //! The agent's view of the objects it cares about, with change events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -62,6 +62,9 @@ struct State {
     /// Shared with the sources and readers that keep them (one copy of
     /// each pod in the agent).
     pods: BTreeMap<Key, Arc<PodInfo>>,
+    /// The keys of `pods` on this node: an index, so nothing that serves
+    /// this node's pods walks the cluster's.
+    local: BTreeSet<Key>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Shared with the sources and the NetworkPolicy engine.
     policies: BTreeMap<Key, Arc<NetworkPolicy>>,
@@ -74,6 +77,25 @@ struct State {
     pods_synced: bool,
     namespaces_synced: bool,
     policies_synced: bool,
+}
+
+impl State {
+    /// Adds or replaces a pod, keeping the index of this node's pods.
+    fn insert_pod(&mut self, node: &str, pod: Arc<PodInfo>) -> Option<Arc<PodInfo>> {
+        let key = pod.key();
+        if pod.node.as_deref() == Some(node) {
+            self.local.insert(key.clone());
+        } else {
+            self.local.remove(&key);
+        }
+        self.pods.insert(key, pod)
+    }
+
+    /// Removes a pod and its index entry.
+    fn remove_pod(&mut self, key: &Key) -> Option<Arc<PodInfo>> {
+        self.local.remove(key);
+        self.pods.remove(key)
+    }
 }
 
 /// The objects of one node's world, shared by the sources that fill it and
@@ -156,10 +178,10 @@ impl Cache {
 
     /// Every pod on this node.
     pub fn local_pods(&self) -> Vec<PodInfo> {
-        self.read()
-            .pods
-            .values()
-            .filter(|p| p.node.as_deref() == Some(self.node.as_str()))
+        let s = self.read();
+        s.local
+            .iter()
+            .filter_map(|k| s.pods.get(k))
             .map(|p| PodInfo::clone(p))
             .collect()
     }
@@ -386,7 +408,7 @@ impl Cache {
         let pod: Arc<PodInfo> = pod.into();
         let events = {
             let mut s = self.write();
-            let old = s.pods.insert(pod.key(), pod.clone());
+            let old = s.insert_pod(&self.node, pod.clone());
             pod_events(old.as_deref(), Some(&pod))
         };
         self.emit(events);
@@ -396,7 +418,7 @@ impl Cache {
     pub fn delete_pod(&self, namespace: &str, name: &str) {
         let events = {
             let mut s = self.write();
-            let old = s.pods.remove(&(namespace.to_owned(), name.to_owned()));
+            let old = s.remove_pod(&(namespace.to_owned(), name.to_owned()));
             pod_events(old.as_deref(), None)
         };
         self.emit(events);
@@ -422,8 +444,15 @@ impl Cache {
             for (k, pod) in &new {
                 events.extend(pod_events(s.pods.get(k).map(|p| &**p), Some(pod)));
             }
+            let node = Some(self.node.as_str());
+            s.local = new
+                .iter()
+                .filter(|(_, p)| p.node.as_deref() == node)
+                .map(|(k, _)| k.clone())
+                .collect();
             s.pods = new;
             s.pods_synced = true;
+            s.local_pods_synced = true;
             events
         };
         self.emit(events);
@@ -443,18 +472,18 @@ impl Cache {
                 .collect();
             let mut events = Vec::new();
             let gone: Vec<Key> = s
-                .pods
+                .local
                 .iter()
-                .filter(|(k, p)| p.node.as_deref() == node && !new.contains_key(*k))
-                .map(|(k, _)| k.clone())
+                .filter(|k| !new.contains_key(*k))
+                .cloned()
                 .collect();
             for k in gone {
-                let old = s.pods.remove(&k);
+                let old = s.remove_pod(&k);
                 events.extend(pod_events(old.as_deref(), None));
             }
             for (k, pod) in new {
                 events.extend(pod_events(s.pods.get(&k).map(|p| &**p), Some(&pod)));
-                s.pods.insert(k, pod);
+                s.insert_pod(&self.node, pod);
             }
             events
         };

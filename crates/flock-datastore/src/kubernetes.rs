@@ -1,27 +1,55 @@
 //! `kubernetes`: objects from the API server through kube watchers.
 //!
-//! Six watchers feed the [`Cache`]: every NodeConfig (this node's own and
-//! the cluster's pod prefixes), AddressPools, the pods on this node
-//! (`spec.nodeName=<node>`), every pod of the cluster (kept compact off
-//! this node: labels, addresses, ports and flock's claim annotations),
-//! namespaces and NetworkPolicies. Each relists after an expired watch or a 410 Gone, and
-//! a relist replaces what it covers, so nothing deleted meanwhile lingers.
+//! One watch per kind, each applied in the order the API server sends it
+//! (resourceVersion order): every NodeConfig (this node's own and the
+//! cluster's pod prefixes), AddressPools, namespaces and NetworkPolicies
+//! each into a kube [reflector store](kube::runtime::reflector::store)
+//! whose snapshot the [`Cache`] takes after each change; and every pod of
+//! the cluster from one watch straight into the cache's pod map (this
+//! node's pods in full and indexed, the others kept compact: labels,
+//! addresses, ports and flock's claim annotations). A relist (after a 410
+//! Gone, a failed list page, …) is buffered and replaces what it covers
+//! at once, so nothing deleted meanwhile lingers and no reader sees half a
+//! list. A watch that ends (the API server restarting) resumes from its
+//! resourceVersion: no list unless the API server says it is too old.
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::hash::Hash;
 use std::sync::Arc;
+use std::time::Duration;
 
 use flock_model::{AddressPool, NodeConfig};
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event as WatchEvent};
-use kube::{Api, Client, ResourceExt};
+use kube::runtime::reflector::{Lookup, Store, store};
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
+use kube::runtime::watcher::{self, Event as WatchEvent, ExponentialBackoff};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::{Cache, PodInfo};
+
+/// Told of every list a watch completes: the first of its kind, and each
+/// relist with the reason the watch had to start over.
+pub trait ListObserver: Send + Sync + 'static {
+    /// `kind` was listed (`objects` of them); `relist` says why when it
+    /// was not the first list: `gone` (the API server answered 410, the
+    /// resourceVersion being compacted or too old), `list_failed` (a page
+    /// of the previous list failed), `no_resource_version`.
+    fn listed(&self, kind: &'static str, objects: usize, relist: Option<&'static str>);
+}
+
+/// A [`ListObserver`] that only logs (the watchers log every list anyway).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unobserved;
+
+impl ListObserver for Unobserved {
+    fn listed(&self, _: &'static str, _: usize, _: Option<&'static str>) {}
+}
 
 /// The running watchers; dropping it stops them.
 #[derive(Debug)]
@@ -37,190 +65,196 @@ impl Drop for KubeWatch {
     }
 }
 
-/// Starts the watchers feeding `cache`.
-pub fn start(client: Client, cache: Cache) -> KubeWatch {
-    let node = cache.node().to_owned();
+/// Starts the watchers feeding `cache`, telling `observer` of each list.
+pub fn start(client: Client, cache: Cache, observer: Arc<dyn ListObserver>) -> KubeWatch {
     let mut tasks = Vec::new();
-
-    // Every node's NodeConfig: this node's own, and every pod prefix of the
-    // cluster (no claimed IP may lie in one).
-    let node_configs: Api<NodeConfig> = Api::all(client.clone());
-    tasks.push(tokio::spawn(follow(
+    tasks.push(tokio::spawn(reflect::<NodeConfig>(
         "nodeconfigs",
-        watcher::watcher(node_configs, watcher::Config::default()),
+        Api::all(client.clone()),
+        observer.clone(),
         {
             let cache = cache.clone();
-            let mut known: BTreeMap<String, NodeConfig> = BTreeMap::new();
-            move |change: Change<NodeConfig>| {
-                match change {
-                    Change::Reset(all) => {
-                        known = all.into_iter().map(|nc| (nc.name_any(), nc)).collect()
-                    }
-                    Change::Apply(nc) => {
-                        known.insert(nc.name_any(), nc);
-                    }
-                    Change::Delete(nc) => {
-                        known.remove(&nc.name_any());
-                    }
-                }
-                cache.replace_node_configs(known.values().cloned().collect());
-            }
+            move |all| cache.replace_node_configs(all.iter().map(|nc| (**nc).clone()).collect())
         },
     )));
-
-    let pools: Api<AddressPool> = Api::all(client.clone());
-    tasks.push(tokio::spawn(follow(
+    tasks.push(tokio::spawn(reflect::<AddressPool>(
         "addresspools",
-        watcher::watcher(pools, watcher::Config::default()),
+        Api::all(client.clone()),
+        observer.clone(),
         {
             let cache = cache.clone();
-            let mut known: BTreeMap<String, AddressPool> = BTreeMap::new();
-            move |change: Change<AddressPool>| {
-                match change {
-                    Change::Reset(all) => {
-                        known = all.into_iter().map(|p| (p.name_any(), p)).collect()
-                    }
-                    Change::Apply(p) => {
-                        known.insert(p.name_any(), p);
-                    }
-                    Change::Delete(p) => {
-                        known.remove(&p.name_any());
-                    }
-                }
-                cache.replace_pools(known.values().cloned().collect());
-            }
+            move |all| cache.replace_pools(all.iter().map(|p| (**p).clone()).collect())
         },
     )));
-
-    let pods: Api<Pod> = Api::all(client.clone());
-    let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    tasks.push(tokio::spawn(follow(
-        "local pods",
-        watcher::watcher(pods.clone(), on_node),
-        {
-            let cache = cache.clone();
-            move |change: Change<Pod>| match change {
-                Change::Reset(all) => {
-                    cache.replace_local_pods(all.iter().map(PodInfo::from_pod).collect())
-                }
-                Change::Apply(p) => cache.upsert_pod(PodInfo::from_pod(&p)),
-                Change::Delete(p) => {
-                    cache.delete_pod(&p.namespace().unwrap_or_default(), &p.name_any())
-                }
-            }
-        },
-    )));
-
-    tasks.push(tokio::spawn(follow(
-        "cluster pods",
-        watcher::watcher(pods, watcher::Config::default()),
-        {
-            let cache = cache.clone();
-            let node = node.clone();
-            let compact = move |p: &Pod| {
-                let info = PodInfo::from_pod(p);
-                if info.node.as_deref() == Some(node.as_str()) {
-                    info
-                } else {
-                    info.compact()
-                }
-            };
-            move |change: Change<Pod>| match change {
-                Change::Reset(all) => cache.replace_pods(all.iter().map(&compact)),
-                Change::Apply(p) => cache.upsert_pod(compact(&p)),
-                Change::Delete(p) => {
-                    cache.delete_pod(&p.namespace().unwrap_or_default(), &p.name_any())
-                }
-            }
-        },
-    )));
-
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    tasks.push(tokio::spawn(follow(
+    tasks.push(tokio::spawn(reflect::<Namespace>(
         "namespaces",
-        watcher::watcher(namespaces, watcher::Config::default()),
+        Api::all(client.clone()),
+        observer.clone(),
         {
             let cache = cache.clone();
-            let mut known: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-            move |change: Change<Namespace>| {
-                let labels = |ns: &Namespace| {
-                    let mut l = ns.labels().clone();
-                    l.insert("kubernetes.io/metadata.name".into(), ns.name_any());
-                    (ns.name_any(), l)
-                };
-                match change {
-                    Change::Reset(all) => known = all.iter().map(labels).collect(),
-                    Change::Apply(ns) => {
-                        let (name, l) = labels(&ns);
-                        known.insert(name, l);
-                    }
-                    Change::Delete(ns) => {
-                        known.remove(&ns.name_any());
-                    }
-                }
-                cache.replace_namespaces(known.clone());
+            move |all| {
+                cache.replace_namespaces(
+                    all.iter()
+                        .map(|ns| {
+                            let name = ResourceExt::name_any(&**ns);
+                            let mut labels = ns.labels().clone();
+                            labels.insert("kubernetes.io/metadata.name".into(), name.clone());
+                            (name, labels)
+                        })
+                        .collect(),
+                )
             }
         },
     )));
-
-    let policies: Api<NetworkPolicy> = Api::all(client.clone());
-    tasks.push(tokio::spawn(follow(
+    tasks.push(tokio::spawn(reflect::<NetworkPolicy>(
         "networkpolicies",
-        watcher::watcher(policies, watcher::Config::default()),
+        Api::all(client.clone()),
+        observer.clone(),
         {
             let cache = cache.clone();
-            // Shared with the cache: one copy of each policy.
-            let mut known: BTreeMap<(String, String), Arc<NetworkPolicy>> = BTreeMap::new();
-            move |change: Change<NetworkPolicy>| {
-                let key = |p: &NetworkPolicy| (p.namespace().unwrap_or_default(), p.name_any());
-                match change {
-                    Change::Reset(all) => {
-                        known = all.into_iter().map(|p| (key(&p), Arc::new(p))).collect()
-                    }
-                    Change::Apply(p) => {
-                        known.insert(key(&p), Arc::new(p));
-                    }
-                    Change::Delete(p) => {
-                        known.remove(&key(&p));
-                    }
-                }
-                cache.replace_policies(known.values().cloned());
-            }
+            // The store's copies, shared with the cache and the policy engine.
+            move |all| cache.replace_policies(all)
         },
     )));
-
+    tasks.push(tokio::spawn(pods(Api::all(client), cache, observer)));
     KubeWatch { tasks }
 }
 
-/// What a watcher reports, after buffering a relist into one reset.
-enum Change<K> {
-    Reset(Vec<K>),
-    Apply(K),
-    Delete(K),
+/// Reflects one kind into a kube store and hands `changed` the store's
+/// snapshot after each change (a whole relist counting as one).
+async fn reflect<K>(
+    kind: &'static str,
+    api: Api<K>,
+    observer: Arc<dyn ListObserver>,
+    mut changed: impl FnMut(Vec<Arc<K>>) + Send,
+) where
+    K: Resource + Lookup + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    <K as Lookup>::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let (reader, mut writer): (Store<K>, _) = store();
+    follow(kind, api, observer, |event| {
+        let publish = !matches!(event, WatchEvent::Init | WatchEvent::InitApply(_));
+        writer.apply_watcher_event(&event);
+        if publish {
+            changed(reader.state());
+        }
+        match event {
+            WatchEvent::InitDone => Some(reader.len()),
+            _ => None,
+        }
+    })
+    .await
 }
 
-/// Drives one watcher forever (with kube's default backoff on errors),
-/// turning its events into [`Change`]s.
-async fn follow<K, S>(what: &'static str, stream: S, mut apply: impl FnMut(Change<K>) + Send)
-where
-    K: Debug + Send,
-    S: Stream<Item = Result<WatchEvent<K>, watcher::Error>> + Send,
+/// The cluster's pods from one watch into the cache, each converted to
+/// its compact [`PodInfo`] as it arrives (a relist of 10,000 pods is
+/// never held as full objects).
+async fn pods(api: Api<Pod>, cache: Cache, observer: Arc<dyn ListObserver>) {
+    let node = cache.node().to_owned();
+    let info = move |p: &Pod| {
+        let info = PodInfo::from_pod(p);
+        if info.node.as_deref() == Some(node.as_str()) {
+            info
+        } else {
+            info.compact()
+        }
+    };
+    let mut relist: Option<Vec<PodInfo>> = None;
+    follow("pods", api, observer, |event| match event {
+        WatchEvent::Init => {
+            relist = Some(Vec::new());
+            None
+        }
+        WatchEvent::InitApply(p) => {
+            relist.get_or_insert_with(Vec::new).push(info(&p));
+            None
+        }
+        WatchEvent::InitDone => {
+            let all = relist.take().unwrap_or_default();
+            let n = all.len();
+            cache.replace_pods(all);
+            Some(n)
+        }
+        WatchEvent::Apply(p) => {
+            cache.upsert_pod(info(&p));
+            None
+        }
+        WatchEvent::Delete(p) => {
+            cache.delete_pod(
+                &ResourceExt::namespace(&p).unwrap_or_default(),
+                &p.name_any(),
+            );
+            None
+        }
+    })
+    .await
+}
+
+/// Drives one kind's watcher forever, retrying after errors with
+/// [`backoff`]; `apply` takes each event in order and answers, for an
+/// `InitDone`, how many objects the list held.
+async fn follow<K>(
+    kind: &'static str,
+    api: Api<K>,
+    observer: Arc<dyn ListObserver>,
+    mut apply: impl FnMut(WatchEvent<K>) -> Option<usize> + Send,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let stream = stream.default_backoff();
+    let stream = watcher::watcher(api, watcher::Config::default()).backoff(backoff());
     futures_util::pin_mut!(stream);
-    let mut buffer: Option<Vec<K>> = None;
+    let mut lists = 0u64;
+    // Why the watch last had to start over, until its list completes.
+    let mut restart: Option<&'static str> = None;
     while let Some(event) = stream.next().await {
         match event {
-            Ok(WatchEvent::Init) => buffer = Some(Vec::new()),
-            Ok(WatchEvent::InitApply(k)) => buffer.get_or_insert_with(Vec::new).push(k),
-            Ok(WatchEvent::InitDone) => {
-                let all = buffer.take().unwrap_or_default();
-                info!(watcher = what, objects = all.len(), "listed");
-                apply(Change::Reset(all));
+            Ok(event) => {
+                if let Some(objects) = apply(event) {
+                    let relist = (lists > 0).then(|| restart.take().unwrap_or("restarted"));
+                    restart = None;
+                    lists += 1;
+                    match relist {
+                        None => info!(kind, objects, "listed"),
+                        Some(reason) => warn!(kind, objects, reason, "relisted"),
+                    }
+                    observer.listed(kind, objects, relist);
+                }
             }
-            Ok(WatchEvent::Apply(k)) => apply(Change::Apply(k)),
-            Ok(WatchEvent::Delete(k)) => apply(Change::Delete(k)),
-            Err(error) => warn!(watcher = what, %error, "watch failed; retrying"),
+            Err(error) => {
+                if let Some(reason) = restart_reason(&error) {
+                    restart.get_or_insert(reason);
+                }
+                warn!(kind, %error, "watch failed; retrying");
+            }
         }
     }
+}
+
+/// Why `error` makes kube's watcher start over with a list, if it does
+/// (a watch that merely failed resumes from its resourceVersion).
+fn restart_reason(error: &watcher::Error) -> Option<&'static str> {
+    match error {
+        watcher::Error::WatchError(status) if status.code == 410 => Some("gone"),
+        watcher::Error::InitialListFailed(_) => Some("list_failed"),
+        watcher::Error::NoResourceVersion => Some("no_resource_version"),
+        _ => None,
+    }
+}
+
+/// Retries 250 ms after the first error, doubling to at most 5 s (with
+/// jitter, so a fleet of agents does not return in step to a restarted API
+/// server), and starts over once a watch has run for a minute: an API
+/// server back after an outage is reached within 5 s.
+fn backoff() -> impl Backoff {
+    ResetTimerBackoff::new(
+        ExponentialBackoff::from(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(5))
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times(),
+        ),
+        Duration::from_secs(60),
+    )
 }

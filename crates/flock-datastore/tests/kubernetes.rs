@@ -238,7 +238,11 @@ async fn lists_streams_and_relists_after_expiry_and_gone() {
 
     let cache = Cache::new("node-a");
     let mut events = cache.subscribe();
-    let _watch = kubernetes::start(client.clone(), cache.clone());
+    let _watch = kubernetes::start(
+        client.clone(),
+        cache.clone(),
+        std::sync::Arc::new(kubernetes::Unobserved),
+    );
 
     // Initial list.
     until("initial lists", || {

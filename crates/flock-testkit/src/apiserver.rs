@@ -15,7 +15,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
@@ -92,6 +92,8 @@ pub struct KubeCluster {
     api_port: u16,
     runtime: tokio::runtime::Runtime,
     admin: kube::Client,
+    /// Flags kube-apiserver gets beyond the kit's own.
+    extra_args: Vec<String>,
 }
 
 impl std::fmt::Debug for KubeCluster {
@@ -108,6 +110,13 @@ impl KubeCluster {
     /// Starts etcd and kube-apiserver, waits for `/readyz`, applies the
     /// shipped CRDs and RBAC and creates the `default` ServiceAccounts.
     pub fn start() -> KubeCluster {
+        KubeCluster::start_with(&[])
+    }
+
+    /// [`KubeCluster::start`], kube-apiserver getting `extra_args` too
+    /// (e.g. `--watch-cache=false`: every watch then reads etcd, so one
+    /// behind a compaction gets 410 Gone instead of the cache's events).
+    pub fn start_with(extra_args: &[&str]) -> KubeCluster {
         let bins = KubeBinaries::get();
         let dir = tempfile::Builder::new()
             .prefix("flock-kube-")
@@ -142,6 +151,7 @@ impl KubeCluster {
             api_port,
             runtime,
             admin,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         cluster.start_etcd(&bins.etcd);
         cluster.start_apiserver();
@@ -249,6 +259,7 @@ impl KubeCluster {
             // The tests compact etcd themselves when they mean to.
             .arg("--etcd-compaction-interval=0")
             .arg("--profiling=false")
+            .args(&self.extra_args)
             .stdout(self.log_file("kube-apiserver.log"))
             .stderr(self.log_file("kube-apiserver.log"))
             .spawn()
@@ -493,12 +504,21 @@ impl KubeCluster {
             .expect("bind the forward");
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let thread = std::thread::spawn({
-            let stop = stop.clone();
+            let (stop, paused, open) = (stop.clone(), paused.clone(), open.clone());
             move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
+                        // Paused: the connection is refused by closing it.
+                        Ok(_) if paused.load(Ordering::SeqCst) => {}
                         Ok((inbound, _)) => {
+                            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+                            open.retain(|c| c.peer_addr().is_ok());
+                            if let Ok(c) = inbound.try_clone() {
+                                open.push(c);
+                            }
                             std::thread::spawn(move || pipe(inbound, port));
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -511,6 +531,8 @@ impl KubeCluster {
         });
         Forward {
             stop,
+            paused,
+            open,
             thread: Some(thread),
         }
     }
@@ -533,7 +555,31 @@ impl Drop for KubeCluster {
 #[derive(Debug)]
 pub struct Forward {
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    /// The connections being forwarded (their inbound ends).
+    open: Arc<Mutex<Vec<TcpStream>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forward {
+    /// Cuts every forwarded connection and refuses new ones until
+    /// [`Forward::resume`]: the node loses the API server while it runs on.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        for c in self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Forwards new connections again.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Forward {
