@@ -79,11 +79,7 @@ impl KubeNode {
     fn start_on(cluster: KubeCluster, node_config: &str) -> KubeNode {
         cluster.create_node(NODE);
         cluster.apply(node_config);
-        let mut node = AgentNode::prepare(Path::new(AGENT), &plugin(), NODE, "");
-        let forward = cluster.forward_into(&node.node);
-        let kubeconfig = node.file("flock.kubeconfig");
-        cluster.kubeconfig_for("kube-system", "flock", &kubeconfig);
-        node.use_kubernetes(&kubeconfig);
+        let (mut node, forward) = cluster.agent_node(Path::new(AGENT), &plugin(), NODE);
         node.spawn();
         KubeNode {
             forward,

@@ -5,6 +5,7 @@
 mod bgp;
 mod cni;
 mod dataplane;
+mod kube;
 mod measure;
 mod netpol;
 mod netpol_scale;
@@ -102,6 +103,11 @@ enum Bench {
         #[arg(long)]
         only: Option<String>,
     },
+    /// The kubernetes datastore on a real kube-apiserver and etcd
+    /// (`scripts/kube-bin.sh` builds them): the agent's start to ready and
+    /// RSS on an empty cluster and on one of 10,000 pods and 1,000
+    /// NetworkPolicies. Needs root.
+    Kube,
     /// Internal: ptp + host-local phases, run inside the node namespace.
     #[command(hide = true)]
     PtpPhases {
@@ -143,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             adds,
             only,
         } => netpol::run(flips, rounds, adds, only.as_deref()),
+        Bench::Kube => kube::run(),
         Bench::PtpPhases {
             concurrency,
             dual_stack,

@@ -19,14 +19,14 @@ use flock_testkit::{NetnsGuard, tcp_connects, tcp_listen};
 use crate::measure::{Summary, ms};
 
 const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
-const NAMESPACES: usize = 100;
-const PER_NS: usize = 100;
+pub(crate) const NAMESPACES: usize = 100;
+pub(crate) const PER_NS: usize = 100;
 const ADD_BUDGET: f64 = 1.5;
 const CHANGE_BUDGET: Duration = Duration::from_millis(100);
 const RSS_BUDGET_MB: f64 = 60.0;
 
 /// One pod as the API serves it (about 2 KB).
-fn pod_json(ns: &str, name: &str, app: usize, k: u32, node: &str) -> String {
+pub(crate) fn pod_json(ns: &str, name: &str, app: usize, k: u32, node: &str) -> String {
     let tier = if k.is_multiple_of(2) {
         "frontend"
     } else {
@@ -43,7 +43,7 @@ fn pod_json(ns: &str, name: &str, app: usize, k: u32, node: &str) -> String {
 
 /// Ten policies per namespace: pod and namespace selectors, an ipBlock,
 /// named and numeric ports, both directions.
-fn policies_json(ns: &str) -> String {
+pub(crate) fn policies_json(ns: &str) -> String {
     let mut out = String::new();
     for p in 0..10 {
         let q = (p + 1) % 10;

@@ -484,6 +484,24 @@ impl KubeCluster {
             .unwrap_or_else(|e| panic!("patch status of pod {namespace}/{name}: {e}"));
     }
 
+    /// An agent node `name` for this cluster, not yet spawned: its own
+    /// namespace, the API server forwarded into it, a kubeconfig with the
+    /// flock ServiceAccount's token, the `kubernetes` datastore. Keep the
+    /// [`Forward`] as long as the agent runs.
+    pub fn agent_node(
+        &self,
+        agent_bin: &Path,
+        plugin_bin: &Path,
+        name: &str,
+    ) -> (crate::agent::AgentNode, Forward) {
+        let mut node = crate::agent::AgentNode::prepare(agent_bin, plugin_bin, name, "");
+        let forward = self.forward_into(&node.node);
+        let kubeconfig = node.file("flock.kubeconfig");
+        self.kubeconfig_for("kube-system", "flock", &kubeconfig);
+        node.use_kubernetes(&kubeconfig);
+        (node, forward)
+    }
+
     /// Listens on 127.0.0.1 at the API server's port inside `ns` and
     /// forwards each connection to the API server: a node namespace's
     /// agent reaches it at the same address as the tests do.
