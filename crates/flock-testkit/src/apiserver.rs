@@ -629,7 +629,7 @@ fn pipe(inbound: TcpStream, port: u16) {
 }
 
 /// SIGTERM, then SIGKILL after 10 s.
-fn terminate(mut child: Child) {
+pub(crate) fn terminate(mut child: Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

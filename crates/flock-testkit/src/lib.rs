@@ -16,6 +16,7 @@ use flock_netlink::Netns;
 
 pub mod agent;
 pub mod apiserver;
+pub mod cri;
 pub mod fabric;
 
 /// Fails the calling test unless it runs as root: tests that program the
