@@ -8,6 +8,12 @@
 //! `flock lab down`, which removes everything the lab made (its network
 //! namespaces are named `flock-lab-*`; its processes are the PIDs it
 //! recorded).
+//!
+//! `flock lab --kube` runs the same lab on the production path: etcd and a
+//! real kube-apiserver on loopback (built by `scripts/kube-bin.sh`, with
+//! the shipped CRDs and RBAC), the agents on the `kubernetes` datastore as
+//! the flock ServiceAccount, every object created through the API and each
+//! pod's status patched as its kubelet would.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -19,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use flock_netlink::Netns;
+use flock_testkit::apiserver::KubeCluster;
 use flock_testkit::fabric;
 
 /// Where the lab keeps its files (manifests, state, logs, PIDs).
@@ -121,17 +128,26 @@ spec:
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let outcome = match args.first().map(String::as_str) {
-        None | Some("up") => up(),
-        Some("down") => down(true),
-        Some("-h" | "--help" | "help") => {
+    let kube = args.iter().any(|a| a == "--kube");
+    let rest: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--kube")
+        .collect();
+    let outcome = match rest.as_slice() {
+        [] | ["up"] => up(kube),
+        ["down"] => down(true),
+        // Internal: the API server forward a `--kube` lab runs per node.
+        ["forward", ns, port] => forward(ns, port),
+        ["-h" | "--help" | "help"] => {
             println!(
-                "usage: flock lab [up|down]\n\n  up    build the lab (taking down an earlier one) and print its report\n  down  remove everything the lab made"
+                "usage: flock lab [up] [--kube] | flock lab down\n\n  up      build the lab (taking down an earlier one) and print its report\n  --kube  on a real kube-apiserver and etcd: the agents use the kubernetes\n          datastore, every object goes through the API\n  down    remove everything the lab made"
             );
             Ok(())
         }
-        Some(other) => Err(anyhow::anyhow!(
-            "unknown lab command {other:?} (use up or down)"
+        _ => Err(anyhow::anyhow!(
+            "unknown lab command {:?} (use up, up --kube or down)",
+            rest.join(" ")
         )),
     };
     match outcome {
@@ -245,13 +261,24 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Starts `argv` inside `ns` in a process group of its own (it outlives
-/// the lab command), logging to `log`; records its PID for `down`.
-fn daemon(ns: &str, argv: &[&str], log: &Path, what: &str) -> anyhow::Result<u32> {
+/// Starts `argv` inside `ns` (or here, with `None`) in a process group of
+/// its own (it outlives the lab command), logging to `log`; records its
+/// PID for `down`.
+fn daemon(ns: Option<&str>, argv: &[&str], log: &Path, what: &str) -> anyhow::Result<u32> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(argv)
+    let mut command = match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).args(argv);
+            c
+        }
+        None => {
+            let mut c = Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+    };
+    let child = command
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -259,12 +286,30 @@ fn daemon(ns: &str, argv: &[&str], log: &Path, what: &str) -> anyhow::Result<u32
         .spawn()
         .with_context(|| format!("starting {what}"))?;
     let pid = child.id();
+    record_pid(pid, what)?;
+    Ok(pid)
+}
+
+/// Appends `pid` (running `what`, its first word the program) to the PIDs
+/// `down` stops.
+fn record_pid(pid: u32, what: &str) -> anyhow::Result<()> {
     let mut pids = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(root().join("pids"))?;
     writeln!(pids, "{pid} {what}")?;
-    Ok(pid)
+    Ok(())
+}
+
+/// The `forward NS PORT` daemon: 127.0.0.1:PORT inside namespace NS
+/// forwarded to the API server at 127.0.0.1:PORT here, until killed.
+fn forward(ns: &str, port: &str) -> anyhow::Result<()> {
+    let port: u16 = port.parse().context("forward: the port")?;
+    let _forward = flock_testkit::apiserver::forward(&netns(ns), port);
+    println!("forwarding 127.0.0.1:{port} in {ns} to the API server");
+    loop {
+        std::thread::park();
+    }
 }
 
 fn wait_for(what: &str, within: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
@@ -307,8 +352,8 @@ fn pod_manifest(p: &PodSpec, ips: &[IpAddr]) -> String {
     )
 }
 
-/// Runs the plugin for `p` like a kubelet runtime does.
-fn cni(plugin: &Path, p: &PodSpec, command: &str) -> anyhow::Result<serde_json::Value> {
+/// Runs the plugin for `p` (whose UID is `uid`) like a kubelet runtime does.
+fn cni(plugin: &Path, p: &PodSpec, uid: &str, command: &str) -> anyhow::Result<serde_json::Value> {
     let node = &NODES[p.node];
     let mut child = Command::new(plugin)
         .env_clear()
@@ -320,7 +365,7 @@ fn cni(plugin: &Path, p: &PodSpec, command: &str) -> anyhow::Result<serde_json::
         .env(
             "CNI_ARGS",
             format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=lab-{}-{}",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID=lab-{}-{};K8S_POD_UID={uid}",
                 p.namespace, p.name, p.namespace, p.name
             ),
         )
@@ -355,7 +400,137 @@ fn result_ips(result: &serde_json::Value) -> Vec<IpAddr> {
         .collect()
 }
 
-fn up() -> anyhow::Result<()> {
+/// Where the lab's objects live: the agents' shared `dir:` datastore, or a
+/// real API server (`--kube`).
+enum Objects {
+    Dir,
+    Kube(Box<KubeCluster>),
+}
+
+const NAMESPACES: [(&str, &str); 2] = [("web", "web"), ("db", "data")];
+
+impl Objects {
+    /// Starts etcd and kube-apiserver under the lab's directory (their
+    /// PIDs recorded for `down`), applying the shipped CRDs and RBAC.
+    fn kube() -> anyhow::Result<Objects> {
+        println!(
+            "starting etcd and kube-apiserver (scripts/kube-bin.sh builds them on a machine's first run: minutes)…"
+        );
+        let started = std::panic::catch_unwind(|| KubeCluster::start_in(&root().join("kube")));
+        let mut cluster = started.map_err(|_| {
+            anyhow::anyhow!("the control plane did not start (its logs: {ROOT}/kube)")
+        })?;
+        for (pid, what) in cluster.detach() {
+            record_pid(pid, what)?;
+        }
+        for n in &NODES {
+            cluster.create_node(n.name);
+        }
+        Ok(Objects::Kube(Box::new(cluster)))
+    }
+
+    /// Writes `yaml` as manifest `name`, or applies it through the API.
+    fn put(&self, name: &str, yaml: &str) -> anyhow::Result<()> {
+        match self {
+            Objects::Dir => manifest(name, yaml),
+            Objects::Kube(cluster) => {
+                cluster.apply(yaml);
+                Ok(())
+            }
+        }
+    }
+
+    /// The lab's namespaces and their `team` labels.
+    fn namespaces(&self) -> anyhow::Result<()> {
+        match self {
+            Objects::Dir => {
+                let docs: Vec<String> = NAMESPACES
+                    .iter()
+                    .map(|(ns, team)| {
+                        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{team: {team}}}}}\n")
+                    })
+                    .collect();
+                manifest("namespaces", &docs.join("---\n"))
+            }
+            Objects::Kube(cluster) => {
+                for (ns, team) in NAMESPACES {
+                    cluster.create_namespace(ns, &[("team", team)]);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Creates pod `p`, bound to its node and not started; returns its UID.
+    fn create_pod(&self, p: &PodSpec) -> anyhow::Result<String> {
+        match self {
+            Objects::Dir => {
+                manifest(&pod_file(p), &pod_manifest(p, &[]))?;
+                Ok(format!("lab-{}-{}", p.namespace, p.name))
+            }
+            Objects::Kube(cluster) => {
+                let anycast = format!("{ANYCAST4},{ANYCAST6}");
+                let annotations: &[(&str, &str)] = if p.anycast {
+                    &[("flock.fritzlab.net/anycast", anycast.as_str())]
+                } else {
+                    &[]
+                };
+                Ok(cluster.create_pod(
+                    p.namespace,
+                    p.name,
+                    NODES[p.node].name,
+                    p.labels,
+                    annotations,
+                ))
+            }
+        }
+    }
+
+    /// Pod `p` runs with `ips` and is Ready, as its kubelet reports.
+    fn pod_started(&self, p: &PodSpec, ips: &[IpAddr]) -> anyhow::Result<()> {
+        match self {
+            Objects::Dir => manifest(&pod_file(p), &pod_manifest(p, ips)),
+            Objects::Kube(cluster) => {
+                cluster.set_pod_status(p.namespace, p.name, ips, true);
+                Ok(())
+            }
+        }
+    }
+
+    /// The agent's `--datastore` and its environment for `node`.
+    fn datastore(&self, node: &NodeSpec) -> anyhow::Result<(String, Vec<String>)> {
+        match self {
+            Objects::Dir => Ok((
+                format!("dir:{}", root().join("manifests").display()),
+                Vec::new(),
+            )),
+            Objects::Kube(cluster) => {
+                let kubeconfig = root().join(node.name).join("flock.kubeconfig");
+                cluster.kubeconfig_for("kube-system", "flock", &kubeconfig);
+                // The agent reaches the API server at the same loopback
+                // address inside its node namespace.
+                let lab = std::env::current_exe()?.display().to_string();
+                let port = cluster.api_port().to_string();
+                daemon(
+                    None,
+                    &[&lab, "forward", &node_ns(node), &port],
+                    &root().join(node.name).join("forward.log"),
+                    &format!("flock-lab forward {}", node.name),
+                )?;
+                Ok((
+                    "kubernetes".to_owned(),
+                    vec![format!("KUBECONFIG={}", kubeconfig.display())],
+                ))
+            }
+        }
+    }
+}
+
+fn pod_file(p: &PodSpec) -> String {
+    format!("pod-{}-{}", p.namespace, p.name)
+}
+
+fn up(kube: bool) -> anyhow::Result<()> {
     require_root()?;
     ensure_packages()?;
     if root().exists() || !lab_namespaces()?.is_empty() {
@@ -366,12 +541,10 @@ fn up() -> anyhow::Result<()> {
     let plugin = sibling("flock")?;
     std::fs::create_dir_all(root().join("manifests"))?;
     let started = Instant::now();
+    let objects = if kube { Objects::kube()? } else { Objects::Dir };
 
     // Objects every agent reads: namespaces and both NodeConfigs.
-    manifest(
-        "namespaces",
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: web, labels: {team: web}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: db, labels: {team: data}}\n",
-    )?;
+    objects.namespaces()?;
     let mut configs = String::new();
     for n in &NODES {
         configs += &format!(
@@ -380,9 +553,9 @@ fn up() -> anyhow::Result<()> {
             fabric::node_spec(n.n, n.asn)
         );
     }
-    manifest("nodeconfigs", &configs)?;
+    objects.put("nodeconfigs", &configs)?;
     // The operator's consent for the DNS service's anycast IPs, for team web only.
-    manifest(
+    objects.put(
         "addresspools",
         &format!(
             "apiVersion: flock.fritzlab.net/v1alpha1\nkind: AddressPool\nmetadata: {{name: dns-anycast}}\nspec:\n  cidrs: ['{ANYCAST4}/32', '{ANYCAST6}/128']\n  use: anycast\n  namespaceSelector: {{matchLabels: {{team: web}}}}\n"
@@ -402,28 +575,34 @@ fn up() -> anyhow::Result<()> {
         let dir = root().join(node.name);
         std::fs::create_dir_all(dir.join("bird"))?;
         let s = |p: &str| dir.join(p).display().to_string();
-        let datastore = format!("dir:{}", root().join("manifests").display());
+        let (datastore, env) = objects.datastore(node)?;
+        let mut argv: Vec<String> = vec!["env".into()];
+        argv.extend(env);
+        argv.push(agent.display().to_string());
+        for arg in [
+            "--node",
+            node.name,
+            "--datastore",
+            &datastore,
+            "--socket",
+            &s("flock.sock"),
+            "--state-dir",
+            &s("state"),
+            "--bird-config",
+            &s("bird/bird.conf"),
+            "--bird-socket",
+            &s("bird.ctl"),
+            "--metrics-addr",
+            "127.0.0.1:9602",
+            "--log-format",
+            "json",
+        ] {
+            argv.push(arg.to_owned());
+        }
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         daemon(
-            &ns,
-            &[
-                &agent.display().to_string(),
-                "--node",
-                node.name,
-                "--datastore",
-                &datastore,
-                "--socket",
-                &s("flock.sock"),
-                "--state-dir",
-                &s("state"),
-                "--bird-config",
-                &s("bird/bird.conf"),
-                "--bird-socket",
-                &s("bird.ctl"),
-                "--metrics-addr",
-                "127.0.0.1:9602",
-                "--log-format",
-                "json",
-            ],
+            Some(&ns),
+            &argv,
             &dir.join("agent.log"),
             &format!("flock-agent {}", node.name),
         )?;
@@ -435,7 +614,7 @@ fn up() -> anyhow::Result<()> {
     let tor_conf_path = tor_dir.join("bird.conf").display().to_string();
     let tor_ctl = tor_dir.join("bird.ctl").display().to_string();
     daemon(
-        TOR,
+        Some(TOR),
         &["bird", "-f", "-c", &tor_conf_path, "-s", &tor_ctl],
         &tor_dir.join("bird.log"),
         "bird tor",
@@ -450,7 +629,7 @@ fn up() -> anyhow::Result<()> {
         )
         .with_context(|| format!("see {}", dir.join("agent.log").display()))?;
         daemon(
-            &node_ns(node),
+            Some(&node_ns(node)),
             &[
                 "bird",
                 "-f",
@@ -468,23 +647,18 @@ fn up() -> anyhow::Result<()> {
     // Pods, through the real plugin; then their manifests carry their IPs
     // (as the kubelet's status update would), for policies on other nodes.
     let mut ips: Vec<Vec<IpAddr>> = Vec::new();
+    let mut uids = Vec::new();
     for p in &PODS {
-        manifest(
-            &format!("pod-{}-{}", p.namespace, p.name),
-            &pod_manifest(p, &[]),
-        )?;
+        uids.push(objects.create_pod(p)?);
     }
-    for p in &PODS {
+    for (p, uid) in PODS.iter().zip(&uids) {
         run("ip", &["netns", "add", &pod_ns(p)])?;
-        let result = cni(&plugin, p, "ADD")?;
+        let result = cni(&plugin, p, uid, "ADD")?;
         let got = result_ips(&result);
-        manifest(
-            &format!("pod-{}-{}", p.namespace, p.name),
-            &pod_manifest(p, &got),
-        )?;
+        objects.pod_started(p, &got)?;
         ips.push(got);
     }
-    manifest("policy", POLICY)?;
+    objects.put("policy", POLICY)?;
 
     wait_for(
         "the ToR to learn both nodes' prefixes and the anycast IP from both",
@@ -501,7 +675,7 @@ fn up() -> anyhow::Result<()> {
         "flock lab is up ({:.1} s)\n",
         started.elapsed().as_secs_f64()
     );
-    report(&ips)
+    report(&ips, &objects)
 }
 
 fn lab_namespaces() -> anyhow::Result<Vec<String>> {
@@ -513,7 +687,7 @@ fn lab_namespaces() -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-fn report(ips: &[Vec<IpAddr>]) -> anyhow::Result<()> {
+fn report(ips: &[Vec<IpAddr>], objects: &Objects) -> anyhow::Result<()> {
     let family = |v: &[IpAddr], v4: bool| {
         v.iter()
             .find(|i| i.is_ipv4() == v4)
@@ -522,6 +696,15 @@ fn report(ips: &[Vec<IpAddr>]) -> anyhow::Result<()> {
     println!(
         "A ToR ({TOR}) running BIRD, peered over eBGP with two nodes ({PREFIX}node-a, {PREFIX}node-b),\neach running flock-agent and BIRD. Pods are network namespaces {PREFIX}pod-<namespace>-<name>.\n"
     );
+    match objects {
+        Objects::Dir => {
+            println!("DATASTORE dir:{ROOT}/manifests (the agents watch the directory)\n")
+        }
+        Objects::Kube(cluster) => println!(
+            "DATASTORE kubernetes: kube-apiserver at https://127.0.0.1:{} with etcd; the agents run as\n  ServiceAccount kube-system/flock (deploy/rbac.yaml), pods and NetworkPolicies went through the API\n",
+            cluster.api_port()
+        ),
+    }
     println!("PODS");
     println!(
         "  {:<8} {:<16} {:<14} {:<34} anycast",
@@ -618,9 +801,20 @@ fn report(ips: &[Vec<IpAddr>]) -> anyhow::Result<()> {
     connectivity(ips)?;
     println!("\nLook around: ip netns exec {TOR} birdc -s {ROOT}/tor/bird.ctl show route");
     println!("             ip netns exec {PREFIX}node-a nft list table inet flock");
-    println!(
-        "             logs: {ROOT}/<node>/agent.log, {ROOT}/<node>/bird.log; manifests: {ROOT}/manifests"
-    );
+    match objects {
+        Objects::Dir => println!(
+            "             logs: {ROOT}/<node>/agent.log, {ROOT}/<node>/bird.log; manifests: {ROOT}/manifests"
+        ),
+        Objects::Kube(cluster) => {
+            println!(
+                "             kubectl --kubeconfig {} get pods,nodeconfigs,networkpolicies -A",
+                cluster.admin_kubeconfig().display()
+            );
+            println!(
+                "             logs: {ROOT}/<node>/agent.log, {ROOT}/<node>/bird.log, {ROOT}/kube/kube-apiserver.log"
+            );
+        }
+    }
     println!("Remove everything: flock lab down");
     Ok(())
 }

@@ -1,9 +1,15 @@
 //! `flock lab` as the README runs it, as root: up prints a report that
 //! shows BGP, anycast ECMP and the policy doing their work; down leaves
 //! nothing behind. (A lab a person left up is taken down by this test.)
+//! `flock lab --kube` does the same on a real kube-apiserver and etcd.
+//! There is one lab per machine, so the tests take turns.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One lab at a time (both tests use `/run/flock-lab` and its namespaces).
+static LAB: Mutex<()> = Mutex::new(());
 
 fn flock() -> PathBuf {
     let lab = Path::new(env!("CARGO_BIN_EXE_flock-lab"));
@@ -39,17 +45,93 @@ fn lab_namespaces() -> Vec<String> {
 #[test]
 fn lab_up_reports_a_working_cluster_and_down_removes_it() {
     flock_testkit::require_root();
+    let _turn = LAB.lock().unwrap_or_else(|p| p.into_inner());
     let _down = Down;
+    let report = lab_up(&[]);
+    assert!(
+        report.contains("DATASTORE dir:/run/flock-lab/manifests"),
+        "{report}"
+    );
+    assert_working(&report);
+    assert!(lab_namespaces().len() >= 9, "{:?}", lab_namespaces());
+    assert_down(&[]);
+}
+
+#[test]
+fn lab_on_a_real_api_server_reports_a_working_cluster_and_down_removes_it() {
+    flock_testkit::require_root();
+    let _turn = LAB.lock().unwrap_or_else(|p| p.into_inner());
+    let _down = Down;
+    let report = lab_up(&["--kube"]);
+    assert!(report.contains("DATASTORE kubernetes"), "{report}");
+    assert_working(&report);
+    for node in ["node-a", "node-b"] {
+        let log =
+            std::fs::read_to_string(format!("/run/flock-lab/{node}/agent.log")).expect("agent log");
+        assert!(
+            log.contains(r#""datastore":"kubernetes""#),
+            "{node}'s agent is not on the kubernetes datastore:\n{log}"
+        );
+    }
+    let pids = std::fs::read_to_string("/run/flock-lab/pids").expect("pids");
+    let control_plane: Vec<String> = pids
+        .lines()
+        .filter(|l| l.ends_with(" etcd") || l.ends_with(" kube-apiserver"))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(control_plane.len(), 2, "{pids}");
+    for pid in &control_plane {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "{pid} is not running"
+        );
+    }
+    assert_down(&control_plane);
+}
+
+/// Runs `flock lab` with `args`; returns its report.
+fn lab_up(args: &[&str]) -> String {
     let out = Command::new(flock())
         .arg("lab")
+        .args(args)
         .output()
         .expect("flock lab");
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "flock lab failed: {report}{}",
+        "flock lab {args:?} failed: {report}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    report
+}
+
+/// `flock lab down` removes every namespace, the lab's directory and the
+/// processes `pids` (which must be gone once it returns).
+fn assert_down(pids: &[String]) {
+    let down = Command::new(flock())
+        .args(["lab", "down"])
+        .output()
+        .expect("down");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(lab_namespaces().is_empty(), "{:?}", lab_namespaces());
+    assert!(!Path::new("/run/flock-lab").exists());
+    for pid in pids {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        assert!(
+            !cmdline.contains("etcd") && !cmdline.contains("kube-apiserver"),
+            "{pid} still runs: {cmdline}"
+        );
+    }
+}
+
+/// The report shows BGP, anycast ECMP and the policy doing their work.
+fn assert_working(report: &str) {
     for want in [
         "flock lab is up",
         "198.18.1.0/24            → node-a",
@@ -101,17 +183,4 @@ fn lab_up_reports_a_working_cluster_and_down_removes_it() {
             "{r}"
         );
     }
-    assert!(lab_namespaces().len() >= 9, "{:?}", lab_namespaces());
-
-    let down = Command::new(flock())
-        .args(["lab", "down"])
-        .output()
-        .expect("down");
-    assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
-    );
-    assert!(lab_namespaces().is_empty(), "{:?}", lab_namespaces());
-    assert!(!Path::new("/run/flock-lab").exists());
 }

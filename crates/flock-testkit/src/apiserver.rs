@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,7 +86,10 @@ const ADMIN_TOKEN: &str = "flock-testkit-admin";
 
 /// etcd and kube-apiserver on loopback, and an admin client for them.
 pub struct KubeCluster {
-    dir: tempfile::TempDir,
+    /// The cluster's files (PKI, etcd's data, logs).
+    dir: PathBuf,
+    /// Removes `dir` on drop, unless the caller chose the directory.
+    _temp: Option<tempfile::TempDir>,
     etcd: Option<Child>,
     apiserver: Option<Child>,
     etcd_port: u16,
@@ -99,7 +103,7 @@ pub struct KubeCluster {
 impl std::fmt::Debug for KubeCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeCluster")
-            .field("dir", &self.dir.path())
+            .field("dir", &self.dir)
             .field("api_port", &self.api_port)
             .field("etcd_port", &self.etcd_port)
             .finish()
@@ -117,14 +121,26 @@ impl KubeCluster {
     /// (e.g. `--watch-cache=false`: every watch then reads etcd, so one
     /// behind a compaction gets 410 Gone instead of the cache's events).
     pub fn start_with(extra_args: &[&str]) -> KubeCluster {
-        let bins = KubeBinaries::get();
-        let dir = tempfile::Builder::new()
+        let temp = tempfile::Builder::new()
             .prefix("flock-kube-")
             .tempdir()
             .expect("tempdir");
-        make_pki(dir.path());
+        KubeCluster::start_at(temp.path().to_owned(), Some(temp), extra_args)
+    }
+
+    /// [`KubeCluster::start`] with its files in `dir` (created if missing),
+    /// which outlives the cluster: for a control plane that stays up after
+    /// [`KubeCluster::detach`] (`flock lab --kube`).
+    pub fn start_in(dir: &Path) -> KubeCluster {
+        std::fs::create_dir_all(dir).expect("cluster dir");
+        KubeCluster::start_at(dir.to_owned(), None, &[])
+    }
+
+    fn start_at(dir: PathBuf, temp: Option<tempfile::TempDir>, extra_args: &[&str]) -> KubeCluster {
+        let bins = KubeBinaries::get();
+        make_pki(&dir);
         std::fs::write(
-            dir.path().join("tokens.csv"),
+            dir.join("tokens.csv"),
             format!("{ADMIN_TOKEN},flock-testkit-admin,uid-admin,\"system:masters\"\n"),
         )
         .expect("token file");
@@ -135,16 +151,12 @@ impl KubeCluster {
             .expect("tokio runtime");
         let etcd_port = free_port();
         let api_port = free_port();
-        let admin_config = dir.path().join("admin.kubeconfig");
-        write_kubeconfig(
-            &admin_config,
-            api_port,
-            &dir.path().join("ca.crt"),
-            ADMIN_TOKEN,
-        );
+        let admin_config = dir.join("admin.kubeconfig");
+        write_kubeconfig(&admin_config, api_port, &dir.join("ca.crt"), ADMIN_TOKEN);
         let admin = runtime.block_on(client_from(&admin_config));
         let mut cluster = KubeCluster {
             dir,
+            _temp: temp,
             etcd: None,
             apiserver: None,
             etcd_port,
@@ -175,6 +187,26 @@ impl KubeCluster {
         self.api_port
     }
 
+    /// A kubeconfig for the kit's admin identity (`system:masters`).
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.join("admin.kubeconfig")
+    }
+
+    /// Leaves etcd and kube-apiserver running past the cluster's drop and
+    /// returns their PIDs with their names (`etcd`, `kube-apiserver`);
+    /// whoever detaches stops them. They run in process groups of their
+    /// own, so a terminal's ^C to the caller does not reach them.
+    pub fn detach(&mut self) -> Vec<(u32, &'static str)> {
+        let mut pids = Vec::new();
+        if let Some(child) = self.etcd.take() {
+            pids.push((child.id(), "etcd"));
+        }
+        if let Some(child) = self.apiserver.take() {
+            pids.push((child.id(), "kube-apiserver"));
+        }
+        pids
+    }
+
     /// The kit's admin client (group `system:masters`).
     pub fn admin(&self) -> kube::Client {
         self.admin.clone()
@@ -186,7 +218,7 @@ impl KubeCluster {
     }
 
     fn start_etcd(&mut self, etcd: &Path) {
-        let data = self.dir.path().join("etcd");
+        let data = self.dir.join("etcd");
         let client = format!("http://127.0.0.1:{}", self.etcd_port);
         let peer = format!("http://127.0.0.1:{}", free_port());
         let child = Command::new(etcd)
@@ -199,6 +231,7 @@ impl KubeCluster {
             .arg(format!("--initial-cluster=flock-test={peer}"))
             .arg("--unsafe-no-fsync")
             .arg("--log-level=warn")
+            .process_group(0)
             .stdout(self.log_file("etcd.log"))
             .stderr(self.log_file("etcd.log"))
             .spawn()
@@ -220,7 +253,7 @@ impl KubeCluster {
     /// on the same port and etcd, and waits for `/readyz`.
     pub fn start_apiserver(&mut self) {
         let bins = KubeBinaries::get();
-        let d = self.dir.path();
+        let d = &self.dir;
         let child = Command::new(&bins.kube_apiserver)
             .arg(format!(
                 "--etcd-servers=http://127.0.0.1:{}",
@@ -260,6 +293,7 @@ impl KubeCluster {
             .arg("--etcd-compaction-interval=0")
             .arg("--profiling=false")
             .args(&self.extra_args)
+            .process_group(0)
             .stdout(self.log_file("kube-apiserver.log"))
             .stderr(self.log_file("kube-apiserver.log"))
             .spawn()
@@ -321,7 +355,7 @@ impl KubeCluster {
             (&mut self.apiserver, "kube-apiserver.log"),
         ] {
             if let Some(Ok(Some(exit))) = child.as_mut().map(Child::try_wait) {
-                let text = std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default();
+                let text = std::fs::read_to_string(self.dir.join(log)).unwrap_or_default();
                 panic!("{log}: the process exited ({exit}):\n{text}");
             }
         }
@@ -331,13 +365,13 @@ impl KubeCluster {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join(name))
+            .open(self.dir.join(name))
             .expect("log file")
     }
 
     /// One of the control plane's logs (`etcd.log`, `kube-apiserver.log`).
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
 
     /// Server-side applies every document of `yaml` as the admin.
@@ -408,15 +442,12 @@ impl KubeCluster {
             .status
             .expect("TokenRequest status")
             .token;
-        write_kubeconfig(path, self.api_port, &self.dir.path().join("ca.crt"), &token);
+        write_kubeconfig(path, self.api_port, &self.dir.join("ca.crt"), &token);
     }
 
     /// A client running as ServiceAccount `namespace/name`.
     pub fn client_as(&self, namespace: &str, name: &str) -> kube::Client {
-        let path = self
-            .dir
-            .path()
-            .join(format!("{namespace}-{name}.kubeconfig"));
+        let path = self.dir.join(format!("{namespace}-{name}.kubeconfig"));
         self.kubeconfig_for(namespace, name, &path);
         self.block_on(client_from(&path))
     }
@@ -506,53 +537,56 @@ impl KubeCluster {
     /// forwards each connection to the API server: a node namespace's
     /// agent reaches it at the same address as the tests do.
     pub fn forward_into(&self, ns: &NetnsGuard) -> Forward {
-        let port = self.api_port;
-        let listener = ns
-            .netns()
-            .spawn(move || {
-                TcpListener::bind(("127.0.0.1", port)).map_err(|e| {
-                    flock_netlink::NetlinkError::Io {
-                        what: "listen for the API server forward".into(),
-                        source: e,
-                    }
-                })
+        forward(&ns.netns(), self.api_port)
+    }
+}
+
+/// Listens on 127.0.0.1:`port` inside `ns` and forwards each connection
+/// to 127.0.0.1:`port` in the caller's namespace, until the [`Forward`]
+/// drops.
+pub fn forward(ns: &flock_netlink::Netns, port: u16) -> Forward {
+    let listener = ns
+        .spawn(move || {
+            TcpListener::bind(("127.0.0.1", port)).map_err(|e| flock_netlink::NetlinkError::Io {
+                what: "listen for the API server forward".into(),
+                source: e,
             })
-            .join()
-            .expect("forward thread")
-            .expect("bind the forward");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let paused = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let thread = std::thread::spawn({
-            let (stop, paused, open) = (stop.clone(), paused.clone(), open.clone());
-            move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        // Paused: the connection is refused by closing it.
-                        Ok(_) if paused.load(Ordering::SeqCst) => {}
-                        Ok((inbound, _)) => {
-                            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
-                            open.retain(|c| c.peer_addr().is_ok());
-                            if let Ok(c) = inbound.try_clone() {
-                                open.push(c);
-                            }
-                            std::thread::spawn(move || pipe(inbound, port));
+        })
+        .join()
+        .expect("forward thread")
+        .expect("bind the forward");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let stop = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let thread = std::thread::spawn({
+        let (stop, paused, open) = (stop.clone(), paused.clone(), open.clone());
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    // Paused: the connection is refused by closing it.
+                    Ok(_) if paused.load(Ordering::SeqCst) => {}
+                    Ok((inbound, _)) => {
+                        let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+                        open.retain(|c| c.peer_addr().is_ok());
+                        if let Ok(c) = inbound.try_clone() {
+                            open.push(c);
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(10))
-                        }
-                        Err(_) => return,
+                        std::thread::spawn(move || pipe(inbound, port));
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(_) => return,
                 }
             }
-        });
-        Forward {
-            stop,
-            paused,
-            open,
-            thread: Some(thread),
         }
+    });
+    Forward {
+        stop,
+        paused,
+        open,
+        thread: Some(thread),
     }
 }
 
