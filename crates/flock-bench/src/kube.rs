@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
-use crate::netpol_scale::{NAMESPACES, PER_NS, pod_json, policies_json};
+use crate::netpol_scale::{NAMESPACES, PER_NS, pod_json, pod_node, policies_json};
 
 /// Requests in flight while the cluster is filled.
 const CONCURRENCY: usize = 32;
@@ -119,11 +119,7 @@ fn fill(cluster: &KubeCluster) -> anyhow::Result<(usize, usize)> {
         cluster.create_namespace(&ns, &[("team", &format!("team-{}", n % 10))]);
         for j in 0..PER_NS {
             let k = (n * PER_NS + j) as u32;
-            let node = if j == 0 {
-                NODE.to_owned()
-            } else {
-                format!("node-{}", k % 97)
-            };
+            let node = pod_node(j, k);
             let mut pod: serde_json::Value =
                 serde_json::from_str(&pod_json(&ns, &format!("pod-{j}"), j % 10, k, &node))?;
             // What the API server sets itself.

@@ -55,6 +55,17 @@ pub(crate) fn policies_json(ns: &str) -> String {
     out
 }
 
+/// The node of the `j`th pod of a namespace (`k`th of the cluster): one
+/// pod per namespace is this node's, 100 of the 10,000; the rest spread
+/// over 97 others.
+pub(crate) fn pod_node(j: usize, k: u32) -> String {
+    if j == 0 {
+        NODE.to_owned()
+    } else {
+        format!("node-{}", k % 97)
+    }
+}
+
 /// Writes the cluster's manifests (one file per namespace) into `dir`.
 fn write_cluster(dir: &Path, with_policies: bool) -> anyhow::Result<()> {
     for n in 0..NAMESPACES {
@@ -65,13 +76,7 @@ fn write_cluster(dir: &Path, with_policies: bool) -> anyhow::Result<()> {
         );
         for j in 0..PER_NS {
             let k = (n * PER_NS + j) as u32;
-            // One pod per namespace is this node's: 100 of the 10,000.
-            let node = if j == 0 {
-                NODE.to_owned()
-            } else {
-                format!("node-{}", k % 97)
-            };
-            text += &pod_json(&ns, &format!("pod-{j}"), j % 10, k, &node);
+            text += &pod_json(&ns, &format!("pod-{j}"), j % 10, k, &pod_node(j, k));
             text.push('\n');
         }
         if with_policies {
