@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use flock_datastore::{Cache, Event};
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
@@ -25,6 +26,10 @@ use crate::store::AllocationStore;
 
 /// How often anycast routes are reconciled without a trigger.
 pub const ANYCAST_TICK: Duration = Duration::from_secs(2);
+/// How often the node's routes are listed again, so an anycast route
+/// removed by hand comes back; between listings a pass works from what the
+/// loop installed and does not dump the node's links or routes.
+pub const ANYCAST_RESYNC: Duration = Duration::from_secs(30);
 
 /// How long the loop waits for the first list of this node's pods after a
 /// start before it treats missing pods as gone.
@@ -49,6 +54,10 @@ pub struct AnycastLoop<K, S> {
     /// starts being skipped, not every pass, and again if it comes back
     /// after it was routed.
     warned: HashSet<String>,
+    /// The routes as the loop left them.
+    routes: flock_anycast::Reconciler,
+    /// When the node's routes were last listed.
+    listed_at: Instant,
 }
 
 impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
@@ -77,6 +86,8 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
                 board,
                 metrics,
                 warned: HashSet::new(),
+                routes: flock_anycast::Reconciler::new(),
+                listed_at: Instant::now(),
             },
             rx,
         )
@@ -182,7 +193,11 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
             }
         }
         self.warned = warnings.into_iter().collect();
-        let reconciled = flock_anycast::reconcile(&*self.kernel, &targets).await;
+        if self.listed_at.elapsed() >= ANYCAST_RESYNC {
+            self.routes.resync();
+            self.listed_at = Instant::now();
+        }
+        let reconciled = self.routes.pass(&*self.kernel, &targets).await;
         // Announced: what the node has a route for.
         let routed: BTreeSet<IpAddr> = match &reconciled {
             Ok(changes) => targets

@@ -217,13 +217,12 @@ impl flock_anycast::Routes for FakeKernel {
         Ok(self.state().routes.values().cloned().collect())
     }
 
-    async fn link_indices(&self) -> flock_netlink::Result<HashMap<String, u32>> {
+    async fn link_index(&self, name: &str) -> flock_netlink::Result<Option<u32>> {
         Ok(self
             .state()
             .links
-            .keys()
-            .map(|n| (n.clone(), index_of(n)))
-            .collect())
+            .contains_key(name)
+            .then(|| index_of(name)))
     }
 
     async fn replace(&self, dst: IpAddr, nexthops: &[Nexthop]) -> flock_netlink::Result<()> {

@@ -123,8 +123,8 @@ impl flock_anycast::Routes for NodeKernel {
         self.dataplane.installed().await
     }
 
-    async fn link_indices(&self) -> flock_netlink::Result<std::collections::HashMap<String, u32>> {
-        self.dataplane.link_indices().await
+    async fn link_index(&self, name: &str) -> flock_netlink::Result<Option<u32>> {
+        flock_anycast::Routes::link_index(&self.dataplane, name).await
     }
 
     async fn replace(

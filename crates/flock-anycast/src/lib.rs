@@ -2,9 +2,13 @@
 //!
 //! [`resolve`] is pure: from the committed allocations and pod readiness it
 //! computes, per IP, the sorted nexthops (each Ready pod's own address of
-//! the same family, through its host veth). [`reconcile`] compares that with
-//! the routes flock has installed and changes only what differs, so a quiet
-//! pass touches nothing and an agent restart adopts the routes it finds.
+//! the same family, through its host veth). A [`Reconciler`] compares that
+//! with the routes flock has installed and changes only what differs, so a
+//! quiet pass touches nothing and an agent restart adopts the routes it
+//! finds. It lists the kernel's routes at its first pass, after a change
+//! failed and when told to ([`Reconciler::resync`]); otherwise it keeps what
+//! it installed and a pass costs one link lookup by name per nexthop
+//! device, never a dump of the node's links or routes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -100,12 +104,15 @@ pub struct Changes {
 /// which host interfaces exist, and replacing or removing one route.
 /// `flock_netlink::Dataplane` is the real one.
 pub trait Routes: Send + Sync {
-    /// Every route carrying flock's protocol number.
+    /// Every route carrying flock's protocol number (a dump: the
+    /// [`Reconciler`] asks for it once, and after a failure).
     fn installed(&self) -> impl Future<Output = flock_netlink::Result<Vec<InstalledRoute>>> + Send;
-    /// Host interfaces of pod veths by name, with their indices.
-    fn link_indices(
+    /// The index of the host interface called `name`, or `None` when there
+    /// is none (one lookup by name).
+    fn link_index(
         &self,
-    ) -> impl Future<Output = flock_netlink::Result<HashMap<String, u32>>> + Send;
+        name: &str,
+    ) -> impl Future<Output = flock_netlink::Result<Option<u32>>> + Send;
     /// Installs or replaces the route to `dst` over `nexthops`.
     fn replace(
         &self,
@@ -121,8 +128,8 @@ impl Routes for Dataplane {
         self.flock_routes().await
     }
 
-    async fn link_indices(&self) -> flock_netlink::Result<HashMap<String, u32>> {
-        Ok(self.flock_links().await?.into_iter().collect())
+    async fn link_index(&self, name: &str) -> flock_netlink::Result<Option<u32>> {
+        Dataplane::link_index(self, name).await
     }
 
     async fn replace(&self, dst: IpAddr, nexthops: &[Nexthop]) -> flock_netlink::Result<()> {
@@ -134,68 +141,135 @@ impl Routes for Dataplane {
     }
 }
 
-/// Makes the installed anycast routes equal `targets`, touching only what
-/// differs. Routes are told apart from the pods' own host routes by having
-/// a gateway. A nexthop whose veth is gone is left out (in
-/// [`Changes::missing`]) and the IP goes through the nexthops that exist;
-/// an IP with none left loses its route. A target that fails is reported
-/// in [`Changes::failed`] and the others go on, stale routes included; only
-/// when the kernel cannot even be listed does nothing happen.
-pub async fn reconcile(routes: &impl Routes, targets: &Targets) -> flock_netlink::Result<Changes> {
-    let indices = routes.link_indices().await?;
-    let installed: BTreeMap<IpNet, Vec<(Option<IpAddr>, u32)>> = routes
-        .installed()
-        .await?
-        .into_iter()
-        .filter(|r| r.kind == RouteKind::Unicast && r.nexthops.iter().all(|(via, _)| via.is_some()))
-        .map(|r| (r.dst, r.nexthops))
-        .collect();
-    let mut changes = Changes::default();
-    for (ip, hops) in targets {
-        let (present, missing): (Vec<Nexthop>, Vec<Nexthop>) = hops
-            .iter()
-            .cloned()
-            .partition(|h| indices.contains_key(&h.dev));
-        if !missing.is_empty() {
-            changes.missing.insert(*ip, missing);
+/// A route's nexthops as the kernel holds them: (gateway, interface index),
+/// sorted.
+type Hops = Vec<(Option<IpAddr>, u32)>;
+
+/// Keeps the anycast routes equal to the targets of each pass, remembering
+/// what it installed between passes.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    /// flock's anycast routes as this reconciler left them; `None` until
+    /// the kernel has been listed, and again after a change failed (the
+    /// kernel may then hold something else).
+    installed: Option<BTreeMap<IpNet, Hops>>,
+}
+
+impl Reconciler {
+    /// A reconciler that lists the kernel's routes at its first pass.
+    pub fn new() -> Reconciler {
+        Reconciler::default()
+    }
+
+    /// Lists the kernel's routes again at the next pass (what is installed
+    /// may have changed behind the reconciler's back: a route removed by
+    /// hand).
+    pub fn resync(&mut self) {
+        self.installed = None;
+    }
+
+    /// Makes the installed anycast routes equal `targets`, touching only
+    /// what differs. Routes are told apart from the pods' own host routes
+    /// by having a gateway. A nexthop whose veth is gone is left out (in
+    /// [`Changes::missing`]) and the IP goes through the nexthops that
+    /// exist; an IP with none left loses its route. A target that fails is
+    /// reported in [`Changes::failed`] and the others go on, stale routes
+    /// included; only when the kernel cannot even be read does nothing
+    /// happen.
+    pub async fn pass(
+        &mut self,
+        routes: &impl Routes,
+        targets: &Targets,
+    ) -> flock_netlink::Result<Changes> {
+        let mut installed = match self.installed.take() {
+            Some(known) => known,
+            None => routes
+                .installed()
+                .await?
+                .into_iter()
+                .filter(|r| {
+                    r.kind == RouteKind::Unicast && r.nexthops.iter().all(|(via, _)| via.is_some())
+                })
+                .map(|r| (r.dst, r.nexthops))
+                .collect(),
+        };
+        let mut indices: HashMap<&str, Option<u32>> = HashMap::new();
+        for hop in targets.values().flatten() {
+            if !indices.contains_key(hop.dev.as_str()) {
+                indices.insert(&hop.dev, routes.link_index(&hop.dev).await?);
+            }
         }
-        let dst = IpNet::from(*ip);
-        if present.is_empty() {
-            changes
-                .failed
-                .insert(*ip, "no nexthop's host veth exists".to_owned());
-            if installed.contains_key(&dst) {
-                match routes.remove(dst).await {
-                    Ok(()) => changes.removed += 1,
-                    Err(e) => changes.errors.push(format!("{dst}: {e}")),
+        let index = |dev: &str| indices.get(dev).copied().flatten();
+        let mut changes = Changes::default();
+        let mut in_doubt = false;
+        for (ip, hops) in targets {
+            let (present, missing): (Vec<Nexthop>, Vec<Nexthop>) =
+                hops.iter().cloned().partition(|h| index(&h.dev).is_some());
+            if !missing.is_empty() {
+                changes.missing.insert(*ip, missing);
+            }
+            let dst = IpNet::from(*ip);
+            if present.is_empty() {
+                changes
+                    .failed
+                    .insert(*ip, "no nexthop's host veth exists".to_owned());
+                if installed.contains_key(&dst) {
+                    match routes.remove(dst).await {
+                        Ok(()) => {
+                            installed.remove(&dst);
+                            changes.removed += 1;
+                        }
+                        Err(e) => {
+                            in_doubt = true;
+                            changes.errors.push(format!("{dst}: {e}"));
+                        }
+                    }
+                }
+                continue;
+            }
+            let mut want: Hops = present
+                .iter()
+                .filter_map(|h| index(&h.dev).map(|i| (Some(h.via), i)))
+                .collect();
+            want.sort();
+            if installed.get(&dst) == Some(&want) {
+                continue;
+            }
+            match routes.replace(*ip, &present).await {
+                Ok(()) => {
+                    installed.insert(dst, want);
+                    changes.replaced += 1;
+                }
+                Err(e) => {
+                    in_doubt = true;
+                    changes.failed.insert(*ip, e.to_string());
                 }
             }
-            continue;
         }
-        let mut want: Vec<(Option<IpAddr>, u32)> = present
-            .iter()
-            .filter_map(|h| indices.get(&h.dev).map(|&i| (Some(h.via), i)))
+        let stale: Vec<IpNet> = installed
+            .keys()
+            .filter(|dst| {
+                dst.prefix_len() == dst.max_prefix_len() && !targets.contains_key(&dst.addr())
+            })
+            .copied()
             .collect();
-        want.sort();
-        if installed.get(&dst) == Some(&want) {
-            continue;
-        }
-        match routes.replace(*ip, &present).await {
-            Ok(()) => changes.replaced += 1,
-            Err(e) => {
-                changes.failed.insert(*ip, e.to_string());
+        for dst in stale {
+            match routes.remove(dst).await {
+                Ok(()) => {
+                    installed.remove(&dst);
+                    changes.removed += 1;
+                }
+                Err(e) => {
+                    in_doubt = true;
+                    changes.errors.push(format!("{dst}: {e}"));
+                }
             }
         }
-    }
-    for dst in installed.keys() {
-        if dst.prefix_len() == dst.max_prefix_len() && !targets.contains_key(&dst.addr()) {
-            match routes.remove(*dst).await {
-                Ok(()) => changes.removed += 1,
-                Err(e) => changes.errors.push(format!("{dst}: {e}")),
-            }
+        if !in_doubt {
+            self.installed = Some(installed);
         }
+        Ok(changes)
     }
-    Ok(changes)
 }
 
 #[cfg(test)]
@@ -214,6 +288,8 @@ mod tests {
         links: Vec<&'static str>,
         routes: Mutex<BTreeMap<IpNet, InstalledRoute>>,
         refuse: Vec<IpAddr>,
+        /// How often the routes were listed (dumped).
+        listed: std::sync::atomic::AtomicUsize,
     }
 
     fn index(dev: &str) -> u32 {
@@ -237,6 +313,8 @@ mod tests {
 
     impl Routes for MemRoutes {
         async fn installed(&self) -> flock_netlink::Result<Vec<InstalledRoute>> {
+            self.listed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(self
                 .routes
                 .lock()
@@ -246,12 +324,8 @@ mod tests {
                 .collect())
         }
 
-        async fn link_indices(&self) -> flock_netlink::Result<HashMap<String, u32>> {
-            Ok(self
-                .links
-                .iter()
-                .map(|l| (l.to_string(), index(l)))
-                .collect())
+        async fn link_index(&self, name: &str) -> flock_netlink::Result<Option<u32>> {
+            Ok(self.links.contains(&name).then(|| index(name)))
         }
 
         async fn replace(&self, dst: IpAddr, nexthops: &[Nexthop]) -> flock_netlink::Result<()> {
@@ -314,7 +388,8 @@ mod tests {
                 vec![hop("198.18.0.2", "flockaaaa")],
             ),
         ]);
-        reconcile(&kernel, &old).await.expect("first pass");
+        let mut reconciler = Reconciler::new();
+        reconciler.pass(&kernel, &old).await.expect("first pass");
         let targets = Targets::from([
             (
                 "203.0.113.1".parse().expect("ip"),
@@ -336,7 +411,7 @@ mod tests {
                 vec![hop("198.18.0.3", "flockbbbb")],
             ),
         ]);
-        let changes = reconcile(&kernel, &targets).await.expect("listed");
+        let changes = reconciler.pass(&kernel, &targets).await.expect("listed");
         assert_eq!(
             kernel.vias("203.0.113.1"),
             Some(vec!["198.18.0.2".to_owned()]),
@@ -377,6 +452,55 @@ mod tests {
         assert!(changes.failed[&"203.0.113.3".parse::<IpAddr>().expect("ip")].contains("refused"));
         assert_eq!((changes.replaced, changes.removed), (2, 2));
         assert!(changes.errors.is_empty(), "{:?}", changes.errors);
+    }
+
+    #[tokio::test]
+    async fn the_kernel_is_listed_once_and_again_only_after_a_failure() {
+        let kernel = MemRoutes {
+            links: vec!["flockaaaa", "flockbbbb"],
+            refuse: vec!["203.0.113.7".parse().expect("ip")],
+            ..MemRoutes::default()
+        };
+        let listed = || kernel.listed.load(std::sync::atomic::Ordering::Relaxed);
+        // What an earlier agent left: adopted, not touched.
+        let adopted = Targets::from([(
+            "203.0.113.1".parse().expect("ip"),
+            vec![hop("198.18.0.2", "flockaaaa")],
+        )]);
+        Reconciler::new()
+            .pass(&kernel, &adopted)
+            .await
+            .expect("earlier agent");
+        let mut reconciler = Reconciler::new();
+        let changes = reconciler.pass(&kernel, &adopted).await.expect("adopt");
+        assert_eq!((changes.replaced, changes.removed, listed()), (0, 0, 2));
+        // Passes that change something, and quiet ones: no listing.
+        let both = Targets::from([(
+            "203.0.113.1".parse().expect("ip"),
+            vec![
+                hop("198.18.0.2", "flockaaaa"),
+                hop("198.18.0.3", "flockbbbb"),
+            ],
+        )]);
+        for (targets, replaced, removed) in [(&both, 1, 0), (&both, 0, 0), (&Targets::new(), 0, 1)]
+        {
+            let changes = reconciler.pass(&kernel, targets).await.expect("pass");
+            assert_eq!((changes.replaced, changes.removed), (replaced, removed));
+        }
+        assert_eq!(kernel.vias("203.0.113.1"), None, "withdrawn");
+        assert_eq!(listed(), 2, "no pass after the first listed the routes");
+        // A change the kernel refuses: the next pass lists it again.
+        let refused = Targets::from([(
+            "203.0.113.7".parse().expect("ip"),
+            vec![hop("198.18.0.2", "flockaaaa")],
+        )]);
+        let changes = reconciler.pass(&kernel, &refused).await.expect("pass");
+        assert_eq!(changes.failed.len(), 1);
+        reconciler
+            .pass(&kernel, &Targets::new())
+            .await
+            .expect("pass");
+        assert_eq!(listed(), 3);
     }
 
     fn alloc(

@@ -246,6 +246,15 @@ impl Dataplane {
 }
 
 impl Dataplane {
+    /// The index of link `name` in the node, or `None` when there is none:
+    /// one lookup by name, no dump.
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
+        let node = self.node().to_string();
+        Ok(crate::link::find(self.handle(), name, &node)
+            .await?
+            .map(|l| l.index))
+    }
+
     /// Host ends of pod veths in the node: links named `flock` + 8 lowercase
     /// hex digits, with their indices.
     pub async fn flock_links(&self) -> Result<Vec<(String, u32)>> {
