@@ -219,6 +219,29 @@ impl<S: AllocationStore> Allocations<S> {
         self.lock().entries.values().cloned().collect()
     }
 
+    /// The entries that claim an anycast or `addresses` IP (on most nodes
+    /// few or none: a pass over them does not copy every entry).
+    pub fn claimants(&self) -> Vec<Allocation> {
+        self.lock()
+            .entries
+            .values()
+            .filter(|a| !a.anycast.is_empty() || !a.addresses.is_empty())
+            .cloned()
+            .collect()
+    }
+
+    /// Every entry's own (unicast) IPs, each with its pod as `ns/name`.
+    pub fn unicast_ips(&self) -> Vec<(IpAddr, String)> {
+        self.lock()
+            .entries
+            .values()
+            .flat_map(|a| {
+                let pod = format!("{}/{}", a.namespace, a.pod);
+                a.unicast().map(move |ip| (ip, pod.clone()))
+            })
+            .collect()
+    }
+
     /// How many entries there are.
     pub fn len(&self) -> usize {
         self.lock().entries.len()

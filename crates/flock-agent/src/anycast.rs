@@ -130,22 +130,19 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
     }
 
     async fn pass(&mut self) {
-        let entries = self.allocations.snapshot();
+        // Only the entries that claim an IP, and only with claims on this
+        // node is the cluster (and this node's unicast IPs) looked at.
+        let entries = self.allocations.claimants();
         let cache = &self.cache;
         let consent = self.consent.borrow().clone();
-        let claiming = entries
-            .iter()
-            .any(|a| !a.anycast.is_empty() || !a.addresses.is_empty());
-        // Only with claims on this node is the cluster looked at.
+        let claiming = !entries.is_empty();
         let (mut unicast, claims) = if claiming {
             cluster_claims(&cache.pods())
         } else {
             Default::default()
         };
-        for a in &entries {
-            for ip in a.unicast() {
-                unicast.insert(ip, format!("{}/{}", a.namespace, a.pod));
-            }
+        if claiming {
+            unicast.extend(self.allocations.unicast_ips());
         }
         let namespaces = if claiming {
             cache.namespaces()

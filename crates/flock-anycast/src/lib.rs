@@ -42,7 +42,9 @@ pub fn resolve<'a>(
     let mut targets: Targets = BTreeMap::new();
     let mut warnings = Vec::new();
     for a in allocations {
-        if a.state != AllocState::Committed || !serving(&a.namespace, &a.pod) {
+        // Most pods claim nothing: they cost no readiness lookup.
+        let claims_any = !a.anycast.is_empty() || !a.addresses.is_empty();
+        if !claims_any || a.state != AllocState::Committed || !serving(&a.namespace, &a.pod) {
             continue;
         }
         let claims = a
