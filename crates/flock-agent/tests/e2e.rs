@@ -593,4 +593,17 @@ fn anycast_routes_follow_pod_readiness() {
         udp_probe(&peer.ns.netns(), to, Duration::from_secs(2)).is_some(),
         "anycast reaches the Ready pod"
     );
+    // Removed by hand: the loop works from what it installed and lists the
+    // node's routes again every 30 s, so the route comes back by then.
+    node.node.ip(&["route", "del", any]);
+    assert!(route().trim().is_empty(), "{}", route());
+    let deadline = std::time::Instant::now() + Duration::from_secs(35);
+    while !route().contains(&format!("via {}", a.ip(true))) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the anycast route removed by hand did not come back:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
