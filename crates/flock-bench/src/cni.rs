@@ -111,8 +111,10 @@ struct Scale {
     idle_cpu_at_1000: f64,
 }
 
-/// How long the idle agent's CPU time is counted, after it settled.
-const IDLE_WINDOW: Duration = Duration::from_secs(10);
+/// How long the idle agent's CPU time is counted, after it settled: the
+/// longest of its periodic passes (NodeConfig, policy heal, anycast route
+/// listing: 30 s) falls inside.
+const IDLE_WINDOW: Duration = Duration::from_secs(31);
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
 
 /// The share of one core process `pid` used over `window` (its user and
