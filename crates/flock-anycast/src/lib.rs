@@ -204,6 +204,8 @@ impl Reconciler {
         let index = |dev: &str| indices.get(dev).copied().flatten();
         let mut changes = Changes::default();
         let mut in_doubt = false;
+        // Routes to remove: targets left without a veth, then stale ones.
+        let mut unwanted: Vec<IpNet> = Vec::new();
         for (ip, hops) in targets {
             let (present, missing): (Vec<Nexthop>, Vec<Nexthop>) =
                 hops.iter().cloned().partition(|h| index(&h.dev).is_some());
@@ -216,16 +218,7 @@ impl Reconciler {
                     .failed
                     .insert(*ip, "no nexthop's host veth exists".to_owned());
                 if installed.contains_key(&dst) {
-                    match routes.remove(dst).await {
-                        Ok(()) => {
-                            installed.remove(&dst);
-                            changes.removed += 1;
-                        }
-                        Err(e) => {
-                            in_doubt = true;
-                            changes.errors.push(format!("{dst}: {e}"));
-                        }
-                    }
+                    unwanted.push(dst);
                 }
                 continue;
             }
@@ -248,14 +241,10 @@ impl Reconciler {
                 }
             }
         }
-        let stale: Vec<IpNet> = installed
-            .keys()
-            .filter(|dst| {
-                dst.prefix_len() == dst.max_prefix_len() && !targets.contains_key(&dst.addr())
-            })
-            .copied()
-            .collect();
-        for dst in stale {
+        unwanted.extend(installed.keys().filter(|dst| {
+            dst.prefix_len() == dst.max_prefix_len() && !targets.contains_key(&dst.addr())
+        }));
+        for dst in unwanted {
             match routes.remove(dst).await {
                 Ok(()) => {
                     installed.remove(&dst);

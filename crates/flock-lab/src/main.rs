@@ -497,7 +497,9 @@ impl Objects {
         }
     }
 
-    /// The agent's `--datastore` and its environment for `node`.
+    /// The agent's `--datastore` and its environment for `node`; for the
+    /// API server, this also writes the node's kubeconfig and starts its
+    /// forward.
     fn datastore(&self, node: &NodeSpec) -> anyhow::Result<(String, Vec<String>)> {
         match self {
             Objects::Dir => Ok((
