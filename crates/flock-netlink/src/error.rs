@@ -65,4 +65,7 @@ pub(crate) mod libc_errno {
     pub const ESRCH: i32 = 3;
     pub const ENODEV: i32 = 19;
     pub const EADDRNOTAVAIL: i32 = 99;
+    pub const ENETUNREACH: i32 = 101;
+    pub const EHOSTUNREACH: i32 = 113;
+    pub const EINVAL: i32 = 22;
 }

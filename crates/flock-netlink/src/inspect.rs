@@ -10,7 +10,8 @@ use rtnetlink::Handle;
 use rtnetlink::packet_route::address::AddressAttribute;
 
 use crate::link::{self, LinkState};
-use crate::routes::{InstalledRoute, dump};
+use crate::neighbour;
+use crate::routes::{InstalledRoute, dump, lookup};
 use crate::{Dataplane, GATEWAY_V4, GATEWAY_V6, NetlinkError, PodSpec, Result};
 
 /// One difference between the kernel and a pod's expected network.
@@ -42,6 +43,17 @@ pub enum Drift {
         /// The address and prefix length.
         address: IpNet,
     },
+    /// A neighbour entry is missing, not permanent, or for another MAC.
+    Neighbour {
+        /// The link it belongs on.
+        link: String,
+        /// The neighbour's IP.
+        ip: IpAddr,
+        /// The MAC it should resolve to (the other end of the veth).
+        want: String,
+        /// What the kernel holds, if anything.
+        got: Option<String>,
+    },
     /// A route is missing.
     MissingRoute {
         /// Where (host or pod).
@@ -65,6 +77,10 @@ impl fmt::Display for Drift {
             },
             Drift::MissingAddress { link, address } => write!(f, "{link} lacks address {address}"),
             Drift::MissingRoute { place, route } => write!(f, "{place} lacks route {route}"),
+            Drift::Neighbour { link, ip, want, got } => match got {
+                None => write!(f, "{link} lacks permanent neighbour {ip} lladdr {want}"),
+                Some(got) => write!(f, "{link} has neighbour {ip} as {got}, expected permanent {want}"),
+            },
         }
     }
 }
@@ -108,6 +124,35 @@ pub(crate) async fn addresses_of(
         }
     }
     Ok(out)
+}
+
+/// A drift unless `ip` is a permanent neighbour on `link` with `target`'s MAC.
+async fn check_neighbour(
+    drifts: &mut Vec<Drift>,
+    handle: &Handle,
+    link: &LinkState,
+    link_name: &str,
+    ip: IpAddr,
+    target: &LinkState,
+) -> Result<()> {
+    let found = neighbour::get(handle, link.index, ip, link_name).await?;
+    let want = target.mac.clone();
+    if !found.as_ref().is_some_and(|n| n.permanent && n.mac == want) {
+        drifts.push(Drift::Neighbour {
+            link: link_name.to_owned(),
+            ip,
+            want: want.as_deref().map(mac_text).unwrap_or_default(),
+            got: found.map(|n| {
+                let mac = n.mac.as_deref().map(mac_text).unwrap_or_else(|| "no MAC".into());
+                if n.permanent { mac } else { format!("{mac}, not permanent") }
+            }),
+        });
+    }
+    Ok(())
+}
+
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 fn has_route(routes: &[InstalledRoute], dst: IpNet, via: Option<IpAddr>, oif: u32) -> bool {
@@ -171,25 +216,15 @@ impl Dataplane {
             return Ok(drifts);
         };
         check_link(&mut drifts, &spec.host_iface, &host, spec.mtu);
-        let turn = self.dump_turn().await;
-        let host_addrs = addresses_of(self.handle(), Some(host.index), &spec.host_iface).await?;
-        let gw6 = IpNet::new(IpAddr::V6(GATEWAY_V6), 128)
-            .map_err(|e| NetlinkError::Conflict(e.to_string()))?;
-        if !host_addrs.contains(&gw6) {
-            drifts.push(Drift::MissingAddress {
-                link: spec.host_iface.clone(),
-                address: gw6,
-            });
-        }
-        let host_routes = dump(self.handle(), &node).await?;
-        drop(turn);
+        // Lookups, not dumps: what CHECK costs must not grow with the node.
         for ip in spec
             .ip6
             .map(IpAddr::V6)
             .into_iter()
             .chain(spec.ip4.map(IpAddr::V4))
         {
-            if !has_route(&host_routes, host_net(ip), None, host.index) {
+            let route = lookup(self.handle(), ip, &node).await?;
+            if !route.is_some_and(|r| has_route(&[r], host_net(ip), None, host.index)) {
                 drifts.push(Drift::MissingRoute {
                     place: "host".into(),
                     route: format!("{} dev {}", host_net(ip), spec.host_iface),
@@ -215,6 +250,22 @@ impl Dataplane {
             )));
         }
         check_link(&mut drifts, &pod_name, &peer, spec.mtu);
+        let pod_ips = spec
+            .ip6
+            .map(IpAddr::V6)
+            .into_iter()
+            .chain(spec.ip4.map(IpAddr::V4));
+        for ip in pod_ips {
+            check_neighbour(&mut drifts, self.handle(), &host, &spec.host_iface, ip, &peer).await?;
+        }
+        let gateways = spec
+            .ip4
+            .map(|_| IpAddr::V4(GATEWAY_V4))
+            .into_iter()
+            .chain(spec.ip6.map(|_| IpAddr::V6(GATEWAY_V6)));
+        for gw in gateways {
+            check_neighbour(&mut drifts, &pod, &peer, &pod_name, gw, &host).await?;
+        }
         let pod_addrs = addresses_of(&pod, Some(peer.index), &pod_name).await?;
         let unicast = spec
             .ip6

@@ -17,6 +17,7 @@ mod conntrack;
 mod error;
 mod inspect;
 mod link;
+mod neighbour;
 mod netns;
 mod nftables;
 mod pod;
@@ -36,8 +37,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 /// The protocol number on every route flock installs (`ip route show proto 97`).
 pub const FLOCK_ROUTE_PROTOCOL: u8 = 97;
 
-/// The IPv6 gateway every pod sees: the host end of its veth.
+/// The IPv6 gateway every pod sees: a permanent neighbour entry in the pod
+/// for the host end's MAC (the host end holds no address).
 pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
-/// The IPv4 gateway every pod sees, answered by proxy ARP on the host end.
+/// The IPv4 gateway every pod sees: a permanent neighbour entry in the pod
+/// for the host end's MAC (proxy ARP on the host end answers too).
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);

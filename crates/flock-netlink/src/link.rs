@@ -17,6 +17,8 @@ pub(crate) struct LinkState {
     pub up: bool,
     /// For a veth: the peer's index (in the peer's namespace).
     pub peer_index: Option<u32>,
+    /// The link's MAC address.
+    pub mac: Option<Vec<u8>>,
 }
 
 impl From<&LinkMessage> for LinkState {
@@ -26,11 +28,13 @@ impl From<&LinkMessage> for LinkState {
             mtu: None,
             up: m.header.flags.contains(LinkFlags::Up),
             peer_index: None,
+            mac: None,
         };
         for attr in &m.attributes {
             match attr {
                 LinkAttribute::Mtu(mtu) => state.mtu = Some(*mtu),
                 LinkAttribute::Link(peer) => state.peer_index = Some(*peer),
+                LinkAttribute::Address(mac) => state.mac = Some(mac.clone()),
                 _ => {}
             }
         }

@@ -14,6 +14,7 @@ use tracing::debug;
 
 use crate::error::is_gone;
 use crate::link::{self, LinkState};
+use crate::neighbour;
 use crate::reaper::Reaper;
 use crate::{FLOCK_ROUTE_PROTOCOL, GATEWAY_V4, GATEWAY_V6, NetlinkError, Netns, Result, sysctl};
 
@@ -45,15 +46,19 @@ pub struct PodSpec {
 pub enum SetupStep {
     /// The veth, its peer created inside the pod namespace, MTU on both ends.
     Veth,
-    /// Host end: addrgenmode none, up, `fe80::1/128`, proxy ARP, forwarding.
+    /// Host end: addrgenmode none, up, proxy ARP, forwarding. No address:
+    /// the pod reaches it through permanent neighbour entries.
     HostSide,
     /// Pod end: addrgenmode none, up; `lo` up.
     PodLink,
     /// Pod addresses: /128 (no DAD), /32, `addresses` on the pod end, anycast on `lo`.
     PodAddresses,
-    /// Pod routes: 169.254.1.1 on-link and default via it; IPv6 default via fe80::1.
+    /// Pod routes: permanent neighbour entries for 169.254.1.1 and fe80::1
+    /// (the host end's MAC); 169.254.1.1 on-link and default via it; IPv6
+    /// default via fe80::1.
     PodRoutes,
-    /// Host routes: the pod's /128 and /32 on-link through the host end.
+    /// Host routes: the pod's /128 and /32 on-link through the host end,
+    /// each with a permanent neighbour entry for the pod end's MAC.
     HostRoutes,
 }
 
@@ -266,15 +271,15 @@ impl Dataplane {
         let (host, peer) = self.ensure_veth(spec, &pod, &pod_ns).await?;
         let created = started.elapsed();
         let host_side = async {
-            self.host_side(spec, host).await?;
+            self.host_side(spec, host.index).await?;
             let host_done = started.elapsed();
-            self.host_routes(spec, host).await?;
+            self.host_routes(spec, &host, &peer).await?;
             Ok::<_, NetlinkError>((host_done, started.elapsed()))
         };
         let pod_side = async {
-            let lo = self.pod_link(spec, &pod, peer).await?;
-            self.pod_addresses(spec, &pod, peer, lo).await?;
-            self.pod_routes(spec, &pod, peer).await?;
+            let lo = self.pod_link(spec, &pod, peer.index).await?;
+            self.pod_addresses(spec, &pod, peer.index, lo).await?;
+            self.pod_routes(spec, &pod, &peer, &host).await?;
             Ok(started.elapsed())
         };
         let ((host_done, routes_done), pod_done) = tokio::try_join!(host_side, pod_side)?;
@@ -300,44 +305,33 @@ impl Dataplane {
         if last == SetupStep::Veth {
             return Ok(());
         }
-        self.host_side(spec, host).await?;
+        self.host_side(spec, host.index).await?;
         if last == SetupStep::HostSide {
             return Ok(());
         }
-        let lo = self.pod_link(spec, &pod, peer).await?;
+        let lo = self.pod_link(spec, &pod, peer.index).await?;
         if last == SetupStep::PodLink {
             return Ok(());
         }
-        self.pod_addresses(spec, &pod, peer, lo).await?;
+        self.pod_addresses(spec, &pod, peer.index, lo).await?;
         if last == SetupStep::PodAddresses {
             return Ok(());
         }
-        self.pod_routes(spec, &pod, peer).await?;
+        self.pod_routes(spec, &pod, &peer, &host).await?;
         if last == SetupStep::PodRoutes {
             return Ok(());
         }
-        self.host_routes(spec, host).await
+        self.host_routes(spec, &host, &peer).await
     }
 
-    /// Host end: configured and up, then its gateway address and sysctls
-    /// (independent of each other, so done at once).
+    /// Host end: configured and up, then its sysctls. It holds no address:
+    /// an `fe80::1` on every host end put one local route per veth into a
+    /// node-wide kernel list that each further insert walked (ADD cost
+    /// growing with the pod count); the pod knows the host end's MAC from a
+    /// permanent neighbour entry instead (see [`Dataplane::pod_routes`]).
     async fn host_side(&self, spec: &PodSpec, host: u32) -> Result<()> {
         link::configure(&self.handle, host, spec.mtu, &spec.host_iface).await?;
-        // fe80::1 as a /128: the pod resolves it on its link all the same,
-        // and a /64 would add a fe80::/64 route and a subnet-router anycast
-        // entry per veth, identical ones the kernel keeps in one list that
-        // every further insert walks (ADD cost growing with the pod count).
-        let gateway = add_address(
-            &self.handle,
-            host,
-            IpAddr::V6(GATEWAY_V6),
-            128,
-            AddressFlags::empty(),
-            &spec.host_iface,
-        );
-        let sysctls = sysctl::write_all(&self.node, sysctl::host_iface(&spec.host_iface));
-        tokio::try_join!(gateway, sysctls)?;
-        Ok(())
+        sysctl::write_all(&self.node, sysctl::host_iface(&spec.host_iface)).await
     }
 
     /// Configures the pod end and brings `lo` up; returns `lo`'s index.
@@ -379,8 +373,27 @@ impl Dataplane {
         Ok(())
     }
 
-    async fn pod_routes(&self, spec: &PodSpec, pod: &Handle, peer: u32) -> Result<()> {
+    /// The gateways as permanent neighbours of the pod end (the host end's
+    /// MAC: no ARP or neighbour discovery before a first packet), then the
+    /// routes through them.
+    async fn pod_routes(
+        &self,
+        spec: &PodSpec,
+        pod: &Handle,
+        peer: &LinkState,
+        host: &LinkState,
+    ) -> Result<()> {
         let pod_what = format!("{} in {}", spec.if_name, spec.netns);
+        let host_mac = mac_of(host, &spec.host_iface)?;
+        let gateways = spec
+            .ip4
+            .map(|_| IpAddr::V4(GATEWAY_V4))
+            .into_iter()
+            .chain(spec.ip6.map(|_| IpAddr::V6(GATEWAY_V6)));
+        for gw in gateways {
+            neighbour::set_permanent(pod, peer.index, gw, host_mac, &pod_what).await?;
+        }
+        let peer = peer.index;
         if spec.ip4.is_some() {
             let gw = IpAddr::V4(GATEWAY_V4);
             replace_route(
@@ -408,17 +421,22 @@ impl Dataplane {
         Ok(())
     }
 
-    async fn host_routes(&self, spec: &PodSpec, host: u32) -> Result<()> {
+    /// The pod's IPs as permanent neighbours of the host end (the pod end's
+    /// MAC), and the host routes to them.
+    async fn host_routes(&self, spec: &PodSpec, host: &LinkState, peer: &LinkState) -> Result<()> {
+        let pod_mac = mac_of(peer, &format!("{} in {}", spec.if_name, spec.netns))?;
         for ip in spec
             .ip6
             .map(IpAddr::V6)
             .into_iter()
             .chain(spec.ip4.map(IpAddr::V4))
         {
+            neighbour::set_permanent(&self.handle, host.index, ip, pod_mac, &spec.host_iface)
+                .await?;
             let len = host_len(ip);
             replace_route(
                 &self.handle,
-                onlink_route(ip, len, host)?,
+                onlink_route(ip, len, host.index)?,
                 format!("host route {ip}/{len} dev {}", spec.host_iface),
             )
             .await?;
@@ -434,11 +452,11 @@ impl Dataplane {
         spec: &PodSpec,
         pod: &Handle,
         pod_ns: &Netns,
-    ) -> Result<(u32, u32)> {
+    ) -> Result<(LinkState, LinkState)> {
         let host = link::find(&self.handle, &spec.host_iface, &self.node.to_string()).await?;
         let peer = link::find(pod, &spec.if_name, &pod_ns.to_string()).await?;
         match (host, peer) {
-            (Some(h), Some(p)) if h.peer_index == Some(p.index) => return Ok((h.index, p.index)),
+            (Some(h), Some(p)) if h.peer_index == Some(p.index) => return Ok((h, p)),
             (Some(LinkState { index, .. }), _) => {
                 // A leftover whose peer went elsewhere: replace it.
                 self.reaper
@@ -478,7 +496,7 @@ impl Dataplane {
         let host = link::find(&self.handle, &spec.host_iface, &self.node.to_string()).await?;
         let peer = link::find(pod, &spec.if_name, &pod_ns.to_string()).await?;
         match (host, peer) {
-            (Some(h), Some(p)) => Ok((h.index, p.index)),
+            (Some(h), Some(p)) => Ok((h, p)),
             _ => Err(NetlinkError::Conflict(format!(
                 "veth {} vanished right after it was created",
                 spec.host_iface
@@ -515,6 +533,13 @@ impl Dataplane {
         }
         Ok(Teardown(Some(self.reaper.delete(host.index, host_iface))))
     }
+}
+
+/// A link's MAC, which every veth end has.
+fn mac_of<'a>(link: &'a LinkState, what: &str) -> Result<&'a [u8]> {
+    link.mac
+        .as_deref()
+        .ok_or_else(|| NetlinkError::Conflict(format!("{what} reports no MAC address")))
 }
 
 fn foreign(spec: &PodSpec, index: u32) -> NetlinkError {

@@ -8,11 +8,11 @@ use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 use rtnetlink::{Handle, RouteMessageBuilder, RouteNextHopBuilder};
 
-use crate::error::is_gone;
+use crate::error::{errno, is_gone, libc_errno};
 use crate::pod::{flock_route, route_error};
 use crate::{Dataplane, FLOCK_ROUTE_PROTOCOL, NetlinkError, Result, link};
 
@@ -124,6 +124,23 @@ pub(crate) async fn dump(handle: &Handle, what: &str) -> Result<Vec<InstalledRou
         }
     }
     Ok(out)
+}
+
+/// The route the main lookup picks for `ip` (RTM_GETROUTE with
+/// `RTM_F_FIB_MATCH`: the matching entry itself, found by a lookup, not a
+/// dump); `None` when there is none.
+pub(crate) async fn lookup(handle: &Handle, ip: IpAddr, what: &str) -> Result<Option<InstalledRoute>> {
+    let mut request = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
+        .map_err(route_error)?
+        .build();
+    request.header.flags |= RouteFlags::FibMatch;
+    let mut replies = handle.route().get(request).execute();
+    match replies.try_next().await {
+        Ok(m) => Ok(m.as_ref().and_then(InstalledRoute::from_message)),
+        Err(e) if matches!(errno(&e), Some(libc_errno::ENETUNREACH | libc_errno::EHOSTUNREACH | libc_errno::ENOENT | libc_errno::EINVAL)) => Ok(None),
+        Err(e) => Err(NetlinkError::netlink(format!("look up the route to {ip} in {what}"))(e)),
+    }
 }
 
 fn host_net(ip: IpAddr) -> IpNet {

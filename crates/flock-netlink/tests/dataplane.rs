@@ -95,9 +95,32 @@ async fn two_pods_reach_each_other_over_both_families_right_after_setup() {
         .ns
         .ip_output(&["-d", "addr", "show", "dev", &a.host_iface]);
     assert!(
-        host.contains("fe80::1/128") && host.contains("mtu 1400"),
-        "{host}"
+        !host.contains("inet") && host.contains("mtu 1400"),
+        "the host end holds no address: {host}"
     );
+    // Both ends know each other's MAC from permanent entries.
+    let mac = |ns: &NetnsGuard, dev: &str| {
+        let link = ns.ip_output(&["-o", "link", "show", "dev", dev]);
+        let at = link.find("link/ether ").expect("a MAC") + "link/ether ".len();
+        link[at..at + 17].to_owned()
+    };
+    let (host_mac, pod_mac) = (mac(&node.ns, &a.host_iface), mac(&pa, "eth0"));
+    let pod_neigh = pa.ip_output(&["neigh", "show", "dev", "eth0", "nud", "permanent"]);
+    for gw in ["169.254.1.1", "fe80::1"] {
+        assert!(
+            pod_neigh.contains(&format!("{gw} lladdr {host_mac} PERMANENT")),
+            "{pod_neigh}"
+        );
+    }
+    let host_neigh = node
+        .ns
+        .ip_output(&["neigh", "show", "dev", &a.host_iface, "nud", "permanent"]);
+    for ip in ["198.18.0.2", "2001:db8:0:1::2"] {
+        assert!(
+            host_neigh.contains(&format!("{ip} lladdr {pod_mac} PERMANENT")),
+            "{host_neigh}"
+        );
+    }
     let host = node
         .ns
         .ip_output(&["-d", "link", "show", "dev", &a.host_iface]);
@@ -271,9 +294,19 @@ async fn inspect_names_each_kind_of_drift() {
             |d| matches!(d, Drift::MissingRoute { place, .. } if place == "host"),
         ),
         (
-            "host gateway address removed",
-            |n, _, s| n.ip(&["addr", "del", "fe80::1/128", "dev", &s.host_iface]),
-            |d| matches!(d, Drift::MissingAddress { address, .. } if address.to_string() == "fe80::1/128"),
+            "pod's gateway neighbour removed",
+            |_, p, _| p.ip(&["neigh", "del", "fe80::1", "dev", "eth0"]),
+            |d| matches!(d, Drift::Neighbour { ip, got: None, .. } if ip.to_string() == "fe80::1"),
+        ),
+        (
+            "host's neighbour for the pod made dynamic",
+            |n, _, s| {
+                n.ip(&[
+                    "neigh", "replace", "198.18.0.2", "lladdr", "02:00:00:00:00:01", "dev",
+                    &s.host_iface, "nud", "reachable",
+                ])
+            },
+            |d| matches!(d, Drift::Neighbour { ip, got: Some(_), .. } if ip.to_string() == "198.18.0.2"),
         ),
         (
             "veth deleted",
