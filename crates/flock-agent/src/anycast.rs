@@ -26,9 +26,10 @@ use crate::store::AllocationStore;
 
 /// How often anycast routes are reconciled without a trigger.
 pub const ANYCAST_TICK: Duration = Duration::from_secs(2);
-/// How often the node's routes are listed again, so an anycast route
-/// removed by hand comes back; between listings a pass works from what the
-/// loop installed and does not dump the node's links or routes.
+/// How often each installed anycast route is looked up in the kernel, so
+/// one removed or changed by hand comes back. Only the routes the loop
+/// installed are looked up, one by one: no pass dumps the node's links or
+/// routes (they are listed once at the start, and after a failed change).
 pub const ANYCAST_RESYNC: Duration = Duration::from_secs(30);
 
 /// How long the loop waits for the first list of this node's pods after a
@@ -56,8 +57,8 @@ pub struct AnycastLoop<K, S> {
     warned: HashSet<String>,
     /// The routes as the loop left them.
     routes: flock_anycast::Reconciler,
-    /// When the node's routes were last listed.
-    listed_at: Instant,
+    /// When the installed routes were last looked up.
+    verified_at: Instant,
 }
 
 impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
@@ -87,7 +88,7 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
                 metrics,
                 warned: HashSet::new(),
                 routes: flock_anycast::Reconciler::new(),
-                listed_at: Instant::now(),
+                verified_at: Instant::now(),
             },
             rx,
         )
@@ -190,9 +191,15 @@ impl<K: Kernel, S: AllocationStore> AnycastLoop<K, S> {
             }
         }
         self.warned = warnings.into_iter().collect();
-        if self.listed_at.elapsed() >= ANYCAST_RESYNC {
-            self.routes.resync();
-            self.listed_at = Instant::now();
+        if self.verified_at.elapsed() >= ANYCAST_RESYNC {
+            let drifted = self.routes.verify(&*self.kernel).await;
+            if drifted > 0 {
+                warn!(
+                    routes = drifted,
+                    "anycast routes were changed or removed outside flock; putting them back"
+                );
+            }
+            self.verified_at = Instant::now();
         }
         let reconciled = self.routes.pass(&*self.kernel, &targets).await;
         // Announced: what the node has a route for.

@@ -225,6 +225,10 @@ impl flock_anycast::Routes for FakeKernel {
             .then(|| index_of(name)))
     }
 
+    async fn lookup(&self, ip: IpAddr) -> flock_netlink::Result<Option<InstalledRoute>> {
+        Ok(self.state().routes.get(&IpNet::from(ip)).cloned())
+    }
+
     async fn replace(&self, dst: IpAddr, nexthops: &[Nexthop]) -> flock_netlink::Result<()> {
         let mut s = self.state();
         let mut hops = Vec::new();

@@ -127,6 +127,13 @@ impl flock_anycast::Routes for NodeKernel {
         flock_anycast::Routes::link_index(&self.dataplane, name).await
     }
 
+    async fn lookup(
+        &self,
+        ip: std::net::IpAddr,
+    ) -> flock_netlink::Result<Option<flock_netlink::InstalledRoute>> {
+        flock_anycast::Routes::lookup(&self.dataplane, ip).await
+    }
+
     async fn replace(
         &self,
         dst: std::net::IpAddr,

@@ -102,6 +102,9 @@ pub struct SettingsLoop<K, S> {
     retired: BTreeSet<IpNet>,
     /// Whether the kernel's blackholes were looked at for retired prefixes.
     adopted: bool,
+    /// The blackholes as this loop left them: `None` until the kernel's
+    /// routes are listed (at the start, and again after a failed change).
+    blackholes: Option<BTreeSet<IpNet>>,
     /// This node's NodeConfig, validated once per change.
     validations: Validations,
     /// Where the NodeConfig's `Valid` condition is written (kubernetes datastore).
@@ -131,6 +134,7 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
                 last_problem: None,
                 retired: BTreeSet::new(),
                 adopted: false,
+                blackholes: None,
                 validations: Validations::default(),
                 status: None,
             },
@@ -227,27 +231,38 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
 
     /// Drops retired prefixes no allocation holds an address in, publishes
     /// the current and retired prefixes and makes the blackholes equal them.
+    /// The node's routes are listed only at the start and after a failed
+    /// change; otherwise the loop works from what it installed, and each
+    /// wanted blackhole is created exclusively (one in place is not
+    /// touched, one removed by hand comes back).
     async fn keep_prefixes(&mut self, current: &[IpNet]) -> flock_netlink::Result<()> {
-        let installed = self.kernel.installed().await?;
-        let blackholes: Vec<IpNet> = installed
-            .iter()
-            .filter(|r| r.kind == RouteKind::Blackhole)
-            .map(|r| r.dst)
-            .collect();
-        let held: Vec<std::net::IpAddr> = self
-            .allocations
-            .snapshot()
-            .iter()
-            .flat_map(|a| a.unicast().collect::<Vec<_>>())
-            .collect();
+        let mut blackholes = match self.blackholes.take() {
+            Some(known) => known,
+            None => self
+                .kernel
+                .installed()
+                .await?
+                .into_iter()
+                .filter(|r| r.kind == RouteKind::Blackhole)
+                .map(|r| r.dst)
+                .collect(),
+        };
         if !self.adopted {
             // After a restart: the blackholes of older prefixes tell which they were.
             self.adopted = true;
             self.retired.extend(blackholes.iter().copied());
         }
         let before = self.retired.clone();
-        self.retired
-            .retain(|p| !current.contains(p) && held.iter().any(|ip| p.contains(ip)));
+        if !self.retired.is_empty() {
+            let held: Vec<std::net::IpAddr> = self
+                .allocations
+                .snapshot()
+                .iter()
+                .flat_map(|a| a.unicast().collect::<Vec<_>>())
+                .collect();
+            self.retired
+                .retain(|p| !current.contains(p) && held.iter().any(|ip| p.contains(ip)));
+        }
         for gone in before.difference(&self.retired) {
             if !current.contains(gone) {
                 info!(prefix = %gone, "no pod holds an address of an old prefix any more; it is withdrawn");
@@ -261,12 +276,20 @@ impl<K: Kernel, S: AllocationStore> SettingsLoop<K, S> {
             *p = want.clone();
             changed
         });
-        for dst in blackholes.iter().filter(|b| !want.contains(b)) {
-            self.kernel.remove(*dst).await?;
+        let unwanted: Vec<IpNet> = blackholes
+            .iter()
+            .filter(|b| !want.contains(b))
+            .copied()
+            .collect();
+        for dst in unwanted {
+            self.kernel.remove(dst).await?;
+            blackholes.remove(&dst);
         }
         for cidr in &want {
             self.kernel.ensure_blackhole(*cidr).await?;
+            blackholes.insert(*cidr);
         }
+        self.blackholes = Some(blackholes);
         Ok(())
     }
 

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use flock_netlink::{Dataplane, InstalledRoute, Nexthop, RouteKind};
+use flock_netlink::{Dataplane, FLOCK_ROUTE_PROTOCOL, InstalledRoute, Nexthop, RouteKind};
 use flock_store::{AllocState, Allocation};
 use ipnet::IpNet;
 
@@ -115,6 +115,12 @@ pub trait Routes: Send + Sync {
         &self,
         name: &str,
     ) -> impl Future<Output = flock_netlink::Result<Option<u32>>> + Send;
+    /// The route the kernel would pick for `ip`, as it is installed (a
+    /// lookup, not a dump); `None` when there is none.
+    fn lookup(
+        &self,
+        ip: IpAddr,
+    ) -> impl Future<Output = flock_netlink::Result<Option<InstalledRoute>>> + Send;
     /// Installs or replaces the route to `dst` over `nexthops`.
     fn replace(
         &self,
@@ -132,6 +138,10 @@ impl Routes for Dataplane {
 
     async fn link_index(&self, name: &str) -> flock_netlink::Result<Option<u32>> {
         Dataplane::link_index(self, name).await
+    }
+
+    async fn lookup(&self, ip: IpAddr) -> flock_netlink::Result<Option<InstalledRoute>> {
+        self.route_to(ip).await
     }
 
     async fn replace(&self, dst: IpAddr, nexthops: &[Nexthop]) -> flock_netlink::Result<()> {
@@ -163,11 +173,34 @@ impl Reconciler {
         Reconciler::default()
     }
 
-    /// Lists the kernel's routes again at the next pass (what is installed
-    /// may have changed behind the reconciler's back: a route removed by
-    /// hand).
-    pub fn resync(&mut self) {
-        self.installed = None;
+    /// Looks each route it installed up in the kernel (one lookup per
+    /// route, not a dump of the node's) and forgets those the kernel holds
+    /// otherwise or not at all, so the next pass puts them back; returns
+    /// how many it forgot. A failed lookup makes the next pass list the
+    /// kernel's routes instead.
+    pub async fn verify(&mut self, routes: &impl Routes) -> usize {
+        let Some(installed) = self.installed.as_mut() else {
+            return 0; // the next pass lists them anyway
+        };
+        let mut drifted = Vec::new();
+        for (dst, hops) in installed.iter() {
+            match routes.lookup(dst.addr()).await {
+                Ok(Some(r))
+                    if r.dst == *dst
+                        && r.protocol == FLOCK_ROUTE_PROTOCOL
+                        && r.kind == RouteKind::Unicast
+                        && r.nexthops == *hops => {}
+                Ok(_) => drifted.push(*dst),
+                Err(_) => {
+                    self.installed = None;
+                    return 0;
+                }
+            }
+        }
+        for dst in &drifted {
+            installed.remove(dst);
+        }
+        drifted.len()
     }
 
     /// Makes the installed anycast routes equal `targets`, touching only
@@ -317,6 +350,15 @@ mod tests {
 
         async fn link_index(&self, name: &str) -> flock_netlink::Result<Option<u32>> {
             Ok(self.links.contains(&name).then(|| index(name)))
+        }
+
+        async fn lookup(&self, ip: IpAddr) -> flock_netlink::Result<Option<InstalledRoute>> {
+            Ok(self
+                .routes
+                .lock()
+                .expect("routes")
+                .get(&IpNet::from(ip))
+                .cloned())
         }
 
         async fn replace(&self, dst: IpAddr, nexthops: &[Nexthop]) -> flock_netlink::Result<()> {
@@ -492,6 +534,44 @@ mod tests {
             .await
             .expect("pass");
         assert_eq!(listed(), 3);
+    }
+
+    #[tokio::test]
+    async fn verify_looks_up_what_it_installed_and_a_pass_puts_back_what_went() {
+        let kernel = MemRoutes {
+            links: vec!["flockaaaa", "flockbbbb"],
+            ..MemRoutes::default()
+        };
+        let listed = || kernel.listed.load(std::sync::atomic::Ordering::Relaxed);
+        let targets = Targets::from([
+            (
+                "203.0.113.1".parse().expect("ip"),
+                vec![hop("198.18.0.2", "flockaaaa")],
+            ),
+            (
+                "203.0.113.2".parse().expect("ip"),
+                vec![hop("198.18.0.3", "flockbbbb")],
+            ),
+        ]);
+        let mut reconciler = Reconciler::new();
+        assert_eq!(reconciler.verify(&kernel).await, 0, "nothing known yet");
+        let changes = reconciler.pass(&kernel, &targets).await.expect("pass");
+        assert_eq!(changes.replaced, 2);
+        assert_eq!(reconciler.verify(&kernel).await, 0, "all in place");
+        // Removed by hand, and one changed by hand.
+        let gone = IpNet::from("203.0.113.1".parse::<IpAddr>().expect("ip"));
+        let changed = IpNet::from("203.0.113.2".parse::<IpAddr>().expect("ip"));
+        {
+            let mut routes = kernel.routes.lock().expect("routes");
+            routes.remove(&gone);
+            routes.get_mut(&changed).expect("route").nexthops = vec![(None, 7)];
+        }
+        assert_eq!(reconciler.verify(&kernel).await, 2);
+        let changes = reconciler.pass(&kernel, &targets).await.expect("pass");
+        assert_eq!(changes.replaced, 2, "both put back");
+        assert_eq!(kernel.vias("203.0.113.1"), Some(vec!["198.18.0.2".into()]));
+        assert_eq!(kernel.vias("203.0.113.2"), Some(vec!["198.18.0.3".into()]));
+        assert_eq!(listed(), 1, "looked up, never listed again");
     }
 
     fn alloc(

@@ -9,6 +9,13 @@
 //! the newest text. A failed reload is retried with a growing delay; a
 //! refused text waits for a newer one. Both are reported through
 //! [`WriterStatus`].
+//!
+//! After each reload BIRD confirmed, a copy of the text is kept beside the
+//! configuration (`bird.conf.loaded`). A writer starting where that copy
+//! equals the file on disk knows BIRD has loaded it (reloaded, or read it
+//! at its own start), so an agent restart with nothing changed reloads
+//! nothing; a crash between writing the file and the reload leaves them
+//! different, and the first text is loaded.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -189,9 +196,11 @@ async fn run(task: Task, mut rx: watch::Receiver<Option<String>>) {
         observe,
         status,
     } = task;
-    // What BIRD has loaded: nothing known at start, so the first text is
-    // always written (when it differs from the file) and loaded.
-    let mut loaded: Option<String> = None;
+    // What BIRD has loaded: the file on disk when the copy of the last
+    // confirmed text equals it; else nothing known, and the first text is
+    // written (when it differs from the file) and loaded.
+    let marker = loaded_copy(&config);
+    let mut loaded: Option<String> = confirmed(&config, &marker);
     let mut last_reload: Option<Instant> = None;
     let mut retry = RELOAD_INTERVAL;
     loop {
@@ -238,6 +247,10 @@ async fn run(task: Task, mut rx: watch::Receiver<Option<String>>) {
         match outcome {
             Outcome::Reloaded => {
                 info!(config = %config.display(), "BIRD reloaded");
+                if let Err(error) = write_atomically(&marker, &text) {
+                    // Only costs a reload at the next start.
+                    warn!(%error, copy = %marker.display(), "cannot keep a copy of the loaded bird.conf");
+                }
                 loaded = Some(text);
                 retry = RELOAD_INTERVAL;
             }
@@ -257,6 +270,24 @@ async fn run(task: Task, mut rx: watch::Receiver<Option<String>>) {
             }
         }
     }
+}
+
+/// Where the copy of the text BIRD last confirmed loading is kept.
+fn loaded_copy(config: &Path) -> PathBuf {
+    config.with_extension("conf.loaded")
+}
+
+/// The text at `config` when `marker` holds the same: BIRD has it.
+fn confirmed(config: &Path, marker: &Path) -> Option<String> {
+    let on_disk = std::fs::read_to_string(config).ok()?;
+    (std::fs::read_to_string(marker).ok()? == on_disk).then_some(on_disk)
+}
+
+/// Writes `text` to `path` by a rename, so a reader sees all of it or the old.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("loaded.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Puts `text` in place (checked first) and has BIRD load it.

@@ -137,6 +137,49 @@ async fn a_failed_reload_is_retried_and_reported_until_it_succeeds() {
     assert_eq!(rec.texts(), ["x\n"]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_restarted_writer_reloads_only_what_bird_has_not_confirmed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("bird.conf");
+    let socket = dir.path().join("bird.ctl");
+    let rec = Recorder::default();
+    let writer = Writer::start(config.clone(), socket.clone(), rec.clone());
+    writer.submit("a\n".into());
+    settle().await;
+    assert_eq!(rec.texts(), ["a\n"]);
+    drop(writer);
+    settle().await;
+    // A restart with the same text: BIRD has it, nothing is reloaded.
+    let writer = Writer::start(config.clone(), socket.clone(), rec.clone());
+    writer.submit("a\n".into());
+    settle().await;
+    assert_eq!(rec.texts(), ["a\n"], "no reload for what BIRD confirmed");
+    assert_eq!(writer.status().reloads, 0);
+    drop(writer);
+    settle().await;
+    // A crash after the file was written, before BIRD confirmed it: the
+    // file and the copy differ, so the next start loads it.
+    std::fs::write(&config, "b\n").expect("write");
+    let writer = Writer::start(config.clone(), socket.clone(), rec.clone());
+    writer.submit("b\n".into());
+    settle().await;
+    assert_eq!(rec.texts(), ["a\n", "b\n"]);
+    drop(writer);
+    settle().await;
+    // A reload that fails leaves the copy as it was: retried after a restart.
+    *rec.fail_next.lock().expect("lock") = 1;
+    let writer = Writer::start(config.clone(), socket.clone(), rec.clone());
+    writer.submit("c\n".into());
+    settle().await;
+    assert_eq!(writer.status().failures, 1);
+    drop(writer);
+    settle().await;
+    let writer = Writer::start(config, socket, rec.clone());
+    writer.submit("c\n".into());
+    settle().await;
+    assert_eq!(rec.texts(), ["a\n", "b\n", "c\n"]);
+}
+
 fn birdc(socket: &Path, args: &[&str]) -> String {
     let out = Command::new("birdc")
         .arg("-s")

@@ -63,6 +63,7 @@ pub(crate) fn is_gone(e: &rtnetlink::Error) -> bool {
 pub(crate) mod libc_errno {
     pub const ENOENT: i32 = 2;
     pub const ESRCH: i32 = 3;
+    pub const EEXIST: i32 = 17;
     pub const ENODEV: i32 = 19;
     pub const EADDRNOTAVAIL: i32 = 99;
     pub const ENETUNREACH: i32 = 101;

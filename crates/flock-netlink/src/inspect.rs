@@ -77,9 +77,17 @@ impl fmt::Display for Drift {
             },
             Drift::MissingAddress { link, address } => write!(f, "{link} lacks address {address}"),
             Drift::MissingRoute { place, route } => write!(f, "{place} lacks route {route}"),
-            Drift::Neighbour { link, ip, want, got } => match got {
+            Drift::Neighbour {
+                link,
+                ip,
+                want,
+                got,
+            } => match got {
                 None => write!(f, "{link} lacks permanent neighbour {ip} lladdr {want}"),
-                Some(got) => write!(f, "{link} has neighbour {ip} as {got}, expected permanent {want}"),
+                Some(got) => write!(
+                    f,
+                    "{link} has neighbour {ip} as {got}, expected permanent {want}"
+                ),
             },
         }
     }
@@ -143,8 +151,16 @@ async fn check_neighbour(
             ip,
             want: want.as_deref().map(mac_text).unwrap_or_default(),
             got: found.map(|n| {
-                let mac = n.mac.as_deref().map(mac_text).unwrap_or_else(|| "no MAC".into());
-                if n.permanent { mac } else { format!("{mac}, not permanent") }
+                let mac = n
+                    .mac
+                    .as_deref()
+                    .map(mac_text)
+                    .unwrap_or_else(|| "no MAC".into());
+                if n.permanent {
+                    mac
+                } else {
+                    format!("{mac}, not permanent")
+                }
             }),
         });
     }
@@ -152,7 +168,10 @@ async fn check_neighbour(
 }
 
 fn mac_text(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn has_route(routes: &[InstalledRoute], dst: IpNet, via: Option<IpAddr>, oif: u32) -> bool {
@@ -256,7 +275,15 @@ impl Dataplane {
             .into_iter()
             .chain(spec.ip4.map(IpAddr::V4));
         for ip in pod_ips {
-            check_neighbour(&mut drifts, self.handle(), &host, &spec.host_iface, ip, &peer).await?;
+            check_neighbour(
+                &mut drifts,
+                self.handle(),
+                &host,
+                &spec.host_iface,
+                ip,
+                &peer,
+            )
+            .await?;
         }
         let gateways = spec
             .ip4

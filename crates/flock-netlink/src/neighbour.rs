@@ -56,10 +56,12 @@ pub(crate) async fn get(
         IpAddr::V6(_) => AddressFamily::Inet6,
     };
     message.header.ifindex = index;
-    message.attributes.push(NeighbourAttribute::Destination(match ip {
-        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-    }));
+    message
+        .attributes
+        .push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
     let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetNeighbour(message));
     request.header.flags = NLM_F_REQUEST;
     let failed = |e| NetlinkError::netlink(format!("look up neighbour {ip} on {what}"))(e);

@@ -129,7 +129,11 @@ pub(crate) async fn dump(handle: &Handle, what: &str) -> Result<Vec<InstalledRou
 /// The route the main lookup picks for `ip` (RTM_GETROUTE with
 /// `RTM_F_FIB_MATCH`: the matching entry itself, found by a lookup, not a
 /// dump); `None` when there is none.
-pub(crate) async fn lookup(handle: &Handle, ip: IpAddr, what: &str) -> Result<Option<InstalledRoute>> {
+pub(crate) async fn lookup(
+    handle: &Handle,
+    ip: IpAddr,
+    what: &str,
+) -> Result<Option<InstalledRoute>> {
     let mut request = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(ip, if ip.is_ipv4() { 32 } else { 128 })
         .map_err(route_error)?
@@ -138,8 +142,22 @@ pub(crate) async fn lookup(handle: &Handle, ip: IpAddr, what: &str) -> Result<Op
     let mut replies = handle.route().get(request).execute();
     match replies.try_next().await {
         Ok(m) => Ok(m.as_ref().and_then(InstalledRoute::from_message)),
-        Err(e) if matches!(errno(&e), Some(libc_errno::ENETUNREACH | libc_errno::EHOSTUNREACH | libc_errno::ENOENT | libc_errno::EINVAL)) => Ok(None),
-        Err(e) => Err(NetlinkError::netlink(format!("look up the route to {ip} in {what}"))(e)),
+        Err(e)
+            if matches!(
+                errno(&e),
+                Some(
+                    libc_errno::ENETUNREACH
+                        | libc_errno::EHOSTUNREACH
+                        | libc_errno::ENOENT
+                        | libc_errno::EINVAL
+                )
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(NetlinkError::netlink(format!(
+            "look up the route to {ip} in {what}"
+        ))(e)),
     }
 }
 
@@ -237,18 +255,26 @@ impl Dataplane {
     }
 
     /// Installs a blackhole for one of the node's pod prefixes, so traffic
-    /// for unallocated pod IPs is dropped here instead of looping.
+    /// for unallocated pod IPs is dropped here instead of looping. Created
+    /// exclusively: one already there is kept untouched (no change, so no
+    /// notification to anyone listening), and so is another route an
+    /// operator put at exactly that prefix and metric.
     pub async fn ensure_blackhole(&self, cidr: IpNet) -> Result<()> {
         let route = flock_route(cidr.network(), cidr.prefix_len())?
             .kind(RouteType::BlackHole)
             .build();
-        self.handle()
-            .route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(NetlinkError::netlink(format!("blackhole route {cidr}")))
+        match self.handle().route().add(route).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc_errno::EEXIST) => Ok(()),
+            Err(e) => Err(NetlinkError::netlink(format!("blackhole route {cidr}"))(e)),
+        }
+    }
+
+    /// The route the main lookup picks for `ip`, as installed (a lookup,
+    /// not a dump); `None` when there is none. A blackhole is not found
+    /// this way (the kernel answers its lookup with an error).
+    pub async fn route_to(&self, ip: IpAddr) -> Result<Option<InstalledRoute>> {
+        lookup(self.handle(), ip, &self.node().to_string()).await
     }
 
     /// Every route in the main table carrying flock's protocol number.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use flock_netlink::{Dataplane, Drift, Nexthop, PodSpec, RouteKind, SetupStep};
 use flock_testkit::{NetnsGuard, udp_echo, udp_echo_on, udp_probe};
+use ipnet::IpNet;
 
 const ECHO_PORT: u16 = 7007;
 
@@ -112,9 +113,9 @@ async fn two_pods_reach_each_other_over_both_families_right_after_setup() {
             "{pod_neigh}"
         );
     }
-    let host_neigh = node
-        .ns
-        .ip_output(&["neigh", "show", "dev", &a.host_iface, "nud", "permanent"]);
+    let host_neigh =
+        node.ns
+            .ip_output(&["neigh", "show", "dev", &a.host_iface, "nud", "permanent"]);
     for ip in ["198.18.0.2", "2001:db8:0:1::2"] {
         assert!(
             host_neigh.contains(&format!("{ip} lladdr {pod_mac} PERMANENT")),
@@ -302,8 +303,15 @@ async fn inspect_names_each_kind_of_drift() {
             "host's neighbour for the pod made dynamic",
             |n, _, s| {
                 n.ip(&[
-                    "neigh", "replace", "198.18.0.2", "lladdr", "02:00:00:00:00:01", "dev",
-                    &s.host_iface, "nud", "reachable",
+                    "neigh",
+                    "replace",
+                    "198.18.0.2",
+                    "lladdr",
+                    "02:00:00:00:00:01",
+                    "dev",
+                    &s.host_iface,
+                    "nud",
+                    "reachable",
                 ])
             },
             |d| matches!(d, Drift::Neighbour { ip, got: Some(_), .. } if ip.to_string() == "198.18.0.2"),
@@ -422,8 +430,19 @@ async fn multipath_anycast_routes_grow_and_shrink_in_place() {
             .find(|r| r.dst.addr() == any)
             .expect("listed");
         assert_eq!((route.kind, route.nexthops.len()), (RouteKind::Unicast, 2));
+        // A lookup finds the same route, every nexthop included.
+        let looked_up = node.dp.route_to(any).await.expect("lookup");
+        assert_eq!(looked_up.as_ref(), Some(route), "{any}");
         node.dp.replace_anycast(any, &[]).await.expect("none");
         assert_eq!(count(any), 0);
+        assert!(
+            node.dp
+                .route_to(any)
+                .await
+                .expect("lookup")
+                .is_none_or(|r| r.dst != IpNet::from(any)),
+            "no route to {any} once removed"
+        );
         node.dp
             .remove_route(any.into())
             .await
