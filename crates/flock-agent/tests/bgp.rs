@@ -332,6 +332,138 @@ fn two_nodes_route_pods_anycast_and_addresses_through_the_tor() {
     drop(a2);
 }
 
+/// What BIRD says of its last reconfiguration (`birdc show status`).
+fn last_reconfiguration(node: &AgentNode) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", node.node.name(), "birdc", "-s"])
+        .arg(node.bird_socket())
+        .args(["show", "status"])
+        .output()
+        .expect("birdc");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.contains("Last reconfiguration"))
+        .unwrap_or_else(|| panic!("no reconfiguration time in:\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn restarting_the_agent_with_everything_in_place_changes_nothing_in_the_kernel_nft_or_bird() {
+    let tor = NetnsGuard::new("tor");
+    fabric::tor_forwarding(tor.name()).expect("ToR sysctls");
+    let mut a = FabricNode::start(
+        &tor,
+        Path::new(AGENT),
+        &Path::new(AGENT).with_file_name("flock"),
+        "node-a",
+        1,
+        65001,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tor_conf = dir.path().join("tor.conf");
+    std::fs::write(&tor_conf, fabric::tor_bird_config(&[("a", 1, 65001)])).expect("tor conf");
+    let _tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
+    a.node.put_manifest(
+        "policies",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: peers, namespace: default}\nspec:\n  podSelector: {}\n  ingress:\n  - from: [{podSelector: {}}]\n",
+    );
+    // Pods of every kind: plain, two sharing an anycast IP (ECMP), one
+    // with an extra `addresses` IP.
+    let mut pods = Vec::new();
+    for i in 0..40 {
+        let ann: Vec<(&str, &str)> = match i {
+            0 | 1 => vec![("flock.fritzlab.net/anycast", "203.0.113.10,2001:db8:aa::10")],
+            2 => vec![("flock.fritzlab.net/addresses", "203.0.113.20")],
+            _ => vec![],
+        };
+        pods.push(a.node.add_pod(&format!("p{i}"), &ann, CONF));
+    }
+    let nft = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", a.node.node.name(), "nft"])
+            .args(args)
+            .output()
+            .expect("nft")
+    };
+    until("everything in place", Duration::from_secs(30), || {
+        let routes = a.node.node.ip_output(&["route", "show", "203.0.113.10"]);
+        let conf = std::fs::read_to_string(a.node.bird_config()).ok()?;
+        (routes.matches("nexthop via").count() == 2
+            && conf.contains("203.0.113.20")
+            && nft(&["list", "table", "inet", "flock"]).status.success())
+        .then_some(routes)
+    });
+    // Past the anycast tick, a render and BIRD's reload of it.
+    std::thread::sleep(flock_agent::anycast::ANYCAST_TICK + Duration::from_secs(2));
+    let reconfigured = last_reconfiguration(&a.node);
+
+    let watched = [
+        "link", "address", "route", "neigh", "netconf", "rule", "nexthop",
+    ];
+    let node_monitor = RouteMonitor::watching(&a.node.node, &watched);
+    let pod_monitors: Vec<RouteMonitor> = pods[..3]
+        .iter()
+        .map(|p| RouteMonitor::watching(&p.ns, &watched))
+        .collect();
+    let mut nft_monitor = std::process::Command::new("ip");
+    nft_monitor.args(["netns", "exec", a.node.node.name(), "nft", "monitor"]);
+    let nft_monitor = RouteMonitor::spawn(nft_monitor);
+    let adopted_before = a
+        .node
+        .log()
+        .matches("the kernel holds this NetworkPolicy table already")
+        .count();
+    a.node.stop();
+    a.node.spawn();
+    a.node.kill();
+    a.node.spawn();
+    std::thread::sleep(flock_agent::anycast::ANYCAST_TICK + Duration::from_secs(2));
+    // The uplink's own neighbour and BGP traffic is not the agent's.
+    let node_changes: Vec<String> = node_monitor
+        .stop()
+        .lines()
+        .filter(|l| !l.contains("up0"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        node_changes,
+        Vec::<String>::new(),
+        "netlink changes in the node namespace"
+    );
+    for (pod, monitor) in pods.iter().zip(pod_monitors) {
+        assert_eq!(monitor.stop(), "", "netlink changes in {}", pod.name);
+    }
+    assert_eq!(nft_monitor.stop(), "", "nft changes");
+    assert_eq!(
+        last_reconfiguration(&a.node),
+        reconfigured,
+        "BIRD was reloaded"
+    );
+    let log = a.node.log();
+    assert_eq!(
+        log.matches("the kernel holds this NetworkPolicy table already")
+            .count(),
+        adopted_before + 2,
+        "each start adopted the table"
+    );
+    // And all of it still works: the routes, the policy, the announcement.
+    let routes = a.node.node.ip_output(&["route", "show", "203.0.113.10"]);
+    assert_eq!(routes.matches("nexthop via").count(), 2, "{routes}");
+    assert!(
+        a.node
+            .cni(
+                "CHECK",
+                &pods[5].id,
+                Some(&pods[5].ns.path()),
+                &pods[5].name,
+                CONF
+            )
+            .status
+            .success(),
+        "CHECK after the restarts"
+    );
+}
+
 /// Fails when `changes` (`ip monitor route` output) withdrew a route to a
 /// pod prefix, an anycast or an `addresses` IP.
 fn assert_withdrew_nothing(during: &str, changes: &str) {

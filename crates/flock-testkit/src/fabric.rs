@@ -182,18 +182,34 @@ impl FabricNode {
     }
 }
 
-/// `ip monitor route` in a namespace, collecting what it prints; killed
-/// by PID on drop.
+/// `ip monitor` in a namespace (the kernel's own netlink notifications),
+/// collecting what it prints; killed by PID on drop.
 pub struct RouteMonitor(Option<std::process::Child>);
 
 impl RouteMonitor {
     /// Starts `ip monitor route` in `ns`.
     pub fn start(ns: &NetnsGuard) -> RouteMonitor {
-        let child = std::process::Command::new("ip")
-            .args(["-n", ns.name(), "monitor", "route"])
+        RouteMonitor::watching(ns, &["route"])
+    }
+
+    /// Starts `ip monitor OBJECTS…` in `ns` (`link`, `address`, `route`,
+    /// `neigh`, `netconf`, …), each line prefixed with its object.
+    pub fn watching(ns: &NetnsGuard, objects: &[&str]) -> RouteMonitor {
+        let mut command = std::process::Command::new("ip");
+        command.args(["-n", ns.name(), "monitor"]).args(objects);
+        if objects.len() > 1 {
+            command.arg("label");
+        }
+        RouteMonitor::spawn(command)
+    }
+
+    /// Runs `command` (a monitor printing events on stdout, such as `nft
+    /// monitor`) until stopped.
+    pub fn spawn(mut command: std::process::Command) -> RouteMonitor {
+        let child = command
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("ip monitor");
+            .expect("monitor");
         // Give it a moment to subscribe before anything happens.
         std::thread::sleep(Duration::from_millis(200));
         RouteMonitor(Some(child))
