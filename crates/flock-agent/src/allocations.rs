@@ -14,7 +14,7 @@
 //! The state sits behind a short synchronous lock that is never held
 //! across an `.await`: store writes happen outside it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -76,7 +76,15 @@ struct State {
     pools: Option<Pools>,
     /// Why the store takes no writes, once it does not.
     refusing: Option<String>,
+    /// Changes so far, and the host interfaces of the last [`CHANGE_LOG`]
+    /// (with their numbers), for readers that follow them one by one.
+    changes: u64,
+    log: VecDeque<(u64, String)>,
 }
+
+/// How many changes [`Allocations::changes_since`] can tell apart; a
+/// reader further behind reads every entry instead.
+pub const CHANGE_LOG: usize = 4096;
 
 /// The node's allocations over an [`AllocationStore`].
 pub struct Allocations<S> {
@@ -97,7 +105,16 @@ fn key_of(a: &Allocation) -> Key {
 }
 
 impl State {
+    fn note(&mut self, iface: &str) {
+        self.changes += 1;
+        if self.log.len() == CHANGE_LOG {
+            self.log.pop_front();
+        }
+        self.log.push_back((self.changes, iface.to_owned()));
+    }
+
     fn hold(&mut self, a: &Allocation) {
+        self.note(&a.host_iface);
         let key = key_of(a);
         if let Some(other) = self.ifaces.insert(a.host_iface.clone(), key.clone())
             && other != key
@@ -115,6 +132,7 @@ impl State {
     /// the allocator, released at `at`.
     fn drop_entry(&mut self, key: &Key, at: SystemTime) -> Option<Allocation> {
         let a = self.entries.remove(key)?;
+        self.note(&a.host_iface);
         if self.ifaces.get(&a.host_iface) == Some(key) {
             self.ifaces.remove(&a.host_iface);
         }
@@ -177,6 +195,24 @@ impl<S: AllocationStore> Allocations<S> {
     /// Wakes on every change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// The number of the last change, and the host interfaces whose
+    /// entries changed after change `seen` (each once); `None` when the
+    /// log no longer reaches back that far (read every entry then).
+    pub fn changes_since(&self, seen: u64) -> (u64, Option<BTreeSet<String>>) {
+        let state = self.lock();
+        let now = state.changes;
+        let reaches = seen >= now || state.log.front().is_some_and(|(n, _)| *n <= seen + 1);
+        let ifaces = reaches.then(|| {
+            state
+                .log
+                .iter()
+                .filter(|(n, _)| *n > seen)
+                .map(|(_, iface)| iface.clone())
+                .collect()
+        });
+        (now, ifaces)
     }
 
     /// The entry of a container (its only attachment).

@@ -284,6 +284,8 @@ pub struct PolicyLoop<L, S> {
     engine: Engine,
     /// The cache's policy revision the engine holds.
     policies_revision: u64,
+    /// The last allocation change the engine's local pods reflect.
+    locals_seen: u64,
     owners: Ownership,
     /// Whether the kernel holds the engine's table (loaded or adopted).
     loaded: bool,
@@ -320,6 +322,7 @@ pub fn policy_loop<L: Loader, S: AllocationStore>(
         metrics,
         engine: Engine::new(),
         policies_revision: 0,
+        locals_seen: 0,
         owners: Ownership::default(),
         loaded: false,
         last_error: None,
@@ -468,7 +471,7 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         if changes.policies {
             self.take_policies();
         }
-        self.sync_locals();
+        self.sync_changed();
         let mut affected = BTreeSet::new();
         for key in changes.pods {
             let pod = self.cache.pod_shared(&key.0, &key.1);
@@ -496,6 +499,8 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
 
     /// This node's pods from the allocations (not those being released).
     fn sync_locals(&mut self) {
+        // Read before the entries: a change in between is replayed later.
+        self.locals_seen = self.allocations.changes_since(u64::MAX).0;
         let mut local_ips: HashMap<Key, Vec<IpAddr>> = HashMap::new();
         let mut wanted: HashMap<String, LocalPod> = HashMap::new();
         for a in self.allocations.snapshot() {
@@ -529,6 +534,54 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         self.feed(affected);
     }
 
+    /// [`Self::sync_locals`] for the entries changed since the last pass
+    /// alone (a pass after one ADD reads that pod's entries, not every
+    /// entry); all of them when the allocations' change log no longer
+    /// reaches back.
+    fn sync_changed(&mut self) {
+        let (now, changed) = self.allocations.changes_since(self.locals_seen);
+        let Some(ifaces) = changed else {
+            return self.sync_locals();
+        };
+        self.locals_seen = now;
+        for iface in ifaces {
+            let entry = self
+                .allocations
+                .of_iface(&iface)
+                .filter(|a| a.state != AllocState::Releasing);
+            let before = self
+                .engine
+                .local(&iface)
+                .map(|l| (l.namespace.clone(), l.name.clone()));
+            let after = entry.as_ref().map(|a| (a.namespace.clone(), a.pod.clone()));
+            match entry {
+                Some(a) => self.engine.upsert_local(LocalPod {
+                    namespace: a.namespace,
+                    name: a.pod,
+                    iface: a.host_iface,
+                }),
+                None => self.engine.remove_local(&iface),
+            }
+            let keys: BTreeSet<Key> = before.into_iter().chain(after).collect();
+            for key in keys {
+                let ips = self.local_ips(&key);
+                let affected = self.owners.set_local(&key, ips);
+                self.feed(affected);
+            }
+        }
+    }
+
+    /// The unicast addresses of this node's pod `key` (entries not being
+    /// released), in the order reading every entry gives them.
+    fn local_ips(&self, key: &Key) -> Vec<IpAddr> {
+        self.allocations
+            .of_pod(&key.0, &key.1)
+            .iter()
+            .filter(|e| e.state != AllocState::Releasing)
+            .flat_map(Allocation::unicast)
+            .collect()
+    }
+
     /// [`Self::sync_locals`] for the pod on `iface` alone: an ADD's
     /// isolation reads its own entries, not every entry (the pass right
     /// after it reads them all).
@@ -541,13 +594,7 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         }
         let key = (a.namespace.clone(), a.pod.clone());
         // In the order the whole reading gives them, so it sees no change.
-        let ips: Vec<IpAddr> = self
-            .allocations
-            .of_pod(&key.0, &key.1)
-            .iter()
-            .filter(|e| e.state != AllocState::Releasing)
-            .flat_map(Allocation::unicast)
-            .collect();
+        let ips = self.local_ips(&key);
         self.engine.upsert_local(LocalPod {
             namespace: a.namespace,
             name: a.pod,

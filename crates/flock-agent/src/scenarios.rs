@@ -1508,3 +1508,45 @@ async fn settings_reach_bird_only_after_their_prefixes_so_a_restart_withdraws_no
     assert!(prefixes.borrow().iter().any(|p| p.contains(&old)));
     stop.cancel();
 }
+
+#[tokio::test]
+async fn the_change_log_names_each_changed_entry_and_says_when_it_no_longer_reaches_back() {
+    let (a, b) = (
+        entry("c1", "web", "198.18.0.2", AllocState::Committed),
+        entry("c2", "db", "198.18.0.3", AllocState::Committed),
+    );
+    let store = FakeStore::with(vec![a.clone(), b.clone()]);
+    let allocations = Allocations::new(store.clone(), store.loaded());
+    let (start, _) = allocations.changes_since(u64::MAX);
+    assert_eq!(
+        allocations.changes_since(start),
+        (start, Some(Default::default())),
+        "nothing since"
+    );
+    let releasing = allocations.mark_releasing(&b).await.expect("releasing");
+    let (now, changed) = allocations.changes_since(start);
+    assert_eq!(changed, Some([b.host_iface.clone()].into()));
+    allocations
+        .finish_release(&releasing, SystemTime::UNIX_EPOCH)
+        .await
+        .expect("released");
+    let (later, changed) = allocations.changes_since(now);
+    assert_eq!(changed, Some([b.host_iface.clone()].into()));
+    // Further back than the log holds: read every entry instead.
+    for _ in 0..crate::allocations::CHANGE_LOG {
+        allocations.mark_releasing(&a).await.expect("releasing");
+        let mut again = a.clone();
+        again.state = AllocState::Committed;
+        allocations
+            .commit(again, &a.netns, 1)
+            .await
+            .expect("commit");
+    }
+    assert_eq!(allocations.changes_since(later).1, None);
+    assert_eq!(
+        allocations
+            .changes_since(allocations.changes_since(u64::MAX).0 - 1)
+            .1,
+        Some([a.host_iface.clone()].into())
+    );
+}

@@ -57,8 +57,10 @@ enum Bench {
     },
     /// ADD and DEL through the real plugin and agent, sequential and at
     /// concurrency 8, against Debian's ptp + host-local (IPv4 and
-    /// dual-stack); ADD at 1,000 pods; agent RSS. Needs root. With
-    /// FLOCK_BENCH_AGENT_LOG=PATH the 1,000-pod agent's log is kept there.
+    /// dual-stack); then the scale points 10, 250 and 1,000 pods on a node,
+    /// in alternating slices: ADD, DEL, first packets, RSS, idle CPU, start
+    /// to ready, and ptp's ADD at each. Needs root. With
+    /// FLOCK_BENCH_AGENT_LOG=PATH each point's agent log is kept at PATH.N.
     Cni {
         /// Pods per flock run and per ptp IPv4 run.
         #[arg(long, default_value_t = 100)]
@@ -111,6 +113,10 @@ enum Bench {
     /// Internal: ptp + host-local phases, run inside the node namespace.
     #[command(hide = true)]
     PtpPhases {
+        #[arg(long, default_value_t = 0)]
+        resident: usize,
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         #[arg(long)]
         concurrency: usize,
         #[arg(long, action = clap::ArgAction::Set)]
@@ -151,11 +157,21 @@ fn main() -> anyhow::Result<()> {
         } => netpol::run(flips, rounds, adds, only.as_deref()),
         Bench::Kube => kube::run(),
         Bench::PtpPhases {
+            resident,
+            rounds,
             concurrency,
             dual_stack,
             cni_dir,
             data_dir,
             pods,
-        } => ptp::phases_inside(concurrency, dual_stack, &cni_dir, &data_dir, &pods),
+        } => ptp::phases_inside(
+            resident,
+            rounds,
+            concurrency,
+            dual_stack,
+            &cni_dir,
+            &data_dir,
+            &pods,
+        ),
     }
 }

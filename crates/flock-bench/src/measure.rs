@@ -13,6 +13,7 @@ pub struct Summary {
     pub median: Duration,
     pub p90: Duration,
     pub p99: Duration,
+    pub max: Duration,
 }
 
 impl Summary {
@@ -24,6 +25,7 @@ impl Summary {
             median: at(0.5),
             p90: at(0.9),
             p99: at(0.99),
+            max: at(1.0),
         }
     }
 }

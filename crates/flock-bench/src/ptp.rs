@@ -62,9 +62,24 @@ pub fn phases(
     dual_stack: bool,
     cni_dir: &Path,
 ) -> Result<Phases, String> {
+    phases_at(0, pods, 1, concurrency, dual_stack, cni_dir)
+}
+
+/// [`phases`] on a node already holding `resident` pods (added first,
+/// untimed), `rounds` times over the same `pods` pods.
+pub fn phases_at(
+    resident: usize,
+    pods: usize,
+    rounds: usize,
+    concurrency: usize,
+    dual_stack: bool,
+    cni_dir: &Path,
+) -> Result<Phases, String> {
     can_run(cni_dir)?;
     let node = NetnsGuard::new("bnode");
-    let netns: Vec<NetnsGuard> = (0..pods).map(|_| NetnsGuard::new("bpod")).collect();
+    let netns: Vec<NetnsGuard> = (0..resident + pods)
+        .map(|_| NetnsGuard::new("bpod"))
+        .collect();
     let list: Vec<String> = netns
         .iter()
         .map(|n| n.path().display().to_string())
@@ -74,6 +89,8 @@ pub fn phases(
         .args(["netns", "exec", node.name()])
         .arg(std::env::current_exe().map_err(|e| e.to_string())?)
         .args(["ptp-phases", "--concurrency", &concurrency.to_string()])
+        .args(["--resident", &resident.to_string()])
+        .args(["--rounds", &rounds.to_string()])
         .args(["--dual-stack", &dual_stack.to_string()])
         .arg("--cni-dir")
         .arg(cni_dir)
@@ -92,8 +109,12 @@ pub fn phases(
     serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
 }
 
-/// Runs inside the node namespace: prints [`Phases`] as JSON.
+/// Runs inside the node namespace: adds the first `resident` pods
+/// (untimed), then `rounds` times every other pod's ADD and DEL; prints
+/// [`Phases`] as JSON.
 pub fn phases_inside(
+    resident: usize,
+    rounds: usize,
     concurrency: usize,
     dual_stack: bool,
     cni_dir: &Path,
@@ -119,7 +140,7 @@ pub fn phases_inside(
         .enumerate()
         .map(|(i, ns)| (format!("flockbench{i:05}"), ns.to_owned()))
         .collect();
-    let run = |command: &'static str| -> anyhow::Result<Vec<u64>> {
+    let run = |pods: &[(String, String)], command: &'static str| -> anyhow::Result<Vec<u64>> {
         let ops: Vec<Box<dyn FnOnce() -> anyhow::Result<Duration> + Send>> = pods
             .iter()
             .map(|(id, ns)| {
@@ -149,8 +170,13 @@ pub fn phases_inside(
             .map(|d| d.as_micros() as u64)
             .collect())
     };
-    let add = run("ADD")?;
-    let del = run("DEL")?;
+    let (resident, timed) = pods.split_at(resident.min(pods.len()));
+    run(resident, "ADD")?;
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        add.extend(run(timed, "ADD")?);
+        del.extend(run(timed, "DEL")?);
+    }
     println!("{}", serde_json::to_string(&Phases { add, del })?);
     Ok(())
 }

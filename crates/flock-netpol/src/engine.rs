@@ -381,6 +381,11 @@ impl Engine {
         self.local.values()
     }
 
+    /// The pod of this node on `iface`.
+    pub fn local(&self, iface: &str) -> Option<&LocalPod> {
+        self.local.get(iface)
+    }
+
     /// Replaces the namespaces and their labels; for each namespace whose
     /// labels changed, the rules whose selection of it changed are
     /// recomputed.
