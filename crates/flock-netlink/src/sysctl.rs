@@ -4,11 +4,17 @@ use std::path::PathBuf;
 
 use crate::{NetlinkError, Netns, Result};
 
-/// Writes `(path under /proc/sys/net, value)` pairs inside `ns`.
+/// Writes `(path under /proc/sys/net, value)` pairs inside `ns`, each only
+/// when it holds another value: a write of some (IPv6 `forwarding`) takes
+/// the kernel's RTNL lock even when nothing changes, and a new veth
+/// inherits most of them from `default` already.
 pub(crate) async fn write_all(ns: &Netns, settings: Vec<(String, &'static str)>) -> Result<()> {
     ns.run(move || {
         for (key, value) in settings {
             let path = PathBuf::from("/proc/sys/net").join(&key);
+            if std::fs::read_to_string(&path).is_ok_and(|held| held.trim() == value) {
+                continue;
+            }
             std::fs::write(&path, value)
                 .map_err(NetlinkError::io(format!("sysctl net/{key}={value}")))?;
         }
