@@ -1,16 +1,18 @@
 //! The allocation store behind a small trait: the real one owns
 //! `flock_store::Store` on a thread of its own, so `fdatasync` never runs
-//! on a runtime worker and no lock is held while it does; the store's
-//! compaction runs on that thread after the write it follows has been
-//! answered. Tests use a recording fake that can fail or stop at any write.
+//! on a runtime worker and no lock is held while it does. The store's
+//! compaction writes its snapshot on a thread of its own while writes go
+//! on (only the short swap of the journal runs between two writes), so a
+//! write never waits for a snapshot of every entry. Tests use a recording
+//! fake that can fail or stop at any write.
 
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use flock_store::{Allocation, Record, Store};
+use flock_store::{Allocation, Record, Store, Written};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -80,21 +82,84 @@ impl StoreThread {
     }
 }
 
+/// How often the store thread looks for a finished snapshot while writes
+/// are quiet.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(5);
+
 fn serve(store: &mut Store, queue: &mpsc::Receiver<Job>) {
-    let mut next = queue.recv().ok();
-    while let Some((record, reply)) = next.take() {
-        let _ = reply.send(store.record(record).map(drop).map_err(StoreFailure::from));
-        next = match queue.try_recv() {
-            Ok(job) => Some(job),
-            Err(mpsc::TryRecvError::Disconnected) => None,
-            Err(mpsc::TryRecvError::Empty) => {
-                // Compaction waits until no write is queued: it never delays one.
-                if let Err(error) = store.compact_if_due() {
-                    warn!(%error, "store compaction failed; the journal keeps every change");
+    let (done_tx, done) = mpsc::channel::<Written>();
+    let mut snapshots: Option<std::thread::JoinHandle<()>> = None;
+    // A compaction is begun when writes pause, and once per write after
+    // one failed (not over and over while idle).
+    let mut may_begin = true;
+    loop {
+        if let Ok(written) = done.try_recv() {
+            finish(store, written, &mut snapshots);
+        }
+        let job = if store.compacting() {
+            match queue.recv_timeout(SNAPSHOT_POLL) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match queue.try_recv() {
+                Ok(job) => job,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+                Err(mpsc::TryRecvError::Empty) => {
+                    if may_begin && store.compaction_due() {
+                        may_begin = false;
+                        match store.begin_compaction() {
+                            Ok(Some(compaction)) => {
+                                let done_tx = done_tx.clone();
+                                let spawned = std::thread::Builder::new()
+                                    .name("flock-store-snapshot".into())
+                                    .spawn(move || {
+                                        let _ = done_tx.send(compaction.write());
+                                    });
+                                match spawned {
+                                    Ok(handle) => snapshots = Some(handle),
+                                    Err(error) => {
+                                        warn!(%error, "cannot start the store's snapshot thread; the journal keeps every change")
+                                    }
+                                }
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(error) => {
+                                warn!(%error, "store compaction failed; the journal keeps every change")
+                            }
+                        }
+                    }
+                    match queue.recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    }
                 }
-                queue.recv().ok()
             }
         };
+        let (record, reply) = job;
+        let _ = reply.send(store.record(record).map(drop).map_err(StoreFailure::from));
+        may_begin = true;
+    }
+    // Stopping: a snapshot on its way is finished, not left half done.
+    if store.compacting()
+        && let Ok(written) = done.recv_timeout(Duration::from_secs(10))
+    {
+        finish(store, written, &mut snapshots);
+    }
+}
+
+fn finish(
+    store: &mut Store,
+    written: Written,
+    snapshots: &mut Option<std::thread::JoinHandle<()>>,
+) {
+    if let Some(handle) = snapshots.take() {
+        let _ = handle.join();
+    }
+    if let Err(error) = store.finish_compaction(written) {
+        warn!(%error, "store compaction failed; the journal keeps every change");
     }
 }
 
@@ -107,5 +172,69 @@ impl AllocationStore for StoreThread {
         };
         self.jobs.send((record, tx)).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use flock_store::{AllocState, JOURNAL_NAME};
+
+    use super::*;
+
+    fn entry(n: u32) -> Allocation {
+        Allocation {
+            container_id: format!("c{n}"),
+            ifname: "eth0".into(),
+            namespace: "default".into(),
+            pod: format!("p{n}"),
+            pod_uid: format!("u{n}"),
+            host_iface: format!("flock{n:08x}"),
+            ip6: None,
+            ip4: Some(Ipv4Addr::from(0xc612_0000 + n)),
+            anycast: vec![],
+            addresses: vec![],
+            netns: String::new(),
+            netns_inode: None,
+            mtu: None,
+            state: AllocState::Committed,
+            allocated_at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_runs_beside_the_writes_and_loses_none_of_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = StoreThread::open(dir.path()).expect("open");
+        let journal = || {
+            std::fs::read_to_string(dir.path().join(JOURNAL_NAME))
+                .expect("journal")
+                .lines()
+                .count()
+        };
+        // Bursts with pauses between them, so compactions begin and the
+        // next burst's writes land while a snapshot is on its way.
+        let mut most = 0;
+        for burst in 0..20u32 {
+            for n in 0..50 {
+                store
+                    .write(Record::Upsert(entry(burst * 50 + n)))
+                    .await
+                    .expect("write");
+            }
+            most = most.max(journal());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            journal() < 1000,
+            "compacted along the way: {} records left (at most {most})",
+            journal()
+        );
+        drop(store);
+        let reopened = Store::open(dir.path()).expect("reopen");
+        assert_eq!(reopened.len(), 1000, "every write kept");
+        assert_eq!(reopened.get("c999", "eth0"), Some(&entry(999)));
     }
 }

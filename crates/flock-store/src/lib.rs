@@ -4,9 +4,12 @@
 //! network is being built, committed once it is, and releasing while a
 //! DEL's teardown finishes. Every change is durable before it is
 //! acknowledged: appended to `allocations.journal` and fdatasynced, which
-//! costs the same whatever the store's size. [`Store::compact_if_due`]
-//! (called off the request path) rewrites the snapshot atomically (temp
-//! file, fsync, rename, fsync of the directory) and empties the journal; a
+//! costs the same whatever the store's size. Compaction rewrites the
+//! snapshot atomically (temp file, fsync, rename, fsync of the directory)
+//! and then cuts the journal back: [`Store::begin_compaction`] takes the
+//! snapshot, [`Compaction::write`] writes it on any thread while the store
+//! goes on journaling, and [`Store::finish_compaction`] replaces the
+//! journal with the records that came after the snapshot (by a rename). A
 //! crash at any instant leaves a snapshot and a journal whose replay gives
 //! every acknowledged change. A write that fails is an error and leaves no
 //! half record; when the journal cannot even be cut back, the store takes
@@ -104,6 +107,42 @@ pub struct Store {
     path: PathBuf,
     state: State,
     journal: Journal,
+    /// While a [`Compaction`] is being written: the records journaled
+    /// since its snapshot was taken, which the new journal keeps.
+    since_snapshot: Option<Vec<Record>>,
+    /// Which compaction `since_snapshot` belongs to.
+    generation: u64,
+}
+
+/// A snapshot of the store taken by [`Store::begin_compaction`], to be
+/// written by [`Compaction::write`] on any thread while the store goes on
+/// taking writes, and handed back to [`Store::finish_compaction`].
+#[derive(Debug)]
+pub struct Compaction {
+    generation: u64,
+    path: PathBuf,
+    entries: Vec<Allocation>,
+    released: Vec<Released>,
+}
+
+/// A [`Compaction`] whose snapshot is on disk (or failed to get there).
+#[derive(Debug)]
+#[must_use = "hand it to Store::finish_compaction"]
+pub struct Written {
+    generation: u64,
+    outcome: Result<()>,
+}
+
+impl Compaction {
+    /// Writes the snapshot atomically (temp file, fsync, rename, fsync of
+    /// the directory). With the journal as it is, it replays to the same
+    /// state, so a crash before [`Store::finish_compaction`] loses nothing.
+    pub fn write(self) -> Written {
+        Written {
+            generation: self.generation,
+            outcome: file::write(&self.path, self.entries.iter(), self.released),
+        }
+    }
 }
 
 /// The entries and the release history, as replayed from disk.
@@ -197,6 +236,8 @@ impl Store {
             path,
             state: State::from_disk(snapshot, records),
             journal,
+            since_snapshot: None,
+            generation: 0,
         })
     }
 
@@ -278,35 +319,89 @@ impl Store {
     /// Journals `record`, then applies it.
     pub fn record(&mut self, record: Record) -> Result<Option<Allocation>> {
         self.journal.append(&record)?;
+        if let Some(since) = &mut self.since_snapshot {
+            since.push(record.clone());
+        }
         Ok(self.state.apply(record))
     }
 
-    /// Compacts when the journal is as long as the store (and at least
-    /// [`MIN_COMPACTION`] records); returns whether it did. The changes are
-    /// durable already: a failed compaction only leaves a longer journal.
+    /// Whether the journal is as long as the store (and at least
+    /// [`MIN_COMPACTION`] records), so compacting is worth it.
+    pub fn compaction_due(&self) -> bool {
+        self.journal.records() >= MIN_COMPACTION.max(self.state.entries.len())
+    }
+
+    /// Compacts when due; returns whether it did. The changes are durable
+    /// already: a failed compaction only leaves a longer journal.
     pub fn compact_if_due(&mut self) -> Result<bool> {
-        if self.journal.records() < MIN_COMPACTION.max(self.state.entries.len()) {
+        if !self.compaction_due() {
             return Ok(false);
         }
         self.compact().map(|()| true)
     }
 
-    /// Writes the snapshot and empties the journal.
+    /// Writes the snapshot and empties the journal, all at once (nothing
+    /// while a compaction begun apart is in flight).
     pub fn compact(&mut self) -> Result<()> {
+        match self.begin_compaction()? {
+            Some(compaction) => {
+                let written = compaction.write();
+                self.finish_compaction(written)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes a snapshot to be written off this thread; from now until
+    /// [`Store::finish_compaction`] the records journaled are kept aside
+    /// too, for the journal that follows the snapshot. `None` while
+    /// another is in flight (two snapshots written at once could land in
+    /// either order).
+    pub fn begin_compaction(&mut self) -> Result<Option<Compaction>> {
+        if self.compacting() {
+            return Ok(None);
+        }
         if let Some(reason) = self.journal.poisoned() {
             return Err(StoreError::Poisoned {
                 path: self.path.clone(),
                 reason: reason.to_owned(),
             });
         }
-        let released = self
-            .state
-            .released
-            .at
-            .iter()
-            .map(|(&ip, &at)| Released { ip, at })
-            .collect();
-        file::write(&self.path, self.state.entries.values(), released)?;
-        self.journal.reset()
+        self.since_snapshot = Some(Vec::new());
+        self.generation += 1;
+        Ok(Some(Compaction {
+            generation: self.generation,
+            path: self.path.clone(),
+            entries: self.state.entries.values().cloned().collect(),
+            released: self
+                .state
+                .released
+                .at
+                .iter()
+                .map(|(&ip, &at)| Released { ip, at })
+                .collect(),
+        }))
+    }
+
+    /// Whether a compaction was begun and not finished.
+    pub fn compacting(&self) -> bool {
+        self.since_snapshot.is_some()
+    }
+
+    /// Once the snapshot is on disk, the journal is replaced by one holding
+    /// only what was journaled since the snapshot was taken (a short write:
+    /// the snapshot itself was written off the request path). A snapshot
+    /// that failed leaves the journal as it is.
+    pub fn finish_compaction(&mut self, written: Written) -> Result<()> {
+        if written.generation != self.generation || self.since_snapshot.is_none() {
+            return Ok(()); // not the one in flight: the journal keeps everything
+        }
+        let since = self.since_snapshot.take().unwrap_or_default();
+        written.outcome?;
+        if since.is_empty() {
+            self.journal.reset()
+        } else {
+            self.journal.replace_with(&since)
+        }
     }
 }

@@ -262,3 +262,52 @@ fn a_version_1_file_loads_and_releasing_entries_round_trip() {
         Some(&e)
     );
 }
+
+#[test]
+fn writes_go_on_while_a_snapshot_is_written_and_none_is_lost_whenever_a_crash_comes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("empty store");
+    for n in 1..=5 {
+        store.upsert(entry(&format!("c{n}"), n)).expect("write");
+    }
+    let compaction = store
+        .begin_compaction()
+        .expect("begin")
+        .expect("none in flight");
+    assert!(
+        store.begin_compaction().expect("begin").is_none(),
+        "one at a time"
+    );
+    // Written while the snapshot is on its way (its thread, in the agent).
+    store.upsert(entry("c6", 6)).expect("write meanwhile");
+    store
+        .remove(
+            "c1",
+            "eth0",
+            SystemTime::UNIX_EPOCH + Duration::from_secs(7),
+        )
+        .expect("remove meanwhile");
+    let expected: Vec<Allocation> = store.iter().cloned().collect();
+    let written = compaction.write();
+    // A crash now: the new snapshot and the whole journal.
+    let crashed = Store::open(dir.path()).expect("reopen");
+    assert_eq!(crashed.iter().cloned().collect::<Vec<_>>(), expected);
+    store.finish_compaction(written).expect("finish");
+    let lines = std::fs::read_to_string(dir.path().join(JOURNAL_NAME)).expect("journal");
+    assert_eq!(
+        lines.lines().count(),
+        2,
+        "only what came after the snapshot: {lines}"
+    );
+    store.upsert(entry("c7", 7)).expect("write after");
+    let reopened = Store::open(dir.path()).expect("reopen");
+    let mut want = expected;
+    want.push(entry("c7", 7));
+    assert_eq!(reopened.iter().cloned().collect::<Vec<_>>(), want);
+    assert!(
+        reopened
+            .released()
+            .any(|(ip, _)| ip == IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))),
+        "c1's release time kept"
+    );
+}
