@@ -303,7 +303,15 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
         // The pod's NetworkPolicy chains key on its host interface's name
         // alone, so they go in while the veth is built (the pending entry
         // names it); the ADD answers only once both are done.
-        let (set_up, isolated) = tokio::join!(self.kernel.setup(&spec), self.isolate(pod, &entry));
+        let network = async {
+            let done = self.kernel.setup(&spec).await;
+            (done, started.elapsed())
+        };
+        let isolation = async {
+            let done = self.isolate(pod, &entry).await;
+            (done, started.elapsed())
+        };
+        let ((set_up, network_took), (isolated, isolation_took)) = tokio::join!(network, isolation);
         set_up.map_err(|e| {
             self.metrics.error("setup");
             internal(
@@ -333,6 +341,8 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
             ip6 = ?committed.ip6,
             ip4 = ?committed.ip4,
             setup_us = set_up.as_micros() as u64,
+            network_us = network_took.as_micros() as u64,
+            isolation_us = isolation_took.as_micros() as u64,
             commit_us = (started.elapsed() - set_up).as_micros() as u64,
             "pod added"
         );
