@@ -120,6 +120,7 @@ fn serve(store: &mut Store, queue: &mpsc::Receiver<Job>) {
                                 match spawned {
                                     Ok(handle) => snapshots = Some(handle),
                                     Err(error) => {
+                                        store.abandon_compaction();
                                         warn!(%error, "cannot start the store's snapshot thread; the journal keeps every change")
                                     }
                                 }

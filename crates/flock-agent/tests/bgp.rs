@@ -408,15 +408,25 @@ fn restarting_the_agent_with_everything_in_place_changes_nothing_in_the_kernel_n
     let mut nft_monitor = std::process::Command::new("ip");
     nft_monitor.args(["netns", "exec", a.node.node.name(), "nft", "monitor"]);
     let nft_monitor = RouteMonitor::spawn(nft_monitor);
-    let adopted_before = a
-        .node
-        .log()
-        .matches("the kernel holds this NetworkPolicy table already")
-        .count();
+    const ADOPTED: &str = "the kernel holds this NetworkPolicy table already";
+    let adopted = |node: &AgentNode| node.log().matches(ADOPTED).count();
+    let adopted_before = adopted(&a.node);
+    // Each start runs its policy start (the table compared, not loaded)
+    // before the next stop comes.
     a.node.stop();
     a.node.spawn();
+    until(
+        "the first start's policy pass",
+        Duration::from_secs(20),
+        || (adopted(&a.node) > adopted_before).then_some(String::new()),
+    );
     a.node.kill();
     a.node.spawn();
+    until(
+        "the second start's policy pass",
+        Duration::from_secs(20),
+        || (adopted(&a.node) > adopted_before + 1).then_some(String::new()),
+    );
     std::thread::sleep(flock_agent::anycast::ANYCAST_TICK + Duration::from_secs(2));
     // The uplink's own neighbour and BGP traffic is not the agent's.
     let node_changes: Vec<String> = node_monitor
@@ -439,10 +449,8 @@ fn restarting_the_agent_with_everything_in_place_changes_nothing_in_the_kernel_n
         reconfigured,
         "BIRD was reloaded"
     );
-    let log = a.node.log();
     assert_eq!(
-        log.matches("the kernel holds this NetworkPolicy table already")
-            .count(),
+        adopted(&a.node),
         adopted_before + 2,
         "each start adopted the table"
     );

@@ -383,6 +383,12 @@ impl Store {
         }))
     }
 
+    /// Gives up the compaction in flight (its snapshot will never be
+    /// written): the journal keeps everything, and another may begin.
+    pub fn abandon_compaction(&mut self) {
+        self.since_snapshot = None;
+    }
+
     /// Whether a compaction was begun and not finished.
     pub fn compacting(&self) -> bool {
         self.since_snapshot.is_some()
