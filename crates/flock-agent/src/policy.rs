@@ -635,9 +635,9 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
         // The new pod's labels, if the cache has them by now.
         let keys: BTreeSet<Key> = self
             .engine
-            .locals()
-            .filter(|l| l.iface == iface)
+            .local(iface)
             .map(|l| (l.namespace.clone(), l.name.clone()))
+            .into_iter()
             .collect();
         for key in keys {
             let pod = self.cache.pod_shared(&key.0, &key.1);

@@ -73,20 +73,16 @@ fn flock_ops(
     let socket = node.socket().display().to_string();
     pods.iter()
         .map(|(id, name, ns)| {
-            let (plugin, socket, id, name, netns) = (plugin.clone(), socket.clone(), id.clone(), name.clone(), ns.path().display().to_string());
+            let (plugin, socket, id, name, netns) = (
+                plugin.clone(),
+                socket.clone(),
+                id.clone(),
+                name.clone(),
+                ns.path().display().to_string(),
+            );
             Box::new(move || {
-                let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={id}");
-                let env = [
-                    ("CNI_COMMAND", command),
-                    ("CNI_CONTAINERID", id.as_str()),
-                    ("CNI_NETNS", netns.as_str()),
-                    ("CNI_IFNAME", "eth0"),
-                    ("CNI_ARGS", args.as_str()),
-                    ("CNI_PATH", "/usr/lib/cni"),
-                    ("FLOCK_AGENT_SOCKET", socket.as_str()),
-                ];
                 let started = Instant::now();
-                exec_plugin(&plugin, &env, CONF.as_bytes())?;
+                exec_flock(&plugin, &socket, &id, &name, &netns, command)?;
                 Ok(started.elapsed())
             }) as Box<dyn FnOnce() -> anyhow::Result<Duration> + Send>
         })
@@ -365,14 +361,33 @@ fn call(
     command: &str,
 ) -> anyhow::Result<Vec<u8>> {
     let (_, name, ns) = pod;
+    exec_flock(
+        plugin,
+        socket,
+        id,
+        name,
+        &ns.path().display().to_string(),
+        command,
+    )
+}
+
+/// Runs the real plugin as a kubelet runtime would, for pod `name`
+/// (namespace `default`) under container id `id` in `netns`; its stdout.
+fn exec_flock(
+    plugin: &Path,
+    socket: &str,
+    id: &str,
+    name: &str,
+    netns: &str,
+    command: &str,
+) -> anyhow::Result<Vec<u8>> {
     let args = format!(
         "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={id}"
     );
-    let netns = ns.path().display().to_string();
     let env = [
         ("CNI_COMMAND", command),
         ("CNI_CONTAINERID", id),
-        ("CNI_NETNS", netns.as_str()),
+        ("CNI_NETNS", netns),
         ("CNI_IFNAME", "eth0"),
         ("CNI_ARGS", args.as_str()),
         ("CNI_PATH", "/usr/lib/cni"),

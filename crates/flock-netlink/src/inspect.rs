@@ -236,12 +236,7 @@ impl Dataplane {
         };
         check_link(&mut drifts, &spec.host_iface, &host, spec.mtu);
         // Lookups, not dumps: what CHECK costs must not grow with the node.
-        for ip in spec
-            .ip6
-            .map(IpAddr::V6)
-            .into_iter()
-            .chain(spec.ip4.map(IpAddr::V4))
-        {
+        for ip in spec.unicast() {
             let route = lookup(self.handle(), ip, &node).await?;
             if !route.is_some_and(|r| has_route(&[r], host_net(ip), None, host.index)) {
                 drifts.push(Drift::MissingRoute {
@@ -269,11 +264,7 @@ impl Dataplane {
             )));
         }
         check_link(&mut drifts, &pod_name, &peer, spec.mtu);
-        let pod_ips = spec
-            .ip6
-            .map(IpAddr::V6)
-            .into_iter()
-            .chain(spec.ip4.map(IpAddr::V4));
+        let pod_ips = spec.unicast();
         for ip in pod_ips {
             check_neighbour(
                 &mut drifts,
@@ -285,20 +276,12 @@ impl Dataplane {
             )
             .await?;
         }
-        let gateways = spec
-            .ip4
-            .map(|_| IpAddr::V4(GATEWAY_V4))
-            .into_iter()
-            .chain(spec.ip6.map(|_| IpAddr::V6(GATEWAY_V6)));
+        let gateways = spec.gateways();
         for gw in gateways {
             check_neighbour(&mut drifts, &pod, &peer, &pod_name, gw, &host).await?;
         }
         let pod_addrs = addresses_of(&pod, Some(peer.index), &pod_name).await?;
-        let unicast = spec
-            .ip6
-            .map(IpAddr::V6)
-            .into_iter()
-            .chain(spec.ip4.map(IpAddr::V4));
+        let unicast = spec.unicast();
         for ip in unicast.chain(spec.addresses.iter().copied()) {
             if !pod_addrs.contains(&host_net(ip)) {
                 drifts.push(Drift::MissingAddress {

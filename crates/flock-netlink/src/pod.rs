@@ -40,6 +40,24 @@ pub struct PodSpec {
     pub addresses: Vec<IpAddr>,
 }
 
+impl PodSpec {
+    /// The pod's own addresses: IPv6, then IPv4.
+    pub fn unicast(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        self.ip6
+            .map(IpAddr::V6)
+            .into_iter()
+            .chain(self.ip4.map(IpAddr::V4))
+    }
+
+    /// The gateways the pod routes through, one per family it has.
+    pub fn gateways(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        self.ip4
+            .map(|_| IpAddr::V4(GATEWAY_V4))
+            .into_iter()
+            .chain(self.ip6.map(|_| IpAddr::V6(GATEWAY_V6)))
+    }
+}
+
 /// The steps of [`Dataplane::setup`], in order. Each is idempotent, so a
 /// setup interrupted after any of them converges when run again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -350,11 +368,7 @@ impl Dataplane {
 
     async fn pod_addresses(&self, spec: &PodSpec, pod: &Handle, peer: u32, lo: u32) -> Result<()> {
         let pod_what = format!("{} in {}", spec.if_name, spec.netns);
-        let unicast = spec
-            .ip6
-            .map(IpAddr::V6)
-            .into_iter()
-            .chain(spec.ip4.map(IpAddr::V4));
+        let unicast = spec.unicast();
         for ip in unicast.chain(spec.addresses.iter().copied()) {
             add_address(
                 pod,
@@ -385,11 +399,7 @@ impl Dataplane {
     ) -> Result<()> {
         let pod_what = format!("{} in {}", spec.if_name, spec.netns);
         let host_mac = mac_of(host, &spec.host_iface)?;
-        let gateways = spec
-            .ip4
-            .map(|_| IpAddr::V4(GATEWAY_V4))
-            .into_iter()
-            .chain(spec.ip6.map(|_| IpAddr::V6(GATEWAY_V6)));
+        let gateways = spec.gateways();
         for gw in gateways {
             neighbour::set_permanent(pod, peer.index, gw, host_mac, &pod_what).await?;
         }
@@ -425,12 +435,7 @@ impl Dataplane {
     /// MAC), and the host routes to them.
     async fn host_routes(&self, spec: &PodSpec, host: &LinkState, peer: &LinkState) -> Result<()> {
         let pod_mac = mac_of(peer, &format!("{} in {}", spec.if_name, spec.netns))?;
-        for ip in spec
-            .ip6
-            .map(IpAddr::V6)
-            .into_iter()
-            .chain(spec.ip4.map(IpAddr::V4))
-        {
+        for ip in spec.unicast() {
             neighbour::set_permanent(&self.handle, host.index, ip, pod_mac, &spec.host_iface)
                 .await?;
             let len = host_len(ip);

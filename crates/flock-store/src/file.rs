@@ -132,35 +132,41 @@ pub fn write<'a>(
     // Allocations have only string keys; serialising cannot fail.
     let mut bytes = serde_json::to_vec_pretty(&out).expect("allocations serialise");
     bytes.push(b'\n');
-    let tmp = tmp_path(path);
-    let fail = |step, p: &Path| {
-        let p = p.to_owned();
-        move |source| StoreError::Write {
-            step,
-            path: p,
-            source,
-        }
-    };
+    rename_into_place(path, &tmp_path(path), &bytes)?;
+    sync_dir(path)
+}
+
+fn fail(step: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_owned();
+    move |source| StoreError::Write { step, path, source }
+}
+
+/// Writes `bytes` to `tmp` (mode 0600), fsyncs it and renames it over
+/// `path`. A failure removes the temp file and leaves `path` as it was.
+pub(crate) fn rename_into_place(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
     let written = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(fail("create", &tmp))
+        .open(tmp)
+        .map_err(fail("create", tmp))
         .and_then(|mut file| {
-            file.write_all(&bytes).map_err(fail("write", &tmp))?;
-            file.sync_all().map_err(fail("fsync", &tmp))
+            file.write_all(bytes).map_err(fail("write", tmp))?;
+            file.sync_all().map_err(fail("fsync", tmp))
         })
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(fail("rename into place", path)));
-    if let Err(e) = written {
+        .and_then(|()| std::fs::rename(tmp, path).map_err(fail("rename into place", path)));
+    if written.is_err() {
         // Never acknowledged; the space it took is given back at once.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+        let _ = std::fs::remove_file(tmp);
     }
+    written
+}
+
+/// Makes a rename of `path` durable: fsyncs its directory.
+pub(crate) fn sync_dir(path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(fail("fsync directory", dir))?;
-    Ok(())
+        .map_err(fail("fsync directory", dir))
 }

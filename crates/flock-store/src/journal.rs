@@ -243,45 +243,27 @@ impl Journal {
     /// gives the same state); a failure after it poisons the journal.
     pub fn replace_with(&mut self, records: &[Record]) -> Result<()> {
         self.refuse_if_poisoned()?;
-        let tmp = self.path.with_extension("journal.tmp");
-        let fail = |step, path: &Path| {
-            let path = path.to_owned();
-            move |source| StoreError::Write { step, path, source }
-        };
         let mut bytes = Vec::new();
         for record in records {
             // Records have only string keys: serialising cannot fail.
             bytes.extend(serde_json::to_vec(record).expect("records serialise"));
             bytes.push(b'\n');
         }
-        let written = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(fail("create", &tmp))
-            .and_then(|mut file| {
-                std::io::Write::write_all(&mut file, &bytes).map_err(fail("write", &tmp))?;
-                file.sync_all().map_err(fail("fsync", &tmp))
-            })
-            .and_then(|()| {
-                std::fs::rename(&tmp, &self.path).map_err(fail("rename into place", &self.path))
-            });
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let dir = self.path.parent().unwrap_or(Path::new(".")).to_owned();
-        let reopened = File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(fail("fsync directory", &dir))
-            .and_then(|()| {
-                OpenOptions::new()
-                    .append(true)
-                    .open(&self.path)
-                    .map_err(fail("reopen", &self.path))
-            });
+        crate::file::rename_into_place(
+            &self.path,
+            &self.path.with_extension("journal.tmp"),
+            &bytes,
+        )?;
+        let reopened = crate::file::sync_dir(&self.path).and_then(|()| {
+            OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .map_err(|source| StoreError::Write {
+                    step: "reopen",
+                    path: self.path.clone(),
+                    source,
+                })
+        });
         match reopened {
             Ok(file) => {
                 self.file = Box::new(file);
