@@ -55,10 +55,12 @@ if [ -z "$targets" ]; then
     exit 1
 fi
 golden=crates/flock-proto/tests/golden
+# Inputs that crashed a target once (fixed since) are replayed first.
+regressions=fuzz/regressions
 for target in $targets; do
     corpus=$(mktemp -d)
     flog=$(mktemp)
-    if ! "${fuzz[@]}" run "$target" "$corpus" "$golden" -- \
+    if ! "${fuzz[@]}" run "$target" "$corpus" "$golden" "$regressions" -- \
         -max_total_time="$fuzz_seconds" >"$flog" 2>&1; then
         tail -n 60 "$flog"
         echo "fuzz target $target failed; the crashing input is under fuzz/artifacts/$target" >&2

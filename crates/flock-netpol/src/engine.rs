@@ -400,7 +400,7 @@ impl Engine {
             .filter(|ns| self.namespaces.get(*ns) != namespaces.get(*ns))
             .cloned()
             .collect();
-        self.namespaces = namespaces;
+        let old = std::mem::replace(&mut self.namespaces, namespaces);
         let cross: Vec<RuleId> = self.cross_rule_ids().collect();
         let mut recount = BTreeSet::new();
         for ns in changed {
@@ -413,7 +413,19 @@ impl Engine {
                 })
                 .cloned()
                 .collect();
-            recount.extend(before.symmetric_difference(&after).cloned());
+            // Each peer has its own sets: a rule that selects `ns` before
+            // and after may do so through other peers now.
+            recount.extend(
+                before
+                    .union(&after)
+                    .filter(|id| {
+                        self.rule(id).is_some_and(|rule| {
+                            peer_namespaces_in(&old, &id.0.0, rule, &ns)
+                                != peer_namespaces_in(&self.namespaces, &id.0.0, rule, &ns)
+                        })
+                    })
+                    .cloned(),
+            );
             if !after.is_empty() {
                 self.cross_rules.insert(ns, after);
             }
@@ -837,23 +849,13 @@ impl Engine {
     /// For each of `rule`'s peers, whether its namespace part selects
     /// namespace `ns`.
     fn peer_namespaces(&self, policy_ns: &str, rule: &Rule, ns: &str) -> Vec<bool> {
-        rule.peers
-            .iter()
-            .flatten()
-            .map(|sel| self.peer_namespace(policy_ns, sel, ns))
-            .collect()
+        peer_namespaces_in(&self.namespaces, policy_ns, rule, ns)
     }
 
     /// Whether peer `sel`'s namespace part (of a policy in `policy_ns`)
     /// selects namespace `ns`.
     fn peer_namespace(&self, policy_ns: &str, sel: &PeerSel, ns: &str) -> bool {
-        match &sel.namespaces {
-            None => ns == policy_ns,
-            Some(s) => self
-                .namespaces
-                .get(ns)
-                .is_some_and(|labels| selects(s, labels)),
-        }
+        peer_namespace_in(&self.namespaces, policy_ns, sel, ns)
     }
 
     /// Adds (or takes away) `pod`'s contribution to every rule.
@@ -1304,6 +1306,34 @@ struct Contribution {
     /// (peer, address).
     members: Vec<(usize, IpAddr)>,
     pairs: Vec<(IpAddr, Protocol, u16)>,
+}
+
+/// Which of `rule`'s peers (of a policy in `policy_ns`) select namespace
+/// `ns`, as `namespaces` labels it.
+fn peer_namespaces_in(
+    namespaces: &BTreeMap<String, Labels>,
+    policy_ns: &str,
+    rule: &Rule,
+    ns: &str,
+) -> Vec<bool> {
+    rule.peers
+        .iter()
+        .flatten()
+        .map(|sel| peer_namespace_in(namespaces, policy_ns, sel, ns))
+        .collect()
+}
+
+/// Whether peer `sel`'s namespace part selects namespace `ns`.
+fn peer_namespace_in(
+    namespaces: &BTreeMap<String, Labels>,
+    policy_ns: &str,
+    sel: &PeerSel,
+    ns: &str,
+) -> bool {
+    match &sel.namespaces {
+        None => ns == policy_ns,
+        Some(s) => namespaces.get(ns).is_some_and(|labels| selects(s, labels)),
+    }
 }
 
 /// What `pod` adds to `rule`, given for each peer whether its namespace

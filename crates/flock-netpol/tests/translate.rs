@@ -889,3 +889,46 @@ fn a_policy_activated_beside_one_sharing_its_peer_has_the_same_members() {
     };
     assert_eq!(e.desired(), only_z.desired());
 }
+
+#[test]
+fn namespace_labels_moving_between_namespaces_move_each_peers_members() {
+    // One rule, two peers: namespaces labelled team=team-x, and every
+    // namespace. x and y stay selected by the rule through the second
+    // peer while the label moves from x to y; the first peer's set must
+    // follow the label (a fuzz run found it kept x's pods).
+    let w = world();
+    let yaml = "metadata: {name: p, namespace: z}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {team: team-x}}\n    - namespaceSelector: {}";
+    let build = |namespaces: &BTreeMap<String, BTreeMap<String, String>>| {
+        let mut e = Engine::new();
+        e.set_namespaces(namespaces.clone());
+        for p in &w.pods {
+            e.upsert_pod(p.clone());
+        }
+        for lp in local_all(&w) {
+            e.upsert_local(lp);
+        }
+        e.set_policies(&policies(yaml));
+        e.refresh();
+        e
+    };
+    let mut e = build(&w.namespaces);
+    let mut moved = w.namespaces.clone();
+    moved.get_mut("x").expect("x").remove("team");
+    moved
+        .get_mut("y")
+        .expect("y")
+        .insert("team".into(), "team-x".into());
+    e.set_namespaces(moved.clone());
+    e.refresh();
+    let whole = build(&moved);
+    assert_eq!(e.desired(), whole.desired());
+    let has = |e: &Engine, ip: &str| {
+        e.desired()
+            .sets
+            .values()
+            .filter(|s| s.elements.contains(ip))
+            .count()
+    };
+    assert_eq!(has(&e, "198.18.1.1"), 1, "x/a: only in every-namespace set");
+    assert_eq!(has(&e, "198.18.2.1"), 2, "y/a: in both peers' sets");
+}
