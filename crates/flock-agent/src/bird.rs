@@ -1,13 +1,16 @@
 //! The BIRD loop: renders bird.conf from the published settings, the
-//! announced IPs and the node's addresses, on every change of either and
+//! announced IPs and the node's addresses, on every change of any and
 //! every 15 s; the writer skips unchanged text and debounces reloads. An
-//! invalid render keeps BIRD's last configuration.
+//! invalid render keeps BIRD's last configuration. The addresses are
+//! dumped once, then followed from the kernel's notifications: no pass
+//! lists the node's interfaces again (a lost watch is opened anew).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use flock_bird::Reload;
+use flock_netlink::AddressWatch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
@@ -30,6 +33,8 @@ pub struct BirdLoop<K> {
     board: Arc<Board>,
     metrics: Metrics,
     last_problem: Option<String>,
+    /// The node's addresses; `None` until opened, or after it was lost.
+    addresses: Option<AddressWatch>,
 }
 
 impl<K: Kernel> BirdLoop<K> {
@@ -59,6 +64,7 @@ impl<K: Kernel> BirdLoop<K> {
             board,
             metrics,
             last_problem: None,
+            addresses: None,
         }
     }
 
@@ -77,6 +83,10 @@ impl<K: Kernel> BirdLoop<K> {
                 changed = self.announced.changed() => if changed.is_err() { return },
                 changed = self.settings.changed() => if changed.is_err() { return },
                 changed = self.prefixes.changed() => if changed.is_err() { return },
+                followed = addresses_changed(&mut self.addresses) => if !followed {
+                    warn!("the node's address notifications stopped; listing them again");
+                    self.addresses = None;
+                },
                 _ = tick.tick() => {}
             }
             self.pass().instrument(info_span!("bird_pass")).await;
@@ -115,7 +125,7 @@ impl<K: Kernel> BirdLoop<K> {
             return;
         };
         let prefixes = self.prefixes.borrow().clone();
-        let rendered = match self.kernel.addresses().await {
+        let rendered = match self.watch().await {
             Err(e) => Err(e.to_string()),
             Ok(interfaces) => flock_bird::render(&flock_bird::BirdInput {
                 settings: &settings,
@@ -138,5 +148,26 @@ impl<K: Kernel> BirdLoop<K> {
                 self.last_problem = Some(problem);
             }
         }
+    }
+
+    /// The node's addresses, from the watch (opened when there is none).
+    async fn watch(&mut self) -> Result<Vec<ipnet::IpNet>, flock_netlink::NetlinkError> {
+        if self.addresses.is_none() {
+            self.addresses = Some(self.kernel.watch_addresses().await?);
+        }
+        Ok(self
+            .addresses
+            .as_ref()
+            .map(AddressWatch::addresses)
+            .unwrap_or_default())
+    }
+}
+
+/// Waits for the node's addresses to change (`false`: the watch is lost);
+/// without a watch, forever.
+async fn addresses_changed(watch: &mut Option<AddressWatch>) -> bool {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
     }
 }

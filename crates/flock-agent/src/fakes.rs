@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use flock_netlink::{
-    Drift, InstalledRoute, NetlinkError, Netns, NetnsRefusal, Nexthop, PodSpec, RouteKind,
+    AddressWatch, Drift, InstalledRoute, NetlinkError, Netns, NetnsRefusal, Nexthop, PodSpec,
+    RouteKind,
 };
 use flock_store::{Allocation, Record};
 use ipnet::IpNet;
@@ -436,8 +437,8 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
-    async fn addresses(&self) -> Result<Vec<IpNet>, NetlinkError> {
-        Ok(vec!["198.19.0.1/30".parse().expect("net")])
+    async fn watch_addresses(&self) -> Result<AddressWatch, NetlinkError> {
+        Ok(AddressWatch::fixed(["198.19.0.1/30".parse().expect("net")]))
     }
 }
 

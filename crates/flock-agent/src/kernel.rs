@@ -8,7 +8,9 @@ use std::path::Path;
 use std::pin::Pin;
 use std::time::Duration;
 
-use flock_netlink::{Dataplane, Drift, NetlinkError, Netns, NetnsRefusal, PodNetns, PodSpec};
+use flock_netlink::{
+    AddressWatch, Dataplane, Drift, NetlinkError, Netns, NetnsRefusal, PodNetns, PodSpec,
+};
 use ipnet::IpNet;
 
 /// Resolves once the kernel holds no route or address of a torn-down pod:
@@ -81,8 +83,9 @@ pub trait Kernel: flock_anycast::Routes + Send + Sync + 'static {
         cidr: IpNet,
     ) -> impl Future<Output = Result<(), NetlinkError>> + Send;
 
-    /// Every address on the node's interfaces (for BIRD's `local`).
-    fn addresses(&self) -> impl Future<Output = Result<Vec<IpNet>, NetlinkError>> + Send;
+    /// Every address on the node's interfaces (for BIRD's `local`), kept
+    /// current from the kernel's notifications.
+    fn watch_addresses(&self) -> impl Future<Output = Result<AddressWatch, NetlinkError>> + Send;
 }
 
 /// The inodes of namespaces no pod may be in: the node's (the dataplane's)
@@ -200,7 +203,7 @@ impl Kernel for NodeKernel {
         self.dataplane.ensure_blackhole(cidr).await
     }
 
-    async fn addresses(&self) -> Result<Vec<IpNet>, NetlinkError> {
-        self.dataplane.addresses().await
+    async fn watch_addresses(&self) -> Result<AddressWatch, NetlinkError> {
+        self.dataplane.watch_addresses().await
     }
 }

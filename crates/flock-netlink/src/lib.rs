@@ -24,6 +24,7 @@ mod pod;
 mod reaper;
 mod routes;
 mod sysctl;
+mod watch;
 
 pub use error::{NetlinkError, Result};
 pub use inspect::Drift;
@@ -31,6 +32,7 @@ pub use netns::{Netns, NetnsRefusal, PodNetns, netns_inode};
 pub use nftables::{Change, Element, ElementChange, Match, NewSet, NftElements, NftRule, SetKey};
 pub use pod::{Dataplane, PodSpec, SetupStep, Teardown};
 pub use routes::{InstalledRoute, Nexthop, RouteKind, is_flock_iface};
+pub use watch::AddressWatch;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -19,8 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
-use rtnetlink::Handle;
+use rtnetlink::{Handle, MulticastGroup};
 
+use crate::watch::Notifications;
 use crate::{NetlinkError, Result};
 
 /// A network namespace flock acts in.
@@ -261,27 +262,39 @@ impl Netns {
     /// Opens a netlink connection inside this namespace; its driver is
     /// spawned on the current runtime.
     pub async fn connect(&self) -> Result<Handle> {
-        let (conn, handle) = match self {
-            Netns::Current => {
-                let (conn, handle, _) = rtnetlink::new_connection()
-                    .map_err(NetlinkError::io("open a netlink socket"))?;
-                (conn, handle)
+        Ok(self.connect_watching(&[]).await?.0)
+    }
+
+    /// [`Netns::connect`], the socket also joined to `groups`: the
+    /// kernel's notifications of those groups come on the receiver.
+    pub(crate) async fn connect_watching(
+        &self,
+        groups: &[MulticastGroup],
+    ) -> Result<(Handle, Notifications)> {
+        let groups = groups.to_vec();
+        let open = move |what: &str| {
+            if groups.is_empty() {
+                rtnetlink::new_connection()
+            } else {
+                rtnetlink::new_multicast_connection(&groups)
             }
+            .map_err(NetlinkError::io(format!("open a netlink socket{what}")))
+        };
+        let (conn, handle, notifications) = match self {
+            Netns::Current => open("")?,
             _ => {
                 let runtime = tokio::runtime::Handle::current();
-                let what = self.to_string();
+                let what = format!(" in {self}");
                 self.answer(move || {
                     // The socket registers with the runtime's reactor from this thread.
                     let _entered = runtime.enter();
-                    let (conn, handle, _) = rtnetlink::new_connection()
-                        .map_err(NetlinkError::io(format!("open a netlink socket in {what}")))?;
-                    Ok((conn, handle))
+                    open(&what)
                 })
                 .await?
             }
         };
         tokio::spawn(conn);
-        Ok(handle)
+        Ok((handle, notifications))
     }
 
     /// Runs blocking `f` inside this namespace (sysctl writes follow the

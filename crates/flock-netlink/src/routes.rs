@@ -361,16 +361,3 @@ pub fn is_flock_iface(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
-
-impl Dataplane {
-    /// Every address on the node's interfaces, with its prefix length (for
-    /// choosing a BGP `local` address on each peer's subnet).
-    pub async fn addresses(&self) -> Result<Vec<IpNet>> {
-        let _turn = self.dump_turn().await;
-        let all =
-            crate::inspect::addresses_of(self.handle(), None, &self.node().to_string()).await?;
-        let mut out: Vec<IpNet> = all.into_iter().collect();
-        out.sort();
-        Ok(out)
-    }
-}

@@ -479,17 +479,50 @@ async fn concurrent_dumps_on_the_node_socket_take_turns() {
     node.dp.setup(&s).await.expect("setup");
     // The kernel refuses a second dump on a socket with EBUSY; these all share one.
     for _ in 0..20 {
-        let (routes, links, addrs, drift) = tokio::join!(
+        let (routes, links, drift) = tokio::join!(
             node.dp.flock_routes(),
             node.dp.flock_links(),
-            node.dp.addresses(),
             node.dp.inspect(&s)
         );
         routes.expect("routes");
         links.expect("links");
-        addrs.expect("addresses");
         assert_eq!(drift.expect("inspect"), vec![]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_address_watch_follows_the_nodes_addresses_from_notifications() {
+    let node = node().await;
+    let mut watch = node.dp.watch_addresses().await.expect("watch");
+    let before = watch.addresses();
+    let net: IpNet = "198.51.100.7/24".parse().expect("net");
+    let net6: IpNet = "2001:db8:77::7/64".parse().expect("net");
+    assert!(!before.contains(&net));
+    node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    node.ns.ip(&["link", "set", "up0", "up"]);
+    node.ns
+        .ip(&["addr", "add", "198.51.100.7/24", "dev", "up0"]);
+    node.ns
+        .ip(&["addr", "add", "2001:db8:77::7/64", "dev", "up0", "nodad"]);
+    let within = Duration::from_secs(5);
+    while !(watch.addresses().contains(&net) && watch.addresses().contains(&net6)) {
+        assert!(
+            tokio::time::timeout(within, watch.changed())
+                .await
+                .expect("a notification"),
+            "the watch goes on"
+        );
+    }
+    node.ns
+        .ip(&["addr", "del", "198.51.100.7/24", "dev", "up0"]);
+    while watch.addresses().contains(&net) {
+        assert!(
+            tokio::time::timeout(within, watch.changed())
+                .await
+                .expect("a notification")
+        );
+    }
+    assert!(watch.addresses().contains(&net6), "the other one stays");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
