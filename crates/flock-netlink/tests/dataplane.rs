@@ -498,7 +498,8 @@ async fn the_address_watch_follows_the_nodes_addresses_from_notifications() {
     let net: IpNet = "198.51.100.7/24".parse().expect("net");
     let net6: IpNet = "2001:db8:77::7/64".parse().expect("net");
     assert!(!before.contains(&net));
-    node.ns.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    node.ns
+        .ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
     node.ns.ip(&["link", "set", "up0", "up"]);
     node.ns
         .ip(&["addr", "add", "198.51.100.7/24", "dev", "up0"]);
