@@ -46,6 +46,17 @@ fn flock_node(count: usize) -> anyhow::Result<(AgentNode, Vec<BenchPod>)> {
         &exe.with_file_name("flock"),
         &node_config("  cidr6: 2001:db8:0:1::/64\n  cidr4: 198.18.0.0/16", ""),
     );
+    // The node's own uplink and addresses, before any pod, as on a node:
+    // the kernel picks an IPv4 route's source address from the first link
+    // holding one, in creation order; a node namespace without one would
+    // have every ADD's route insertion walk all of its veths.
+    node.node
+        .ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    node.node.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
+    node.node
+        .ip(&["addr", "add", "2001:db8:ffff::1/64", "dev", "up0", "nodad"]);
+    node.node.ip(&["link", "set", "up0", "up"]);
+    node.node.ip(&["link", "set", "up1", "up"]);
     let mut manifest = String::new();
     let mut pods = Vec::with_capacity(count);
     for i in 0..count {
