@@ -28,7 +28,7 @@ protocol bgp node6 { local 2001:db8:ff::1 as 65000; neighbor 2001:db8:ff::2 as 6
 fn the_tor_learns_node_prefixes_and_anycast_only_while_ready() {
     let plugin: PathBuf = Path::new(AGENT).with_file_name("flock");
     let spec = "  cidr6: 2001:db8:0:1::/64\n  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {address: 198.18.255.254, asn: 65000}\n    - {address: '2001:db8:ff::1', asn: 65000}";
-    let mut node = AgentNode::start(Path::new(AGENT), &plugin, &node_config(spec, ""));
+    let node = AgentNode::start(Path::new(AGENT), &plugin, &node_config(spec, ""));
     node.put_test_pools();
     let tor = NetnsGuard::new("tor");
     let dir = tempfile::tempdir().expect("tempdir");

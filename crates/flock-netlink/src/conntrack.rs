@@ -3,12 +3,95 @@
 //! deleted over ctnetlink (NETLINK_NETFILTER), both families. Otherwise an
 //! `established` entry of the old pod would let the new holder of its
 //! address past a NetworkPolicy that never allowed it.
+//!
+//! The kernel keeps one conntrack hash for every namespace, and a dump
+//! walks all of its buckets (262,144 on a machine with 8 GB) whatever the
+//! namespace holds: tens of milliseconds of CPU, under the table's locks.
+//! So the deletions are batched ([`Forgetter`]): the requests that come
+//! while a walk runs, or within [`MIN_GAP`] of the last one's start, share
+//! the next walk. A lone release waits for none.
 
 use std::collections::BTreeSet;
 use std::io;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::{NetlinkError, Netns, Result};
+
+/// The least time between the starts of two walks of the table: under a
+/// churn of releases, at most one walk per this interval.
+pub(crate) const MIN_GAP: Duration = Duration::from_millis(100);
+
+struct Job {
+    ips: Vec<IpAddr>,
+    done: oneshot::Sender<std::result::Result<usize, String>>,
+}
+
+/// Forgets the flows of released addresses, batched: one task per
+/// dataplane, one walk of the table per batch.
+#[derive(Debug, Clone)]
+pub(crate) struct Forgetter {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+impl Forgetter {
+    /// Starts the batching task on the current runtime; it works in
+    /// `node` and ends when the last handle is dropped.
+    pub(crate) fn start(node: Netns) -> Forgetter {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(batches(node, rx));
+        Forgetter { tx }
+    }
+
+    /// Deletes the entries of `ips` (with those of every request in the
+    /// same batch); resolves once they are gone, with how many entries the
+    /// batch deleted.
+    pub(crate) async fn forget(&self, ips: Vec<IpAddr>) -> Result<usize> {
+        let what = || format!("delete the conntrack entries of {ips:?}");
+        let (done, outcome) = oneshot::channel();
+        let stopped = || NetlinkError::io(what())(io::Error::other("the flow forgetter stopped"));
+        self.tx
+            .send(Job {
+                ips: ips.clone(),
+                done,
+            })
+            .map_err(|_| stopped())?;
+        outcome
+            .await
+            .map_err(|_| stopped())?
+            .map_err(|e| NetlinkError::io(what())(io::Error::other(e)))
+    }
+}
+
+/// The batching task: takes the requests waiting (after [`MIN_GAP`] since
+/// the last walk began), walks the table once for all of them, answers
+/// each.
+async fn batches(node: Netns, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut last: Option<Instant> = None;
+    while let Some(first) = rx.recv().await {
+        if let Some(at) = last {
+            tokio::time::sleep_until(at + MIN_GAP).await;
+        }
+        let mut jobs = vec![first];
+        while let Ok(job) = rx.try_recv() {
+            jobs.push(job);
+        }
+        let ips: Vec<IpAddr> = jobs.iter().flat_map(|j| j.ips.iter().copied()).collect();
+        last = Some(Instant::now());
+        let outcome = node
+            .run(move || forget(&ips).map_err(NetlinkError::io("delete conntrack entries")))
+            .await
+            .map_err(|e| e.to_string());
+        for job in jobs {
+            // A caller that stopped waiting needs no answer.
+            let _ = job.done.send(outcome.clone());
+        }
+    }
+}
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_GET: u16 = 1;

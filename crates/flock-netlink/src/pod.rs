@@ -12,6 +12,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 use tracing::debug;
 
+use crate::conntrack::Forgetter;
 use crate::error::is_gone;
 use crate::link::{self, LinkState};
 use crate::neighbour;
@@ -118,6 +119,8 @@ pub struct Dataplane {
     node: Netns,
     handle: Handle,
     reaper: Reaper,
+    /// Batches the conntrack deletions of released addresses.
+    forgetter: Forgetter,
     /// The kernel runs one dump at a time per netlink socket (EBUSY
     /// otherwise); dumps on the node socket take turns here.
     dumping: std::sync::Arc<tokio::sync::Mutex<()>>,
@@ -209,10 +212,12 @@ impl Dataplane {
     pub async fn new(node: Netns) -> Result<Dataplane> {
         let handle = node.connect().await?;
         let reaper = Reaper::start(node.clone())?;
+        let forgetter = Forgetter::start(node.clone());
         Ok(Dataplane {
             node,
             handle,
             reaper,
+            forgetter,
             dumping: Default::default(),
         })
     }
@@ -233,13 +238,11 @@ impl Dataplane {
 
     /// Deletes the node's conntrack entries of `ips` (original or reply
     /// tuple, both families) before those addresses are handed out again;
-    /// returns how many went.
+    /// resolves once they are gone, with how many entries went in the
+    /// batch this request was part of (requests close together share one
+    /// walk of the kernel's table).
     pub async fn forget_flows(&self, ips: Vec<IpAddr>) -> Result<usize> {
-        self.node
-            .run(move || {
-                crate::conntrack::forget(&ips).map_err(NetlinkError::io("delete conntrack entries"))
-            })
-            .await
+        self.forgetter.forget(ips).await
     }
 
     /// Every address the node's conntrack table holds (for tests and

@@ -527,6 +527,61 @@ async fn the_address_watch_follows_the_nodes_addresses_from_notifications() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_of_released_addresses_are_forgotten_with_one_walk_for_requests_together() {
+    let node = node().await;
+    // Conntrack tracks the node's forwarded packets once a rule asks for it.
+    let nft = std::process::Command::new("ip")
+        .args(["netns", "exec", node.ns.name(), "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(b"table inet t { chain f { type filter hook forward priority 0; ct state established accept; }; }\n")?;
+            child.wait()
+        })
+        .expect("nft");
+    assert!(nft.success());
+    let pods: Vec<NetnsGuard> = (0..4).map(|_| NetnsGuard::new("p")).collect();
+    let specs: Vec<PodSpec> = pods.iter().zip(2..).map(|(p, n)| spec(p, n)).collect();
+    for s in &specs {
+        node.dp.setup(s).await.expect("setup");
+    }
+    let _echoes: Vec<_> = pods
+        .iter()
+        .map(|p| udp_echo(&p.netns(), ECHO_PORT))
+        .collect();
+    // Flows a → b and c → d.
+    for (from, to) in [(0, 1), (2, 3)] {
+        assert!(reaches(&pods[from], v4(&specs[to])));
+    }
+    let ip = |i: usize| IpAddr::V4(specs[i].ip4.expect("v4"));
+    let tracked = node.dp.conntrack_addresses().await.expect("conntrack");
+    assert!(
+        tracked.contains(&ip(0)) && tracked.contains(&ip(2)),
+        "{tracked:?}"
+    );
+    // a's and c's releases come together: one walk deletes both flows,
+    // and each request hears of the batch's two deletions.
+    let (a, c) = tokio::join!(
+        node.dp.forget_flows(vec![ip(0)]),
+        node.dp.forget_flows(vec![ip(2)])
+    );
+    assert_eq!((a.expect("a"), c.expect("c")), (2, 2));
+    let tracked = node.dp.conntrack_addresses().await.expect("conntrack");
+    assert!(
+        !tracked.contains(&ip(0)) && !tracked.contains(&ip(2)),
+        "{tracked:?}"
+    );
+    // A later request alone: its own walk, after the gap.
+    assert!(reaches(&pods[0], v4(&specs[1])));
+    assert_eq!(node.dp.forget_flows(vec![ip(1)]).await.expect("b"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_blackholes_and_multipath_hash_policy() {
     let node = node().await;
     for cidr in ["2001:db8:0:1::/64", "198.18.0.0/24"] {
