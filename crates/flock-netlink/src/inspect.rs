@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::Handle;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 
 use crate::link::{self, LinkState};
 use crate::neighbour;
@@ -123,15 +123,20 @@ pub(crate) async fn addresses_of(
         .await
         .map_err(NetlinkError::netlink(format!("list addresses of {what}")))?
     {
-        for attr in &m.attributes {
-            if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr
-                && let Ok(net) = IpNet::new(*ip, m.header.prefix_len)
-            {
-                out.insert(net);
-            }
-        }
+        out.extend(address_nets(&m));
     }
     Ok(out)
+}
+
+/// The address (and, on point-to-point links, the local one) of an
+/// address message, with its prefix length.
+pub(crate) fn address_nets(m: &AddressMessage) -> impl Iterator<Item = IpNet> + '_ {
+    m.attributes.iter().filter_map(|attr| match attr {
+        AddressAttribute::Address(ip) | AddressAttribute::Local(ip) => {
+            IpNet::new(*ip, m.header.prefix_len).ok()
+        }
+        _ => None,
+    })
 }
 
 /// A drift unless `ip` is a permanent neighbour on `link` with `target`'s MAC.

@@ -9,9 +9,9 @@ use futures_util::StreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::{Handle, MulticastGroup};
 
+use crate::inspect::address_nets;
 use crate::{Dataplane, Result};
 
 /// What a socket joined to multicast groups receives.
@@ -62,23 +62,16 @@ impl AddressWatch {
 fn apply(addresses: &mut BTreeSet<IpNet>, message: NetlinkMessage<RouteNetlinkMessage>) -> bool {
     match message.payload {
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) => {
-            nets(&m).filter(|net| addresses.insert(*net)).count() > 0
+            address_nets(&m)
+                .filter(|net| addresses.insert(*net))
+                .count()
+                > 0
         }
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(m)) => {
-            nets(&m).filter(|net| addresses.remove(net)).count() > 0
+            address_nets(&m).filter(|net| addresses.remove(net)).count() > 0
         }
         _ => false,
     }
-}
-
-/// The address (and, on point-to-point links, the local one) of a message.
-fn nets(m: &AddressMessage) -> impl Iterator<Item = IpNet> + '_ {
-    m.attributes.iter().filter_map(|attr| match attr {
-        AddressAttribute::Address(ip) | AddressAttribute::Local(ip) => {
-            IpNet::new(*ip, m.header.prefix_len).ok()
-        }
-        _ => None,
-    })
 }
 
 impl Dataplane {
