@@ -132,6 +132,8 @@ impl<K: Kernel> BirdLoop<K> {
                 prefixes: &prefixes,
                 announced: &ips,
                 interfaces: &interfaces,
+                sessions: &flock_bird::node_config_sessions(&settings),
+                pool_communities: &[],
             })
             .map_err(|e| e.to_string()),
         };

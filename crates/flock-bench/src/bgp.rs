@@ -265,6 +265,8 @@ fn render_1000() -> anyhow::Result<Summary> {
         prefixes: &prefixes,
         announced: &announced,
         interfaces: &interfaces,
+        sessions: &flock_bird::node_config_sessions(&settings),
+        pool_communities: &[],
     };
     let mut samples = Vec::new();
     for _ in 0..200 {

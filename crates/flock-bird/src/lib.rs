@@ -13,9 +13,11 @@ pub use writer::{Birdc, Outcome, RELOAD_INTERVAL, Reload, Writer, WriterStatus};
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
-use flock_model::NodeSettings;
+use flock_model::{
+    Communities, Community, ImportPolicy, LargeCommunity, Neighbor, NodeSettings, Peer,
+};
 use ipnet::IpNet;
 
 /// flock's kernel route protocol number (see flock-netlink).
@@ -26,19 +28,64 @@ pub const FLOCK_ROUTE_PROTOCOL: u8 = 97;
 pub enum RenderError {
     /// BGP is configured but no interface address shares a subnet with a peer.
     #[error(
-        "NodeConfig {node}: spec.bgp.peers[{index}]: no address of this node is on the subnet of peer {peer}, so no `local` address can be chosen"
+        "{origin}: no address of this node is on the subnet of peer {peer}, so no `local` address can be chosen"
     )]
     NoLocalAddress {
-        /// The node.
-        node: String,
-        /// The peer's index in the spec.
-        index: usize,
+        /// Where the peer is declared (`NodeConfig n1 spec.bgp.peers[0]`).
+        origin: String,
         /// The peer's address.
         peer: IpAddr,
+    },
+    /// An unnumbered peer whose neighbour was not found.
+    #[error("{origin}: no neighbour found on interface {interface}")]
+    NoNeighbor {
+        /// Where the peer is declared.
+        origin: String,
+        /// The interface.
+        interface: String,
+    },
+    /// A password BIRD cannot quote (the message never holds it).
+    #[error(
+        "{origin}: the session password is not 1 to 80 printable ASCII characters without quotes or backslashes"
+    )]
+    BadPassword {
+        /// Where the peer is declared.
+        origin: String,
     },
     /// An announced address is not a unicast address BGP can carry.
     #[error("announced address {0} is not a routable unicast address")]
     BadAnnouncement(IpAddr),
+}
+
+/// One BGP session to render, composed by the agent from a NodeConfig
+/// peer or a BGPPeer, with what it looked up for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The validated peer.
+    pub peer: Peer,
+    /// Where it is declared, for comments and errors:
+    /// `NodeConfig n1 spec.bgp.peers[0]`, `BGPPeer rack-a`.
+    pub origin: String,
+    /// The password from `flock-bgp-passwords`, when the peer has one.
+    pub password: Option<String>,
+    /// For a peer on an interface: the neighbour's link-local address there.
+    pub link_local: Option<Ipv6Addr>,
+}
+
+/// The sessions of a NodeConfig's own peers (no password or neighbour
+/// looked up yet).
+pub fn node_config_sessions(s: &NodeSettings) -> Vec<Session> {
+    let Some(bgp) = &s.bgp else { return Vec::new() };
+    bgp.peers
+        .iter()
+        .enumerate()
+        .map(|(i, peer)| Session {
+            peer: peer.clone(),
+            origin: format!("NodeConfig {} spec.bgp.peers[{i}]", s.node),
+            password: None,
+            link_local: None,
+        })
+        .collect()
 }
 
 /// What BIRD should do on this node.
@@ -53,6 +100,10 @@ pub struct BirdInput<'a> {
     pub announced: &'a BTreeSet<IpAddr>,
     /// The node's interface addresses, for choosing `local` per peer.
     pub interfaces: &'a [IpNet],
+    /// The BGP sessions (any order; no two with one neighbour).
+    pub sessions: &'a [Session],
+    /// Communities of AddressPools: an announced IP inside a prefix gets its.
+    pub pool_communities: &'a [(IpNet, Communities)],
 }
 
 /// Renders `bird.conf`. Same input, same text.
@@ -63,6 +114,7 @@ pub fn render(input: &BirdInput<'_>) -> Result<String, RenderError> {
             return Err(RenderError::BadAnnouncement(*ip));
         }
     }
+    let node_communities = s.bgp.as_ref().map(|b| &b.communities);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -86,82 +138,207 @@ pub fn render(input: &BirdInput<'_>) -> Result<String, RenderError> {
         );
     }
     // Static blackholes: the node's prefixes and every announced IP, so BGP
-    // has them to export whatever the kernel table holds.
-    let mut statics4: Vec<IpNet> = input
+    // has them to export whatever the kernel table holds; each with the
+    // node's communities and, for an announced IP, its pools'.
+    let mut statics: Vec<(IpNet, Communities)> = input
         .prefixes
         .iter()
-        .filter(|p| p.addr().is_ipv4())
-        .copied()
+        .map(|p| (*p, node_communities.cloned().unwrap_or_default()))
         .collect();
-    let mut statics6: Vec<IpNet> = input
-        .prefixes
-        .iter()
-        .filter(|p| p.addr().is_ipv6())
-        .copied()
-        .collect();
-    statics4.sort();
-    statics6.sort();
+    statics.sort();
     for ip in input.announced {
-        match ip {
-            IpAddr::V4(_) => statics4.push(IpNet::from(*ip)),
-            IpAddr::V6(_) => statics6.push(IpNet::from(*ip)),
+        let mut communities = node_communities.cloned().unwrap_or_default();
+        for (_, c) in input
+            .pool_communities
+            .iter()
+            .filter(|(n, _)| n.contains(ip))
+        {
+            communities.extend(c);
         }
+        statics.push((IpNet::from(*ip), communities));
     }
-    for (family, routes) in [("ipv4", &statics4), ("ipv6", &statics6)] {
+    for (family, v4) in [("ipv4", true), ("ipv6", false)] {
         let _ = writeln!(
             out,
             "\nprotocol static static{} {{\n  {family};",
             &family[3..]
         );
-        for r in routes {
-            let _ = writeln!(out, "  route {r} blackhole;");
+        for (r, communities) in statics.iter().filter(|(r, _)| r.addr().is_ipv4() == v4) {
+            if communities.is_empty() {
+                let _ = writeln!(out, "  route {r} blackhole;");
+            } else {
+                let _ = writeln!(
+                    out,
+                    "  route {r} blackhole {{ {}}};",
+                    community_statements(communities)
+                );
+            }
         }
         out.push_str("}\n");
     }
     out.push_str("\nfilter flock_export {\n  if source = RTS_STATIC then accept;\n  reject;\n}\n");
-    if let Some(bgp) = &s.bgp {
-        let mut peers: Vec<(usize, IpAddr, u32)> = bgp
-            .peers
-            .iter()
-            .enumerate()
-            .map(|(i, (a, asn))| (i, *a, *asn))
-            .collect();
-        peers.sort_by_key(|(_, a, _)| *a);
-        for (index, peer, peer_asn) in peers {
-            let local = input
-                .interfaces
-                .iter()
-                .filter(|net| net.contains(&peer) && net.addr() != peer)
-                .map(IpNet::addr)
-                .min()
-                .ok_or(RenderError::NoLocalAddress {
-                    node: s.node.clone(),
-                    index,
-                    peer,
-                })?;
-            let family = if peer.is_ipv4() { "ipv4" } else { "ipv6" };
-            let _ = write!(
-                out,
-                "\n# spec.bgp.peers[{index}]\nprotocol bgp {name} {{\n  local {local} as {asn};\n  neighbor {peer} as {peer_asn};\n  graceful restart on;\n  {family} {{\n    import all;\n    export filter flock_export;\n    next hop self;\n  }};\n}}\n",
-                asn = bgp.asn,
-                name = protocol_name(peer),
-            );
-        }
+    let Some(bgp) = &s.bgp else { return Ok(out) };
+    let mut sessions: Vec<&Session> = input.sessions.iter().collect();
+    sessions.sort_by(|a, b| a.peer.neighbor.cmp(&b.peer.neighbor));
+    if sessions.iter().any(|x| x.peer.bfd.is_some()) {
+        // Sessions ask for BFD with their own timers; this instance serves them.
+        out.push_str("\nprotocol bfd flock_bfd {\n}\n");
+    }
+    for session in sessions {
+        render_session(&mut out, bgp.asn, session, input.interfaces)?;
     }
     Ok(out)
 }
 
-/// A BGP session's protocol name, derived from the peer's address (not its
+/// One `protocol bgp`.
+fn render_session(
+    out: &mut String,
+    asn: u32,
+    session: &Session,
+    interfaces: &[IpNet],
+) -> Result<(), RenderError> {
+    let peer = &session.peer;
+    let origin = sanitize_comment(&session.origin);
+    let name = protocol_name(&peer.neighbor);
+    let _ = write!(out, "\n# {origin}\nprotocol bgp {name} {{\n");
+    let families: &[&str] = match &peer.neighbor {
+        Neighbor::Address(addr) => {
+            let local = interfaces
+                .iter()
+                .filter(|net| net.contains(addr) && net.addr() != *addr)
+                .map(IpNet::addr)
+                .min()
+                .ok_or_else(|| RenderError::NoLocalAddress {
+                    origin: session.origin.clone(),
+                    peer: *addr,
+                })?;
+            let _ = write!(
+                out,
+                "  local {local} as {asn};\n  neighbor {addr} as {};\n",
+                peer.asn
+            );
+            if addr.is_ipv4() { &["ipv4"] } else { &["ipv6"] }
+        }
+        Neighbor::Interface(interface) => {
+            let ll = session.link_local.ok_or_else(|| RenderError::NoNeighbor {
+                origin: session.origin.clone(),
+                interface: interface.clone(),
+            })?;
+            // The model admits only interface names BIRD can quote.
+            let _ = write!(
+                out,
+                "  local as {asn};\n  neighbor {ll}%{interface} as {};\n  interface \"{interface}\";\n",
+                peer.asn
+            );
+            &["ipv4", "ipv6"]
+        }
+    };
+    if let Some(password) = &session.password {
+        if flock_model::check_password(password).is_err() {
+            return Err(RenderError::BadPassword {
+                origin: session.origin.clone(),
+            });
+        }
+        let _ = writeln!(out, "  password \"{password}\";");
+    }
+    if let Some(bfd) = peer.bfd {
+        let _ = writeln!(
+            out,
+            "  bfd {{ interval {} ms; multiplier {}; }};",
+            bfd.interval_ms, bfd.multiplier
+        );
+    }
+    if let Some(hold) = peer.hold_time {
+        let _ = writeln!(out, "  hold time {hold};");
+    }
+    out.push_str("  graceful restart on;\n");
+    if let Some(gr) = peer.graceful_restart {
+        let _ = writeln!(out, "  graceful restart time {gr};");
+    }
+    let export = if peer.communities.is_empty() {
+        "filter flock_export".to_owned()
+    } else {
+        format!(
+            "filter {{ if source = RTS_STATIC then {{ {}accept; }} reject; }}",
+            community_statements(&peer.communities)
+        )
+    };
+    for family in families {
+        let import = match peer.import {
+            ImportPolicy::All => "all",
+            ImportPolicy::None => "none",
+            ImportPolicy::DefaultOnly if *family == "ipv4" => "where net = 0.0.0.0/0",
+            ImportPolicy::DefaultOnly => "where net = ::/0",
+        };
+        let _ = write!(out, "  {family} {{\n    import {import};\n");
+        if let Some(limit) = peer.import_limit {
+            let _ = writeln!(out, "    import limit {limit} action block;");
+        }
+        let _ = writeln!(out, "    export {export};\n    next hop self;");
+        if *family == "ipv4" && matches!(peer.neighbor, Neighbor::Interface(_)) {
+            // IPv4 routes over an IPv6 session (RFC 8950).
+            out.push_str("    extended next hop on;\n");
+        }
+        out.push_str("  };\n");
+    }
+    out.push_str("}\n");
+    Ok(())
+}
+
+/// `bgp_community.add((a,b)); bgp_large_community.add((a,b,c)); ` from typed numbers.
+fn community_statements(c: &Communities) -> String {
+    let mut out = String::new();
+    for Community(a, b) in &c.standard {
+        let _ = write!(out, "bgp_community.add(({a},{b})); ");
+    }
+    for LargeCommunity(a, b, x) in &c.large {
+        let _ = write!(out, "bgp_large_community.add(({a},{b},{x})); ");
+    }
+    out
+}
+
+/// A BGP session's protocol name, derived from the neighbour (not its
 /// position): adding or removing a peer leaves every other session's
 /// protocol, and so the session, as it was. `peer_198_19_0_2`,
-/// `peer_2001_db8__2`.
-pub fn protocol_name(peer: IpAddr) -> String {
-    let text: String = peer
-        .to_string()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    format!("peer_{text}")
+/// `peer_2001_db8__2`, `peer_if_eth0` (in an interface name `_`, `-` and
+/// `.` become `__`, `_h`, `_d`, so two names never share one).
+pub fn protocol_name(neighbor: &Neighbor) -> String {
+    match neighbor {
+        Neighbor::Address(peer) => {
+            let text: String = peer
+                .to_string()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            format!("peer_{text}")
+        }
+        Neighbor::Interface(name) => {
+            let mut text = String::from("peer_if_");
+            for c in name.chars() {
+                match c {
+                    '_' => text.push_str("__"),
+                    '-' => text.push_str("_h"),
+                    '.' => text.push_str("_d"),
+                    c if c.is_ascii_alphanumeric() => text.push(c),
+                    _ => text.push_str("_x"),
+                }
+            }
+            text
+        }
+    }
+}
+
+/// Text inside a comment: only characters that cannot end it.
+fn sanitize_comment(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || " -._[]".contains(c) {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
 }
 
 /// A node name inside a comment: only characters that cannot end it.

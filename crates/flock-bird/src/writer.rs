@@ -17,7 +17,7 @@
 //! nothing; a crash between writing the file and the reload leaves them
 //! different, and the first text is loaded.
 
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -286,8 +286,22 @@ fn confirmed(config: &Path, marker: &Path) -> Option<String> {
 /// Writes `text` to `path` by a rename, so a reader sees all of it or the old.
 fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("loaded.tmp");
-    std::fs::write(&tmp, text)?;
+    std::io::Write::write_all(&mut private_file(&tmp)?, text.as_bytes())?;
     std::fs::rename(&tmp, path)
+}
+
+/// Creates or truncates `path`, readable by its owner only: the text holds
+/// session passwords. A file left by a crash gets the mode too.
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    Ok(f)
 }
 
 /// Puts `text` in place (checked first) and has BIRD load it.
@@ -320,13 +334,8 @@ fn write_if_changed(path: &Path, text: &str, reload: &dyn Reload) -> Result<(), 
     std::fs::create_dir_all(dir).map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
     let tmp = path.with_extension("conf.tmp");
     let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&tmp)
-            .map_err(|e| failed(format!("writing {}: {e}", tmp.display())))?;
+        let mut f =
+            private_file(&tmp).map_err(|e| failed(format!("writing {}: {e}", tmp.display())))?;
         std::io::Write::write_all(&mut f, text.as_bytes())
             .and_then(|()| f.sync_all())
             .map_err(|e| failed(format!("writing {}: {e}", tmp.display())))?;

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Command;
 
-use flock_bird::{BirdInput, RenderError, render};
-use flock_model::{NodeConfig, NodeConfigSpec, NodeSettings};
+use flock_bird::{BirdInput, RenderError, node_config_sessions, render};
+use flock_model::{Neighbor, NodeConfig, NodeConfigSpec, NodeSettings};
 use ipnet::IpNet;
 
 fn settings(spec: serde_json::Value) -> NodeSettings {
@@ -82,6 +82,8 @@ fn dual_stack_with_two_peers_and_anycast() {
         prefixes: &prefixes(&s),
         announced: &announced,
         interfaces: &interfaces,
+        sessions: &node_config_sessions(&s),
+        pool_communities: &[],
     })
     .expect("render");
     check("dual-stack.conf", &text);
@@ -104,6 +106,8 @@ fn ipv4_only_without_bgp() {
         prefixes: &prefixes(&s),
         announced: &BTreeSet::new(),
         interfaces: &[],
+        sessions: &node_config_sessions(&s),
+        pool_communities: &[],
     })
     .expect("render");
     check("ipv4-no-bgp.conf", &text);
@@ -126,6 +130,8 @@ fn output_depends_on_content_not_order() {
         prefixes: &prefixes(&a),
         announced: &announced,
         interfaces: &interfaces,
+        sessions: &node_config_sessions(&a),
+        pool_communities: &[],
     })
     .expect("a");
     let rb = render(&BirdInput {
@@ -133,12 +139,14 @@ fn output_depends_on_content_not_order() {
         prefixes: &prefixes(&b),
         announced: &announced,
         interfaces: &interfaces,
+        sessions: &node_config_sessions(&b),
+        pool_communities: &[],
     })
     .expect("b");
     // The comments name each peer's index in the spec; everything else is equal.
     let strip = |t: &str| {
         t.lines()
-            .filter(|l| !l.starts_with("# spec.bgp"))
+            .filter(|l| !l.starts_with("# NodeConfig"))
             .collect::<Vec<_>>()
             .join("\n")
     };
@@ -155,13 +163,14 @@ fn what_cannot_be_rendered_safely_is_refused() {
         prefixes: &prefixes(&s),
         announced: &BTreeSet::new(),
         interfaces: &nets(&["198.18.255.1/24"]),
+        sessions: &node_config_sessions(&s),
+        pool_communities: &[],
     })
     .expect_err("no local");
     assert_eq!(
         err,
         RenderError::NoLocalAddress {
-            node: "node-a".into(),
-            index: 0,
+            origin: "NodeConfig node-a spec.bgp.peers[0]".into(),
             peer: "192.0.2.9".parse().expect("ip")
         }
     );
@@ -185,6 +194,8 @@ fn what_cannot_be_rendered_safely_is_refused() {
         prefixes: &nets(&["198.18.0.0/24"]),
         announced: &ips(&["224.0.0.5"]),
         interfaces: &[],
+        sessions: &[],
+        pool_communities: &[],
     })
     .expect_err("multicast");
     assert_eq!(
@@ -221,6 +232,8 @@ fn protocols_are_named_after_their_peer_so_adding_one_leaves_the_others_alone() 
             prefixes: &prefixes(s),
             announced: &BTreeSet::new(),
             interfaces: &interfaces,
+            sessions: &node_config_sessions(s),
+            pool_communities: &[],
         })
         .expect("render")
     };
@@ -231,7 +244,7 @@ fn protocols_are_named_after_their_peer_so_adding_one_leaves_the_others_alone() 
     );
     assert!(b.contains("protocol bgp peer_198_18_255_2 {"));
     assert_eq!(
-        flock_bird::protocol_name("2001:db8::2".parse().expect("ip")),
+        flock_bird::protocol_name(&Neighbor::Address("2001:db8::2".parse().expect("ip"))),
         "peer_2001_db8__2"
     );
 }
@@ -244,10 +257,83 @@ fn older_prefixes_still_held_are_announced_beside_the_current_ones() {
         prefixes: &nets(&["198.18.1.0/24", "198.18.0.0/24"]),
         announced: &BTreeSet::new(),
         interfaces: &[],
+        sessions: &node_config_sessions(&s),
+        pool_communities: &[],
     })
     .expect("render");
     assert!(
         text.contains("route 198.18.0.0/24 blackhole;\n  route 198.18.1.0/24 blackhole;"),
         "{text}"
+    );
+}
+
+#[test]
+fn production_fabric_sessions_with_bfd_passwords_unnumbered_and_communities() {
+    let s = settings(serde_json::json!({
+        "cidr6": "2001:db8:0:1::/64", "cidr4": "198.18.0.0/24",
+        "bgp": {"asn": 65001, "routerId": "198.18.255.1", "communities": ["65001:1"],
+            "peers": [
+                {"address": "198.18.255.254", "asn": 65000, "bfd": {"enabled": true},
+                 "passwordSecretRef": {"key": "tor-a"}, "holdTimeSeconds": 9, "gracefulRestartSeconds": 300,
+                 "communities": ["65000:100"], "largeCommunities": ["65000:1:2"], "import": "default-only", "importLimit": 100},
+                {"interface": "eth1", "asn": 65000, "bfd": {"enabled": true, "intervalMs": 50, "multiplier": 5}, "import": "none"},
+            ]},
+    }));
+    let mut sessions = node_config_sessions(&s);
+    sessions[0].password = Some("s3cr3t !#$%&'()*+,-./:;<=>?@[]^_`{|}~".into());
+    sessions[1].link_local = Some("fe80::1".parse().expect("ll"));
+    let announced = ips(&["203.0.113.7", "2001:db8:ffff::7"]);
+    let pools = vec![(
+        "203.0.113.0/28".parse().expect("net"),
+        flock_model::Communities {
+            standard: vec![flock_model::Community(65001, 42)],
+            large: vec![flock_model::LargeCommunity(65001, 0, 42)],
+        },
+    )];
+    let interfaces = nets(&["198.18.255.1/24"]);
+    let text = render(&BirdInput {
+        settings: &s,
+        prefixes: &prefixes(&s),
+        announced: &announced,
+        interfaces: &interfaces,
+        sessions: &sessions,
+        pool_communities: &pools,
+    })
+    .expect("render");
+    check("production-fabric.conf", &text);
+    for want in [
+        "protocol bfd flock_bfd {",
+        "  bfd { interval 100 ms; multiplier 3; };",
+        "  bfd { interval 50 ms; multiplier 5; };",
+        "  hold time 9;",
+        "  graceful restart time 300;",
+        "    import where net = 0.0.0.0/0;",
+        "    import limit 100 action block;",
+        "  neighbor fe80::1%eth1 as 65000;",
+        "    extended next hop on;",
+        "    import none;",
+        // The pool's communities on its IP only; the node's on everything.
+        "  route 203.0.113.7/32 blackhole { bgp_community.add((65001,1)); bgp_community.add((65001,42)); bgp_large_community.add((65001,0,42)); };",
+        "  route 2001:db8:ffff::7/128 blackhole { bgp_community.add((65001,1)); };",
+        "bgp_community.add((65000,100)); bgp_large_community.add((65000,1,2)); accept;",
+    ] {
+        assert!(text.contains(want), "{want}\n{text}");
+    }
+    // A password BIRD cannot quote never reaches the text, nor the error.
+    sessions[0].password = Some("x\"; }".into());
+    let err = render(&BirdInput {
+        settings: &s,
+        prefixes: &prefixes(&s),
+        announced: &announced,
+        interfaces: &interfaces,
+        sessions: &sessions,
+        pool_communities: &pools,
+    })
+    .expect_err("refused");
+    assert!(matches!(err, RenderError::BadPassword { .. }), "{err}");
+    assert!(!err.to_string().contains("x\""), "{err}");
+    assert_eq!(
+        flock_bird::protocol_name(&Neighbor::Interface("a_b-c.d".into())),
+        "peer_if_a__b_hc_dd"
     );
 }

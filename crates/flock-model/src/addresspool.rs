@@ -7,6 +7,7 @@ use kube::{CustomResource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::bgp::{Communities, FieldError, parse_communities};
 use crate::nodeconfig::parse_prefix;
 use crate::{ModelError, Result};
 
@@ -34,6 +35,12 @@ pub struct AddressPoolSpec {
     /// The namespaces whose pods may claim these IPs; absent: every namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
+    /// Communities added when a node announces an IP of this pool, as `ASN:VALUE`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+    /// Large communities added when a node announces an IP of this pool, as `ASN:X:Y`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub large_communities: Vec<String>,
 }
 
 /// What a pool's IPs are for.
@@ -86,6 +93,8 @@ pub struct Pool {
     pub usage: PoolUse,
     /// The namespaces it serves; `None` is every namespace.
     pub namespace_selector: Option<LabelSelector>,
+    /// Added to the announcement of every IP in the pool.
+    pub communities: Communities,
 }
 
 impl Pool {
@@ -115,28 +124,36 @@ impl AddressPool {
             cidrs.push(net);
         }
         if let Some(selector) = &self.spec.namespace_selector {
-            for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
-                let field = format!("spec.namespaceSelector.matchExpressions[{i}].operator");
-                let values = req.values.as_ref().map_or(0, Vec::len);
-                match req.operator.as_str() {
-                    "In" | "NotIn" if values == 0 => {
-                        return Err(bad(field, &req.operator, "needs values"));
-                    }
-                    "Exists" | "DoesNotExist" if values > 0 => {
-                        return Err(bad(field, &req.operator, "takes no values"));
-                    }
-                    "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
-                    other => {
-                        return Err(bad(field, other, "not In, NotIn, Exists or DoesNotExist"));
-                    }
-                }
-            }
+            check_selector(selector, "spec.namespaceSelector")
+                .map_err(|(field, value, reason)| bad(field, &value, &reason))?;
         }
+        let communities =
+            parse_communities(&self.spec.communities, &self.spec.large_communities, "spec")
+                .map_err(|(field, value, reason)| bad(field, &value, &reason))?;
         Ok(Pool {
             name,
             cidrs,
             usage: self.spec.usage,
             namespace_selector: self.spec.namespace_selector.clone(),
+            communities,
         })
     }
+}
+
+/// Checks a label selector's expressions (`at` names it, such as
+/// `spec.namespaceSelector`): the API server refuses bad ones, a
+/// hand-written manifest may not.
+pub(crate) fn check_selector(selector: &LabelSelector, at: &str) -> Result<(), FieldError> {
+    for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
+        let field = format!("{at}.matchExpressions[{i}].operator");
+        let values = req.values.as_ref().map_or(0, Vec::len);
+        let reason = match req.operator.as_str() {
+            "In" | "NotIn" if values == 0 => "needs values",
+            "Exists" | "DoesNotExist" if values > 0 => "takes no values",
+            "In" | "NotIn" | "Exists" | "DoesNotExist" => continue,
+            _ => "not In, NotIn, Exists or DoesNotExist",
+        };
+        return Err((field, req.operator.clone(), reason.to_owned()));
+    }
+    Ok(())
 }

@@ -3,25 +3,27 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{AddressPool, NodeConfig};
+use crate::{AddressPool, BgpPeer, NodeConfig};
 
 /// Where the NodeConfig manifest is checked in, from the project root.
 pub const CRD_PATH: &str = "deploy/crds/nodeconfigs.flock.fritzlab.net.yaml";
 
 /// Every CRD flock defines: its plural (the argument of `flock-crd`) and
 /// where its manifest is checked in.
-pub const CRDS: [(&str, &str); 2] = [
+pub const CRDS: [(&str, &str); 3] = [
     ("nodeconfigs", CRD_PATH),
     (
         "addresspools",
         "deploy/crds/addresspools.flock.fritzlab.net.yaml",
     ),
+    ("bgppeers", "deploy/crds/bgppeers.flock.fritzlab.net.yaml"),
 ];
 
 fn definition(plural: &str) -> Option<CustomResourceDefinition> {
     match plural {
         "nodeconfigs" => Some(NodeConfig::crd()),
         "addresspools" => Some(AddressPool::crd()),
+        "bgppeers" => Some(BgpPeer::crd()),
         _ => None,
     }
 }

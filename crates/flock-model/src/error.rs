@@ -27,6 +27,18 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A BGPPeer field.
+    #[error("BGPPeer {peer}: {field}: {value:?}: {reason}")]
+    BgpPeer {
+        /// The BGPPeer's name.
+        peer: String,
+        /// The field path, such as `spec.address`.
+        field: String,
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A pod annotation.
     #[error("pod {pod}: annotation {key}: {value:?}: {reason}")]
     Annotation {

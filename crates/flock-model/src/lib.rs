@@ -11,6 +11,7 @@
 
 mod addresspool;
 mod annotations;
+mod bgp;
 mod cni_args;
 pub mod crd;
 mod error;
@@ -24,12 +25,16 @@ pub use annotations::{
     ADDRESSES, ANYCAST, CIDR4, CIDR6, FamilyDefaults, IP_ALGO, IPV4, IPV6, PodNetwork, claimed_ips,
     parse_pod_annotations,
 };
+pub use bgp::{
+    Bfd, BfdSpec, BgpPeer, BgpPeerSpec, Communities, Community, ImportPolicy, LargeCommunity,
+    Neighbor, PASSWORD_SECRET, Peer, PeerSpec, SecretKeyRef, check_password,
+};
 pub use cni_args::CniArgs;
 pub use error::{ModelError, Result};
 pub use iface::host_iface_name;
 pub use ipalgo::resolve_ip_algo;
 pub use nodeconfig::{
-    BgpPeerSpec, BgpSpec, FamilyDefaultsSpec, NodeBgp, NodeConfig, NodeConfigSpec,
-    NodeConfigStatus, NodeSettings,
+    BgpSpec, FamilyDefaultsSpec, NodeBgp, NodeConfig, NodeConfigSpec, NodeConfigStatus,
+    NodeSettings,
 };
 pub use workload::{app_name, image_ref};

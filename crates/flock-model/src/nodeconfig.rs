@@ -1,7 +1,7 @@
 //! The `NodeConfig` custom resource: one per node, named after it.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::annotations::FamilyDefaults;
+use crate::bgp::{Communities, FieldError, Neighbor, Peer, PeerSpec, check_asn, parse_communities};
 use crate::{ModelError, Result};
 
 /// How flock networks one node's pods. Cluster-scoped; its name is the
@@ -75,18 +76,15 @@ pub struct BgpSpec {
     /// The BGP router id (an IPv4 address); by default BIRD picks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_id: Option<String>,
-    /// The routers this node peers with.
+    /// The routers this node peers with (besides the BGPPeers selecting it).
     #[serde(default)]
-    pub peers: Vec<BgpPeerSpec>,
-}
-
-/// One BGP neighbour.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-pub struct BgpPeerSpec {
-    /// The peer's address (IPv4 or IPv6).
-    pub address: String,
-    /// The peer's autonomous system number.
-    pub asn: u32,
+    pub peers: Vec<PeerSpec>,
+    /// Communities added to everything this node announces, as `ASN:VALUE`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+    /// Large communities added to everything this node announces, as `ASN:X:Y`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub large_communities: Vec<String>,
 }
 
 /// A NodeConfig after validation: typed, and safe to render anywhere.
@@ -115,8 +113,10 @@ pub struct NodeBgp {
     pub asn: u32,
     /// The router id.
     pub router_id: Option<Ipv4Addr>,
-    /// Peers: address and ASN.
-    pub peers: Vec<(IpAddr, u32)>,
+    /// The NodeConfig's peers, in its order.
+    pub peers: Vec<Peer>,
+    /// Added to everything the node announces.
+    pub communities: Communities,
 }
 
 impl NodeConfig {
@@ -195,39 +195,27 @@ fn validate_bgp(b: &BgpSpec, bad: &dyn Fn(&str, &str, &str) -> ModelError) -> Re
                 .map_err(|_| bad("spec.bgp.routerId", v, "not an IPv4 address"))
         })
         .transpose()?;
-    let mut peers = Vec::with_capacity(b.peers.len());
+    let mut peers: Vec<Peer> = Vec::with_capacity(b.peers.len());
+    let field = |(field, value, reason): FieldError| bad(&field, &value, &reason);
     for (i, p) in b.peers.iter().enumerate() {
-        let address = p.address.parse::<IpAddr>().map_err(|_| {
-            bad(
-                &format!("spec.bgp.peers[{i}].address"),
-                &p.address,
-                "not an IP address",
-            )
-        })?;
-        check_asn(p.asn)
-            .map_err(|r| bad(&format!("spec.bgp.peers[{i}].asn"), &p.asn.to_string(), r))?;
-        if peers.iter().any(|(a, _)| *a == address) {
-            return Err(bad(
-                &format!("spec.bgp.peers[{i}].address"),
-                &p.address,
-                "listed twice",
-            ));
+        let at = format!("spec.bgp.peers[{i}]");
+        let peer = p.validate(&at).map_err(field)?;
+        if peers.iter().any(|q| q.neighbor == peer.neighbor) {
+            let (name, value) = match &peer.neighbor {
+                Neighbor::Address(a) => ("address", a.to_string()),
+                Neighbor::Interface(i) => ("interface", i.clone()),
+            };
+            return Err(bad(&format!("{at}.{name}"), &value, "listed twice"));
         }
-        peers.push((address, p.asn));
+        peers.push(peer);
     }
     Ok(NodeBgp {
         asn: b.asn,
         router_id,
         peers,
+        communities: parse_communities(&b.communities, &b.large_communities, "spec.bgp")
+            .map_err(field)?,
     })
-}
-
-/// ASN 0, AS_TRANS (23456) and 4294967295 are reserved (RFC 7607, 6793, 7300).
-fn check_asn(asn: u32) -> std::result::Result<(), &'static str> {
-    match asn {
-        0 | 23456 | u32::MAX => Err("reserved ASN (0, 23456 and 4294967295 cannot be used)"),
-        _ => Ok(()),
-    }
 }
 
 /// Parses a CIDR whose host bits are zero; `what` names the expected kind.

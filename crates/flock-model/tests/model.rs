@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use flock_model::{
-    CniArgs, FamilyDefaults, ModelError, NodeConfig, NodeConfigSpec, app_name, crd, image_ref,
+    Bfd, BgpPeer, CniArgs, Community, FamilyDefaults, ImportPolicy, LargeCommunity, ModelError,
+    Neighbor, NodeConfig, NodeConfigSpec, app_name, check_password, crd, image_ref,
     parse_pod_annotations, resolve_ip_algo,
 };
 use k8s_openapi::api::core::v1::Pod;
@@ -379,6 +380,201 @@ fn nodeconfig_validation_names_the_field() {
             "{spec}: {err}"
         );
         assert!(err.contains(reason), "{spec}: {err}");
+    }
+}
+
+/// A NodeConfig with one peer whose fields are `peer` (address added
+/// unless it sets an interface).
+fn with_peer(mut peer: serde_json::Value) -> NodeConfig {
+    if peer.get("interface").is_none() && peer.get("address").is_none() {
+        peer["address"] = "192.0.2.1".into();
+    }
+    if peer.get("asn").is_none() {
+        peer["asn"] = 65000.into();
+    }
+    node(serde_json::json!({"cidr4": "198.18.0.0/24", "bgp": {"asn": 65001, "peers": [peer]}}))
+}
+
+#[test]
+fn peer_fields_validate_into_typed_values() {
+    let nc = node(serde_json::json!({
+        "cidr4": "198.18.0.0/24",
+        "bgp": {"asn": 65001, "communities": ["65001:7", "65001:7"], "largeCommunities": ["65001:0:4294967295"],
+            "peers": [
+                {"address": "192.0.2.1", "asn": 65000, "bfd": {"enabled": true},
+                 "passwordSecretRef": {"key": "tor-a"}, "holdTimeSeconds": 9, "gracefulRestartSeconds": 300,
+                 "communities": ["65000:100"], "import": "default-only", "importLimit": 100},
+                {"interface": "eth1", "asn": 65000, "bfd": {"enabled": false, "intervalMs": 5}, "import": "none"},
+            ]},
+    }));
+    let bgp = nc.settings().expect("valid").bgp.expect("bgp");
+    assert_eq!(bgp.communities.standard, vec![Community(65001, 7)]);
+    assert_eq!(
+        bgp.communities.large,
+        vec![LargeCommunity(65001, 0, u32::MAX)]
+    );
+    let (a, b) = (&bgp.peers[0], &bgp.peers[1]);
+    assert_eq!(
+        a.bfd,
+        Some(Bfd {
+            interval_ms: 100,
+            multiplier: 3
+        })
+    );
+    assert_eq!(a.password_key.as_deref(), Some("tor-a"));
+    assert_eq!((a.hold_time, a.graceful_restart), (Some(9), Some(300)));
+    assert_eq!(a.communities.standard, vec![Community(65000, 100)]);
+    assert_eq!(
+        (a.import, a.import_limit),
+        (ImportPolicy::DefaultOnly, Some(100))
+    );
+    assert_eq!(b.neighbor, Neighbor::Interface("eth1".into()));
+    // A disabled BFD's timers are not judged.
+    assert_eq!((b.bfd, b.import), (None, ImportPolicy::None));
+
+    let p = "spec.bgp.peers[0]";
+    let cases: Vec<(serde_json::Value, String, &str)> = vec![
+        (
+            serde_json::json!({"communities": ["65000:100; }"]}),
+            format!("{p}.communities[0]"),
+            "not a community",
+        ),
+        (
+            serde_json::json!({"communities": ["65536:1"]}),
+            format!("{p}.communities[0]"),
+            "not a community",
+        ),
+        (
+            serde_json::json!({"communities": ["-1:1"]}),
+            format!("{p}.communities[0]"),
+            "not a community",
+        ),
+        (
+            serde_json::json!({"largeCommunities": ["1:2"]}),
+            format!("{p}.largeCommunities[0]"),
+            "not a large community",
+        ),
+        (
+            serde_json::json!({"largeCommunities": ["1:2:3:4"]}),
+            format!("{p}.largeCommunities[0]"),
+            "not a large community",
+        ),
+        (
+            serde_json::json!({"interface": "eth0\"; }"}),
+            format!("{p}.interface"),
+            "not an interface name",
+        ),
+        (
+            serde_json::json!({"interface": "a-very-long-interface"}),
+            format!("{p}.interface"),
+            "not an interface name",
+        ),
+        (
+            serde_json::json!({"interface": "eth0", "address": "192.0.2.1"}),
+            format!("{p}.interface"),
+            "one of them",
+        ),
+        (
+            serde_json::json!({"bfd": {"enabled": true, "intervalMs": 5}}),
+            format!("{p}.bfd.intervalMs"),
+            "between 10",
+        ),
+        (
+            serde_json::json!({"bfd": {"enabled": true, "multiplier": 0}}),
+            format!("{p}.bfd.multiplier"),
+            "between 1",
+        ),
+        (
+            serde_json::json!({"passwordSecretRef": {"key": "a key"}}),
+            format!("{p}.passwordSecretRef.key"),
+            "not a Secret key",
+        ),
+        (
+            serde_json::json!({"holdTimeSeconds": 2}),
+            format!("{p}.holdTimeSeconds"),
+            "0 or between 3",
+        ),
+        (
+            serde_json::json!({"gracefulRestartSeconds": 5000}),
+            format!("{p}.gracefulRestartSeconds"),
+            "between 1 and 4095",
+        ),
+        (
+            serde_json::json!({"importLimit": 0}),
+            format!("{p}.importLimit"),
+            "at least 1",
+        ),
+    ];
+    for (peer, field, reason) in cases {
+        let err = with_peer(peer.clone())
+            .settings()
+            .expect_err("invalid")
+            .to_string();
+        assert!(
+            err.starts_with(&format!("NodeConfig node-a: {field}: ")),
+            "{peer}: {err}"
+        );
+        assert!(err.contains(reason), "{peer}: {err}");
+    }
+    let err = node(serde_json::json!({"cidr4": "198.18.0.0/24", "bgp": {"asn": 65001, "communities": ["1:2 }"]}}))
+        .settings()
+        .expect_err("invalid")
+        .to_string();
+    assert!(err.contains("spec.bgp.communities[0]"), "{err}");
+    let twice = node(
+        serde_json::json!({"cidr4": "198.18.0.0/24", "bgp": {"asn": 65001, "peers": [
+        {"interface": "eth1", "asn": 65000}, {"interface": "eth1", "asn": 65002}]}}),
+    );
+    let err = twice.settings().expect_err("twice").to_string();
+    assert!(
+        err.contains("spec.bgp.peers[1].interface") && err.contains("twice"),
+        "{err}"
+    );
+    assert!(serde_json::from_value::<NodeConfigSpec>(serde_json::json!({"cidr4": "198.18.0.0/24", "bgp": {"asn": 65001, "peers": [{"address": "192.0.2.1", "asn": 65000, "import": "some"}]}})).is_err(), "import is one of three words");
+}
+
+#[test]
+fn bgp_peers_validate_naming_the_peer_and_field() {
+    let peer = |yaml: &str| -> BgpPeer { serde_yaml::from_str(yaml).expect("manifest") };
+    let ok = peer(
+        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: BGPPeer\nmetadata: {name: rack-a}\nspec:\n  address: 192.0.2.1\n  asn: 65000\n  nodeSelector: {matchLabels: {rack: a}}\n",
+    );
+    assert_eq!(
+        ok.validated().expect("valid").neighbor,
+        Neighbor::Address("192.0.2.1".parse().expect("ip"))
+    );
+    let err = peer("apiVersion: flock.fritzlab.net/v1alpha1\nkind: BGPPeer\nmetadata: {name: rack-a}\nspec:\n  address: 192.0.2.1\n  asn: 65000\n  nodeSelector: {matchExpressions: [{key: rack, operator: Like}]}\n")
+        .validated()
+        .expect_err("operator")
+        .to_string();
+    assert!(
+        err.starts_with("BGPPeer rack-a: spec.nodeSelector.matchExpressions[0].operator: "),
+        "{err}"
+    );
+    let err = peer("apiVersion: flock.fritzlab.net/v1alpha1\nkind: BGPPeer\nmetadata: {name: rack-a}\nspec:\n  asn: 65000\n")
+        .validated()
+        .expect_err("no neighbour")
+        .to_string();
+    assert!(
+        err.contains("BGPPeer rack-a: spec: ") && err.contains("neither address nor interface"),
+        "{err}"
+    );
+}
+
+#[test]
+fn passwords_bird_cannot_quote_are_refused_without_echoing_them() {
+    assert!(check_password("s3cr3t-!#$%&'()*+,-./:;<=>?@[]^_`{|}~").is_ok());
+    for bad in [
+        "",
+        "a\"b",
+        "a\\b",
+        "new\nline",
+        "tab\t",
+        &"x".repeat(81),
+        "caf\u{e9}",
+    ] {
+        let err = check_password(bad).expect_err(bad);
+        assert!(bad.is_empty() || !err.contains(bad), "{err}");
     }
 }
 
