@@ -4,15 +4,26 @@
 //! invalid render keeps BIRD's last configuration. The addresses are
 //! dumped once, then followed from the kernel's notifications: no pass
 //! lists the node's interfaces again (a lost watch is opened anew).
+//!
+//! The sessions come from the NodeConfig and the BGPPeers selecting this
+//! node (see [`crate::sessions`]), re-composed when either, the Node's
+//! labels, the password Secret or the AddressPools (their communities)
+//! change. The router on an interface a peer names is looked for once,
+//! then again every tick (a replaced router is followed).
 
+use std::collections::BTreeMap;
+use std::net::Ipv6Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use flock_bird::Reload;
+use flock_datastore::{Cache, Event};
+use flock_model::Peer;
 use flock_netlink::AddressWatch;
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::anycast::Announced;
 use crate::kernel::Kernel;
@@ -35,6 +46,28 @@ pub struct BirdLoop<K> {
     last_problem: Option<String>,
     /// The node's addresses; `None` until opened, or after it was lost.
     addresses: Option<AddressWatch>,
+    /// BGPPeers, the Node's labels, passwords and pools.
+    cache: Cache,
+    events: tokio::sync::broadcast::Receiver<Event>,
+    /// Where the password Secret lives (for warnings).
+    namespace: String,
+    /// Each BGPPeer's last valid version.
+    last_good: BTreeMap<String, Peer>,
+    /// The router found on each interface looked at (`None`: none answered).
+    routers: BTreeMap<String, Option<Ipv6Addr>>,
+    /// Whether the routers are looked for again on the next pass.
+    routers_due: bool,
+    /// The sessions' last warnings, logged when they change.
+    session_warnings: Vec<String>,
+}
+
+/// Where the BIRD loop reads BGP inputs besides the NodeConfig.
+#[derive(Debug, Clone)]
+pub struct BgpSources {
+    /// The cache with BGPPeers, the Node's labels, passwords and pools.
+    pub cache: Cache,
+    /// The namespace of the Secret `flock-bgp-passwords`.
+    pub namespace: String,
 }
 
 impl<K: Kernel> BirdLoop<K> {
@@ -50,6 +83,7 @@ impl<K: Kernel> BirdLoop<K> {
         reload: impl Reload,
         board: Arc<Board>,
         metrics: Metrics,
+        sources: BgpSources,
     ) -> BirdLoop<K> {
         let observed = metrics.clone();
         let writer = flock_bird::Writer::start_observed(config, socket, reload, move |outcome| {
@@ -65,6 +99,13 @@ impl<K: Kernel> BirdLoop<K> {
             metrics,
             last_problem: None,
             addresses: None,
+            events: sources.cache.subscribe(),
+            cache: sources.cache,
+            namespace: sources.namespace,
+            last_good: BTreeMap::new(),
+            routers: BTreeMap::new(),
+            routers_due: false,
+            session_warnings: Vec::new(),
         }
     }
 
@@ -87,7 +128,12 @@ impl<K: Kernel> BirdLoop<K> {
                     warn!("the node's address notifications stopped; listing them again");
                     self.addresses = None;
                 },
-                _ = tick.tick() => {}
+                event = self.events.recv() => match event {
+                    Ok(Event::Bgp | Event::Pools) | Err(RecvError::Lagged(_)) => {}
+                    Ok(_) => continue,
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tick.tick() => self.routers_due = true,
             }
             self.pass().instrument(info_span!("bird_pass")).await;
         }
@@ -111,8 +157,14 @@ impl<K: Kernel> BirdLoop<K> {
             .last_problem
             .as_ref()
             .map(|p| format!("not rendered, BIRD keeps its last configuration: {p}"));
-        self.board
-            .set("bird", reload.into_iter().chain(render).collect());
+        self.board.set(
+            "bird",
+            reload
+                .into_iter()
+                .chain(render)
+                .chain(self.session_warnings.iter().cloned())
+                .collect(),
+        );
     }
 
     async fn render(&mut self) {
@@ -125,6 +177,15 @@ impl<K: Kernel> BirdLoop<K> {
             return;
         };
         let prefixes = self.prefixes.borrow().clone();
+        let sessions = self.sessions(&settings).await;
+        let pool_communities: Vec<_> = self
+            .cache
+            .pools()
+            .iter()
+            .filter_map(|p| p.validated().ok())
+            .filter(|p| !p.communities.is_empty())
+            .flat_map(|p| p.cidrs.into_iter().map(move |c| (c, p.communities.clone())))
+            .collect();
         let rendered = match self.watch().await {
             Err(e) => Err(e.to_string()),
             Ok(interfaces) => flock_bird::render(&flock_bird::BirdInput {
@@ -132,8 +193,8 @@ impl<K: Kernel> BirdLoop<K> {
                 prefixes: &prefixes,
                 announced: &ips,
                 interfaces: &interfaces,
-                sessions: &flock_bird::node_config_sessions(&settings),
-                pool_communities: &[],
+                sessions: &sessions,
+                pool_communities: &pool_communities,
             })
             .map_err(|e| e.to_string()),
         };
@@ -150,6 +211,81 @@ impl<K: Kernel> BirdLoop<K> {
                 self.last_problem = Some(problem);
             }
         }
+    }
+
+    /// The sessions to render: composed from the NodeConfig and the
+    /// BGPPeers, after looking for the routers on the interfaces they name.
+    async fn sessions(&mut self, settings: &flock_model::NodeSettings) -> Vec<flock_bird::Session> {
+        let bgp_peers = self.cache.bgp_peers();
+        let node_labels = self.cache.node_labels();
+        let passwords = self.cache.passwords();
+        let found = |routers: &BTreeMap<String, Option<Ipv6Addr>>| -> BTreeMap<String, Ipv6Addr> {
+            routers
+                .iter()
+                .filter_map(|(i, r)| r.map(|r| (i.clone(), r)))
+                .collect()
+        };
+        let mut link_locals = found(&self.routers);
+        let inputs = |link_locals| crate::sessions::Inputs {
+            settings,
+            bgp_peers: &bgp_peers,
+            node_labels: &node_labels,
+            passwords: passwords.as_ref(),
+            namespace: &self.namespace,
+            link_locals,
+        };
+        let wanted = crate::sessions::interfaces(inputs(&link_locals), &self.last_good);
+        let due = std::mem::take(&mut self.routers_due);
+        self.routers.retain(|i, _| wanted.contains(i));
+        for interface in &wanted {
+            if !due && self.routers.contains_key(interface) {
+                continue;
+            }
+            let router = match self.kernel.find_routers(interface).await {
+                Ok(routers) => {
+                    if routers.len() > 1 {
+                        warn!(
+                            interface,
+                            ?routers,
+                            "several routers answer on an unnumbered peer's interface; peering with the first"
+                        );
+                    }
+                    routers.first().copied()
+                }
+                Err(error) => {
+                    warn!(interface, %error, "cannot look for the router on an unnumbered peer's interface");
+                    None
+                }
+            };
+            if self.routers.get(interface) != Some(&router) {
+                info!(
+                    interface,
+                    ?router,
+                    "router on an unnumbered peer's interface"
+                );
+            }
+            self.routers.insert(interface.clone(), router);
+        }
+        link_locals = found(&self.routers);
+        let namespace = self.namespace.clone();
+        let composed = crate::sessions::compose(
+            crate::sessions::Inputs {
+                settings,
+                bgp_peers: &bgp_peers,
+                node_labels: &node_labels,
+                passwords: passwords.as_ref(),
+                namespace: &namespace,
+                link_locals: &link_locals,
+            },
+            &mut self.last_good,
+        );
+        if composed.warnings != self.session_warnings {
+            for warning in &composed.warnings {
+                warn!(%warning, "BGP session");
+            }
+            self.session_warnings = composed.warnings;
+        }
+        composed.sessions
     }
 
     /// The node's addresses, from the watch (opened when there is none).

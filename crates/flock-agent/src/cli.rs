@@ -49,6 +49,15 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = "nft")]
     pub nft: String,
 
+    /// The agent's namespace: where the Secret `flock-bgp-passwords` is read.
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "POD_NAMESPACE",
+        default_value = "kube-system"
+    )]
+    pub namespace: String,
+
     /// Seconds to wait at startup for this node's NodeConfig before giving up.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub nodeconfig_timeout: u64,

@@ -440,6 +440,10 @@ impl Kernel for FakeKernel {
     async fn watch_addresses(&self) -> Result<AddressWatch, NetlinkError> {
         Ok(AddressWatch::fixed(["198.19.0.1/30".parse().expect("net")]))
     }
+
+    async fn find_routers(&self, _: &str) -> Result<Vec<std::net::Ipv6Addr>, NetlinkError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A store in memory whose writes can fail, stop, or "crash" half-way.

@@ -86,7 +86,17 @@ pub trait Kernel: flock_anycast::Routes + Send + Sync + 'static {
     /// Every address on the node's interfaces (for BIRD's `local`), kept
     /// current from the kernel's notifications.
     fn watch_addresses(&self) -> impl Future<Output = Result<AddressWatch, NetlinkError>> + Send;
+
+    /// The link-local addresses of the routers answering on `interface`
+    /// (unnumbered BGP), sorted.
+    fn find_routers(
+        &self,
+        interface: &str,
+    ) -> impl Future<Output = Result<Vec<std::net::Ipv6Addr>, NetlinkError>> + Send;
 }
+
+/// How long replies from the routers on an interface are waited for.
+pub const ROUTER_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The inodes of namespaces no pod may be in: the node's (the dataplane's)
 /// and the agent's own. A namespace that cannot be looked at is left out.
@@ -205,5 +215,9 @@ impl Kernel for NodeKernel {
 
     async fn watch_addresses(&self) -> Result<AddressWatch, NetlinkError> {
         self.dataplane.watch_addresses().await
+    }
+
+    async fn find_routers(&self, interface: &str) -> Result<Vec<std::net::Ipv6Addr>, NetlinkError> {
+        self.dataplane.find_routers(interface, ROUTER_WAIT).await
     }
 }

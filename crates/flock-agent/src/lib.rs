@@ -27,6 +27,7 @@ pub mod recovery;
 pub mod runtime;
 pub mod serial;
 pub mod server;
+pub mod sessions;
 pub mod settings;
 pub mod status;
 pub mod store;

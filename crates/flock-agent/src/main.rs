@@ -62,6 +62,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         bird_config: cli.bird_config.clone(),
         bird_socket: cli.bird_socket.clone(),
         nft: cli.nft.clone(),
+        namespace: cli.namespace.clone(),
     };
 
     // The store before the socket: DEL and CHECK are served from it at once.

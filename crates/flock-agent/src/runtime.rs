@@ -49,6 +49,8 @@ pub struct RuntimeConfig {
     pub bird_socket: PathBuf,
     /// The `nft` program.
     pub nft: String,
+    /// The agent's namespace (the BGP password Secret's).
+    pub namespace: String,
 }
 
 /// Keeps the datastore source running while held.
@@ -236,6 +238,7 @@ async fn start(
                     client.clone(),
                     pods.cache.clone(),
                     Arc::new(pods.metrics.clone()),
+                    &cfg.namespace,
                 )),
                 Some(client),
             )
@@ -285,6 +288,10 @@ async fn start(
         flock_bird::Birdc,
         board,
         metrics,
+        crate::bird::BgpSources {
+            cache: pods.cache.clone(),
+            namespace: cfg.namespace.clone(),
+        },
     );
     tasks.spawn(bird.run(cancel.clone()));
     if let Some(client) = client {

@@ -247,8 +247,53 @@ fn the_shipped_rbac_grants_what_the_agent_does_and_nothing_more() {
                 .await
                 .map(drop),
         );
+        let peers: Api<flock_model::BgpPeer> = Api::all(flock.clone());
+        peers.list(&lp).await.expect("list bgppeers");
+        nodes.get(NODE).await.expect("get its node");
+        nodes
+            .list(&ListParams::default().fields(&format!("metadata.name={NODE}")))
+            .await
+            .expect("list its node by name");
+        // The one Secret, by name: get and watch, nothing else.
+        let admin_secrets: Api<Secret> = Api::namespaced(cluster.admin(), "kube-system");
+        for name in ["flock-bgp-passwords", "other"] {
+            let secret: Secret = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name}, "stringData": {"k": "v"}}))
+            .expect("secret");
+            admin_secrets
+                .create(&PostParams::default(), &secret)
+                .await
+                .expect("create secret");
+        }
         let secrets: Api<Secret> = Api::namespaced(flock.clone(), "kube-system");
+        secrets
+            .get("flock-bgp-passwords")
+            .await
+            .expect("get the password secret");
+        let _events = secrets
+            .watch(
+                &kube::api::WatchParams::default().fields("metadata.name=flock-bgp-passwords"),
+                "0",
+            )
+            .await
+            .expect("watch the password secret");
         forbidden("list secrets", secrets.list(&lp).await.map(drop));
+        forbidden("get another secret", secrets.get("other").await.map(drop));
+        let elsewhere: Api<Secret> = Api::namespaced(flock.clone(), "default");
+        forbidden(
+            "get the name in another namespace",
+            elsewhere.get("flock-bgp-passwords").await.map(drop),
+        );
+        let changed: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "flock-bgp-passwords"}, "stringData": {"k": "w"}}))
+        .expect("secret");
+        forbidden(
+            "replace the password secret",
+            secrets
+                .replace("flock-bgp-passwords", &PostParams::default(), &changed)
+                .await
+                .map(drop),
+        );
         let pod: KubePod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "intruder"},
             "spec": {"containers": [{"name": "c", "image": "registry.invalid/c:1"}]}

@@ -4,11 +4,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use flock_model::{AddressPool, NodeConfig};
+use flock_model::{AddressPool, BgpPeer, NodeConfig};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use tokio::sync::{broadcast, watch};
 
-use crate::objects::PodInfo;
+use crate::objects::{Passwords, PodInfo};
 
 /// Something changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +47,9 @@ pub enum Event {
     Namespaces,
     /// NetworkPolicies changed.
     Policies,
+    /// BGP inputs changed: BGPPeers, this node's Node labels, or the
+    /// session passwords.
+    Bgp,
 }
 
 type Key = (String, String);
@@ -57,6 +60,12 @@ struct State {
     /// Every node's NodeConfig, by name.
     node_configs: BTreeMap<String, NodeConfig>,
     pools: BTreeMap<String, AddressPool>,
+    /// Every BGPPeer, by name.
+    bgp_peers: BTreeMap<String, BgpPeer>,
+    /// This node's Node labels (empty until read).
+    node_labels: BTreeMap<String, String>,
+    /// The Secret `flock-bgp-passwords`; `None` while it does not exist.
+    passwords: Option<Passwords>,
     node_configs_synced: bool,
     pools_synced: bool,
     /// Shared with the sources and readers that keep them (one copy of
@@ -279,6 +288,63 @@ impl Cache {
             self.emit(vec![Event::Pools]);
         }
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Every BGPPeer.
+    pub fn bgp_peers(&self) -> Vec<BgpPeer> {
+        self.read().bgp_peers.values().cloned().collect()
+    }
+
+    /// Replaces every BGPPeer.
+    pub fn replace_bgp_peers(&self, peers: Vec<BgpPeer>) {
+        use kube::ResourceExt;
+        let new: BTreeMap<String, BgpPeer> = peers.into_iter().map(|p| (p.name_any(), p)).collect();
+        let changed = {
+            let mut s = self.write();
+            let specs = |m: &BTreeMap<String, BgpPeer>| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.spec.clone()))
+                    .collect::<Vec<_>>()
+            };
+            let changed = specs(&s.bgp_peers) != specs(&new);
+            s.bgp_peers = new;
+            changed
+        };
+        if changed {
+            self.emit(vec![Event::Bgp]);
+        }
+    }
+
+    /// This node's Node labels (BGPPeers select nodes by them).
+    pub fn node_labels(&self) -> BTreeMap<String, String> {
+        self.read().node_labels.clone()
+    }
+
+    /// Sets this node's Node labels.
+    pub fn set_node_labels(&self, labels: BTreeMap<String, String>) {
+        let changed = {
+            let mut s = self.write();
+            !std::mem::replace(&mut s.node_labels, labels.clone()).eq(&labels)
+        };
+        if changed {
+            self.emit(vec![Event::Bgp]);
+        }
+    }
+
+    /// The session passwords; `None` while their Secret does not exist.
+    pub fn passwords(&self) -> Option<Passwords> {
+        self.read().passwords.clone()
+    }
+
+    /// Sets (or clears, when the Secret is gone) the session passwords.
+    pub fn set_passwords(&self, passwords: Option<Passwords>) {
+        let changed = {
+            let mut s = self.write();
+            std::mem::replace(&mut s.passwords, passwords.clone()) != passwords
+        };
+        if changed {
+            self.emit(vec![Event::Bgp]);
+        }
     }
 
     /// Every NetworkPolicy (shared, no copies).

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use flock_model::{AddressPool, NodeConfig};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use flock_model::{AddressPool, BgpPeer, NodeConfig, PASSWORD_SECRET};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -19,7 +19,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use serde::Deserialize;
 use tracing::{debug, warn};
 
-use crate::{Cache, PodInfo};
+use crate::{Cache, Passwords, PodInfo};
 
 /// How often the directory is checked for changes without an inotify event.
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
@@ -28,6 +28,11 @@ pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 struct Objects {
     node_configs: Vec<NodeConfig>,
     pools: Vec<AddressPool>,
+    bgp_peers: Vec<BgpPeer>,
+    /// Nodes: name and labels.
+    nodes: Vec<(String, BTreeMap<String, String>)>,
+    /// The Secret `flock-bgp-passwords` (others are not kept).
+    passwords: Vec<Passwords>,
     /// Shared with the cache (one copy of each pod).
     pods: BTreeMap<Key, Arc<PodInfo>>,
     namespaces: Vec<(String, BTreeMap<String, String>)>,
@@ -184,6 +189,28 @@ impl DirSource {
                     .flat_map(|o| o.node_configs.iter().cloned())
                     .collect(),
             );
+        }
+        if holds(|o| !o.bgp_peers.is_empty()) {
+            self.cache.replace_bgp_peers(
+                files
+                    .iter()
+                    .flat_map(|o| o.bgp_peers.iter().cloned())
+                    .collect(),
+            );
+        }
+        if holds(|o| !o.nodes.is_empty()) {
+            let node = self.cache.node().to_owned();
+            let labels = files
+                .iter()
+                .flat_map(|o| &o.nodes)
+                .rfind(|(name, _)| *name == node)
+                .map(|(_, labels)| labels.clone())
+                .unwrap_or_default();
+            self.cache.set_node_labels(labels);
+        }
+        if holds(|o| !o.passwords.is_empty()) {
+            self.cache
+                .set_passwords(files.iter().flat_map(|o| &o.passwords).next_back().cloned());
         }
         if holds(|o| !o.pools.is_empty()) {
             self.cache
@@ -360,6 +387,22 @@ fn add_object(out: &mut Objects, value: serde_json::Value) -> Result<(), String>
         "AddressPool" => out.pools.push(
             serde_json::from_value(value).map_err(|e| format!("{}: {e}", typed("AddressPool")))?,
         ),
+        "BGPPeer" => out
+            .bgp_peers
+            .push(serde_json::from_value(value).map_err(|e| format!("{}: {e}", typed("BGPPeer")))?),
+        "Node" => {
+            let node: Node =
+                serde_json::from_value(value).map_err(|e| format!("{}: {e}", typed("Node")))?;
+            out.nodes.push((node.name_any(), node.labels().clone()));
+        }
+        "Secret" => {
+            // serde's message may quote a value: never one of this Secret's.
+            let secret: Secret = serde_json::from_value(value)
+                .map_err(|_| format!("{} (its values are not shown)", typed("Secret")))?;
+            if secret.metadata.name.as_deref() == Some(PASSWORD_SECRET) {
+                out.passwords.push(Passwords::from_secret(&secret));
+            }
+        }
         "Pod" => {
             let pod: Pod =
                 serde_json::from_value(value).map_err(|e| format!("{}: {e}", typed("Pod")))?;

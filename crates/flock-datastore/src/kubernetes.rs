@@ -12,16 +12,20 @@
 //! at once, so nothing deleted meanwhile lingers and no reader sees half a
 //! list. A watch that ends (the API server restarting) resumes from its
 //! resourceVersion: no list unless the API server says it is too old.
+//! BGP inputs come the same way: every BGPPeer, this node's own Node (by
+//! name, for its labels), and the Secret `flock-bgp-passwords` with no
+//! verb but `get` and `watch` on that one name.
 
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flock_model::{AddressPool, NodeConfig};
+use flock_model::{AddressPool, BgpPeer, NodeConfig, PASSWORD_SECRET};
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{WatchEvent as ApiEvent, WatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{Lookup, Store, store};
 use kube::runtime::utils::{Backoff, ResetTimerBackoff};
@@ -31,7 +35,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::{Cache, PodInfo};
+use crate::{Cache, Passwords, PodInfo};
 
 /// Told of every list a watch completes: the first of its kind, and each
 /// relist with the reason the watch had to start over.
@@ -65,12 +69,51 @@ impl Drop for KubeWatch {
     }
 }
 
-/// Starts the watchers feeding `cache`, telling `observer` of each list.
-pub fn start(client: Client, cache: Cache, observer: Arc<dyn ListObserver>) -> KubeWatch {
+/// Starts the watchers feeding `cache`, telling `observer` of each list;
+/// the session passwords are read from `namespace`.
+pub fn start(
+    client: Client,
+    cache: Cache,
+    observer: Arc<dyn ListObserver>,
+    namespace: &str,
+) -> KubeWatch {
     let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(reflect::<BgpPeer>(
+        "bgppeers",
+        Api::all(client.clone()),
+        watcher::Config::default(),
+        observer.clone(),
+        {
+            let cache = cache.clone();
+            move |all| cache.replace_bgp_peers(all.iter().map(|p| (**p).clone()).collect())
+        },
+    )));
+    tasks.push(tokio::spawn(reflect::<Node>(
+        "nodes",
+        Api::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", cache.node())),
+        observer.clone(),
+        {
+            let cache = cache.clone();
+            let node = cache.node().to_owned();
+            move |all| {
+                let labels = all
+                    .iter()
+                    .find(|n| n.name_any() == node)
+                    .map(|n| n.labels().clone())
+                    .unwrap_or_default();
+                cache.set_node_labels(labels)
+            }
+        },
+    )));
+    tasks.push(tokio::spawn(passwords(
+        Api::namespaced(client.clone(), namespace),
+        cache.clone(),
+    )));
     tasks.push(tokio::spawn(reflect::<NodeConfig>(
         "nodeconfigs",
         Api::all(client.clone()),
+        watcher::Config::default(),
         observer.clone(),
         {
             let cache = cache.clone();
@@ -80,6 +123,7 @@ pub fn start(client: Client, cache: Cache, observer: Arc<dyn ListObserver>) -> K
     tasks.push(tokio::spawn(reflect::<AddressPool>(
         "addresspools",
         Api::all(client.clone()),
+        watcher::Config::default(),
         observer.clone(),
         {
             let cache = cache.clone();
@@ -89,6 +133,7 @@ pub fn start(client: Client, cache: Cache, observer: Arc<dyn ListObserver>) -> K
     tasks.push(tokio::spawn(reflect::<Namespace>(
         "namespaces",
         Api::all(client.clone()),
+        watcher::Config::default(),
         observer.clone(),
         {
             let cache = cache.clone();
@@ -109,6 +154,7 @@ pub fn start(client: Client, cache: Cache, observer: Arc<dyn ListObserver>) -> K
     tasks.push(tokio::spawn(reflect::<NetworkPolicy>(
         "networkpolicies",
         Api::all(client.clone()),
+        watcher::Config::default(),
         observer.clone(),
         {
             let cache = cache.clone();
@@ -125,6 +171,7 @@ pub fn start(client: Client, cache: Cache, observer: Arc<dyn ListObserver>) -> K
 async fn reflect<K>(
     kind: &'static str,
     api: Api<K>,
+    config: watcher::Config,
     observer: Arc<dyn ListObserver>,
     mut changed: impl FnMut(Vec<Arc<K>>) + Send,
 ) where
@@ -132,7 +179,7 @@ async fn reflect<K>(
     <K as Lookup>::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
     let (reader, mut writer): (Store<K>, _) = store();
-    follow(kind, api, observer, |event| {
+    follow(kind, api, config, observer, |event| {
         let publish = !matches!(event, WatchEvent::Init | WatchEvent::InitApply(_));
         writer.apply_watcher_event(&event);
         if publish {
@@ -160,34 +207,100 @@ async fn pods(api: Api<Pod>, cache: Cache, observer: Arc<dyn ListObserver>) {
         }
     };
     let mut relist: Option<Vec<PodInfo>> = None;
-    follow("pods", api, observer, |event| match event {
-        WatchEvent::Init => {
-            relist = Some(Vec::new());
-            None
-        }
-        WatchEvent::InitApply(p) => {
-            relist.get_or_insert_with(Vec::new).push(info(&p));
-            None
-        }
-        WatchEvent::InitDone => {
-            let all = relist.take().unwrap_or_default();
-            let n = all.len();
-            cache.replace_pods(all);
-            Some(n)
-        }
-        WatchEvent::Apply(p) => {
-            cache.upsert_pod(info(&p));
-            None
-        }
-        WatchEvent::Delete(p) => {
-            cache.delete_pod(
-                &ResourceExt::namespace(&p).unwrap_or_default(),
-                &p.name_any(),
-            );
-            None
-        }
-    })
+    follow(
+        "pods",
+        api,
+        watcher::Config::default(),
+        observer,
+        |event| match event {
+            WatchEvent::Init => {
+                relist = Some(Vec::new());
+                None
+            }
+            WatchEvent::InitApply(p) => {
+                relist.get_or_insert_with(Vec::new).push(info(&p));
+                None
+            }
+            WatchEvent::InitDone => {
+                let all = relist.take().unwrap_or_default();
+                let n = all.len();
+                cache.replace_pods(all);
+                Some(n)
+            }
+            WatchEvent::Apply(p) => {
+                cache.upsert_pod(info(&p));
+                None
+            }
+            WatchEvent::Delete(p) => {
+                cache.delete_pod(
+                    &ResourceExt::namespace(&p).unwrap_or_default(),
+                    &p.name_any(),
+                );
+                None
+            }
+        },
+    )
     .await
+}
+
+/// The Secret `flock-bgp-passwords` into the cache, with only the verbs
+/// RBAC grants on that one name: a `get` for its state (absent is a state
+/// too), then a `watch` by name from that version; again after the watch
+/// ends or fails. Neither the Secret nor an error about it is logged with
+/// its values.
+async fn passwords(api: Api<Secret>, cache: Cache) {
+    let mut failures = 0u32;
+    loop {
+        let version = match api.get_opt(PASSWORD_SECRET).await {
+            Ok(secret) => {
+                failures = 0;
+                cache.set_passwords(secret.as_ref().map(Passwords::from_secret));
+                secret.and_then(|s| s.metadata.resource_version)
+            }
+            Err(error) => {
+                failures += 1;
+                warn!(secret = PASSWORD_SECRET, error = %error_without_body(&error), "reading the BGP passwords failed; retrying");
+                tokio::time::sleep(retry_delay(failures)).await;
+                continue;
+            }
+        };
+        let params = WatchParams::default().fields(&format!("metadata.name={PASSWORD_SECRET}"));
+        let stream = match api.watch(&params, version.as_deref().unwrap_or("0")).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                failures += 1;
+                warn!(secret = PASSWORD_SECRET, error = %error_without_body(&error), "watching the BGP passwords failed; retrying");
+                tokio::time::sleep(retry_delay(failures)).await;
+                continue;
+            }
+        };
+        futures_util::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(ApiEvent::Added(s) | ApiEvent::Modified(s)) => {
+                    cache.set_passwords(Some(Passwords::from_secret(&s)))
+                }
+                Ok(ApiEvent::Deleted(_)) => cache.set_passwords(None),
+                Ok(ApiEvent::Bookmark(_)) => {}
+                // 410 Gone and the like: read it again.
+                Ok(ApiEvent::Error(_)) | Err(_) => break,
+            }
+        }
+    }
+}
+
+/// An API error for the log, without the response body (which may quote
+/// the object).
+fn error_without_body(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("{} {}", status.code, status.reason),
+        other => other.to_string(),
+    }
+}
+
+/// 250 ms doubling to 5 s, like [`backoff`].
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_millis(250u64.saturating_mul(1 << failures.min(5))).min(Duration::from_secs(5))
 }
 
 /// Drives one kind's watcher forever, retrying after errors with
@@ -196,12 +309,13 @@ async fn pods(api: Api<Pod>, cache: Cache, observer: Arc<dyn ListObserver>) {
 async fn follow<K>(
     kind: &'static str,
     api: Api<K>,
+    config: watcher::Config,
     observer: Arc<dyn ListObserver>,
     mut apply: impl FnMut(WatchEvent<K>) -> Option<usize> + Send,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let stream = watcher::watcher(api, watcher::Config::default()).backoff(backoff());
+    let stream = watcher::watcher(api, config).backoff(backoff());
     futures_util::pin_mut!(stream);
     let mut lists = 0u64;
     // Why the watch last had to start over, until its list completes.

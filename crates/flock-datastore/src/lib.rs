@@ -18,7 +18,7 @@ use std::str::FromStr;
 
 pub use cache::{Cache, Event};
 pub use dir::{DirSource, DirWatch, SCAN_INTERVAL};
-pub use objects::{ContainerPort, PodInfo};
+pub use objects::{ContainerPort, Passwords, PodInfo};
 
 /// Which source the agent reads objects from (`--datastore`).
 #[derive(Debug, Clone, PartialEq, Eq)]

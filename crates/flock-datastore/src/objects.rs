@@ -177,3 +177,39 @@ fn shared(
     }
     (labels, ports)
 }
+
+/// The entries of the Secret `flock-bgp-passwords`: key → password bytes.
+/// Its `Debug` shows the keys only, so no log or panic message can hold a
+/// password.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Passwords(BTreeMap<String, Vec<u8>>);
+
+impl Passwords {
+    /// The Secret's `data` and `stringData` (which wins, as the API server
+    /// would merge it).
+    pub fn from_secret(secret: &k8s_openapi::api::core::v1::Secret) -> Passwords {
+        let mut entries: BTreeMap<String, Vec<u8>> = secret
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect();
+        for (k, v) in secret.string_data.iter().flatten() {
+            entries.insert(k.clone(), v.clone().into_bytes());
+        }
+        Passwords(entries)
+    }
+
+    /// The password under `key`.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.0.get(key).map(Vec::as_slice)
+    }
+}
+
+impl std::fmt::Debug for Passwords {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Passwords")
+            .field("keys", &self.0.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}

@@ -242,6 +242,7 @@ async fn lists_streams_and_relists_after_expiry_and_gone() {
         client.clone(),
         cache.clone(),
         std::sync::Arc::new(kubernetes::Unobserved),
+        "kube-system",
     );
 
     // Initial list.

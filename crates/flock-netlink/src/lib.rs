@@ -22,6 +22,7 @@ mod netns;
 mod nftables;
 mod pod;
 mod reaper;
+mod router;
 mod routes;
 mod sysctl;
 mod watch;
@@ -31,6 +32,7 @@ pub use inspect::Drift;
 pub use netns::{Netns, NetnsRefusal, PodNetns, netns_inode};
 pub use nftables::{Change, Element, ElementChange, Match, NewSet, NftElements, NftRule, SetKey};
 pub use pod::{Dataplane, PodSpec, SetupStep, Teardown};
+pub use router::find_routers;
 pub use routes::{InstalledRoute, Nexthop, RouteKind, is_flock_iface};
 pub use watch::AddressWatch;
 

@@ -207,6 +207,19 @@ async fn replace_route(
 }
 
 impl Dataplane {
+    /// The routers answering on `interface` in the node's namespace
+    /// (see [`find_routers`](crate::find_routers)), waiting up to `wait`.
+    pub async fn find_routers(
+        &self,
+        interface: &str,
+        wait: std::time::Duration,
+    ) -> Result<Vec<std::net::Ipv6Addr>> {
+        let interface = interface.to_owned();
+        self.node
+            .run(move || crate::find_routers(&interface, wait))
+            .await
+    }
+
     /// A dataplane acting in `node` (the agent's own namespace in
     /// production, a test's node namespace in tests).
     pub async fn new(node: Netns) -> Result<Dataplane> {

@@ -167,7 +167,7 @@ impl KubeCluster {
         };
         cluster.start_etcd(&bins.etcd);
         cluster.start_apiserver();
-        for crd in ["addresspools", "nodeconfigs"] {
+        for crd in ["addresspools", "bgppeers", "nodeconfigs"] {
             let path = repo_root().join(format!("deploy/crds/{crd}.flock.fritzlab.net.yaml"));
             cluster.apply(&std::fs::read_to_string(&path).expect("read CRD"));
             cluster.wait_established(&format!("{crd}.flock.fritzlab.net"));

@@ -1,0 +1,245 @@
+//! BGP for production fabrics against a real ToR BIRD in a namespace:
+//! session passwords from the Secret (a wrong one means no session), BFD,
+//! communities on what the node announces, an import limit against a ToR
+//! announcing too much, cluster-wide BGPPeers selected by Node labels, and
+//! unnumbered peering over IPv6 link-local addresses carrying IPv4.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use flock_testkit::agent::{AgentNode, node_config};
+use flock_testkit::fabric::until;
+use flock_testkit::{Bird, NetnsGuard};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
+
+fn plugin() -> PathBuf {
+    Path::new(AGENT).with_file_name("flock")
+}
+
+/// `birdc -s SOCKET ARGS…` (inside the namespace: the socket is a path).
+fn birdc(socket: &Path, args: &[&str]) -> String {
+    let out = Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("birdc");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The state column of `show protocols NAME`.
+fn established(socket: &Path, protocol: &str) -> bool {
+    birdc(socket, &["show", "protocols", protocol])
+        .lines()
+        .any(|l| l.starts_with(protocol) && l.contains("Established"))
+}
+
+/// A node namespace running the agent and BIRD, and a ToR namespace
+/// wired to it by `up0`/`tor0` with 198.18.255.1/24 and .254.
+struct Rack {
+    node: AgentNode,
+    tor: NetnsGuard,
+    dir: tempfile::TempDir,
+}
+
+impl Rack {
+    fn start(spec: &str) -> Rack {
+        let node = AgentNode::start(Path::new(AGENT), &plugin(), &node_config(spec, ""));
+        let tor = NetnsGuard::new("ftor");
+        tor.ip(&[
+            "link",
+            "add",
+            "tor0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "up0",
+            "netns",
+            node.node.name(),
+        ]);
+        tor.ip(&["addr", "add", "198.18.255.254/24", "dev", "tor0"]);
+        tor.ip(&["link", "set", "tor0", "up"]);
+        node.node
+            .ip(&["addr", "add", "198.18.255.1/24", "dev", "up0"]);
+        node.node.ip(&["link", "set", "up0", "up"]);
+        Rack {
+            node,
+            tor,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn tor_socket(&self) -> PathBuf {
+        self.dir.path().join("tor.ctl")
+    }
+
+    /// Starts the ToR's BIRD with `config`.
+    fn tor_bird(&self, config: &str) -> Bird {
+        let path = self.dir.path().join("tor.conf");
+        std::fs::write(&path, config).expect("tor conf");
+        Bird::start(self.tor.name(), &path, &self.tor_socket())
+    }
+
+    /// Starts the node's BIRD on the agent's configuration.
+    fn node_bird(&self) -> Bird {
+        Bird::start(
+            self.node.node.name(),
+            &self.node.bird_config(),
+            &self.node.bird_socket(),
+        )
+    }
+
+    fn bird_conf(&self) -> String {
+        std::fs::read_to_string(self.node.bird_config()).unwrap_or_default()
+    }
+
+    fn until_conf(&self, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        until(what, Duration::from_secs(10), || {
+            let c = self.bird_conf();
+            ok(&c).then_some(c)
+        })
+    }
+
+    fn tor_routes(&self) -> String {
+        self.tor.ip_output(&["route"]) + &self.tor.ip_output(&["-6", "route"])
+    }
+}
+
+fn secret(password: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: flock-bgp-passwords, namespace: kube-system}}\nstringData:\n  tor-a: '{password}'\n"
+    )
+}
+
+const PASSWORD: &str = "Zq7#tor-a pass";
+
+#[test]
+fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
+    let rack = Rack::start(
+        "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    communities: ['65001:1']\n    peers:\n    - address: 198.18.255.254\n      asn: 65000\n      bfd: {enabled: true}\n      passwordSecretRef: {key: tor-a}\n      communities: ['65000:100']\n      largeCommunities: ['65000:1:2']\n      importLimit: 100",
+    );
+    // 2,000 prefixes the ToR announces to the node: far over its limit.
+    let mut statics = String::new();
+    for i in 0..2000u32 {
+        statics.push_str(&format!(
+            "  route 10.{}.{}.0/24 blackhole;\n",
+            64 + i / 256,
+            i % 256
+        ));
+    }
+    let _tor_bird = rack.tor_bird(&format!(
+        "log stderr all;\nrouter id 198.18.255.254;\nprotocol device {{ scan time 10; }}\nprotocol bfd {{ }}\n\
+         protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}\n\
+         protocol static many {{\n  ipv4;\n{statics}}}\n\
+         protocol bgp node {{ local 198.18.255.254 as 65000; neighbor 198.18.255.1 as 65001; password \"{PASSWORD}\"; bfd on;\n  ipv4 {{ import all; export where proto = \"many\"; }}; }}\n"
+    ));
+    // No Secret yet: the session is left out, named in a warning.
+    until(
+        "the warning naming the peer",
+        Duration::from_secs(10),
+        || {
+            let log = rack.node.log();
+            (log.contains("peer 198.18.255.254")
+                && log.contains("flock-bgp-passwords does not exist"))
+            .then_some(log)
+        },
+    );
+    assert!(
+        !rack.bird_conf().contains("protocol bgp"),
+        "{}",
+        rack.bird_conf()
+    );
+    let _node_bird = rack.node_bird();
+
+    // A wrong password: BIRD has a session configured, the ToR refuses it.
+    rack.node.put_manifest("secret", &secret("wrong-password"));
+    rack.until_conf("the session with a password", |c| {
+        c.contains("protocol bgp peer_198_18_255_254") && c.contains("password \"wrong-password\";")
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    let socket = rack.node.bird_socket();
+    assert!(
+        !established(&socket, "peer_198_18_255_254"),
+        "{}",
+        birdc(
+            &socket,
+            &["show", "protocols", "all", "peer_198_18_255_254"]
+        )
+    );
+    assert!(!rack.tor_routes().contains("198.18.0.0/24"));
+
+    // The right one: the session comes up and the ToR learns the prefix,
+    // with the node's and the peer's communities.
+    rack.node.put_manifest("secret", &secret(PASSWORD));
+    until(
+        "established with the password",
+        Duration::from_secs(30),
+        || established(&socket, "peer_198_18_255_254").then_some(String::new()),
+    );
+    until("the ToR learns the prefix", Duration::from_secs(20), || {
+        rack.tor_routes()
+            .contains("198.18.0.0/24 via 198.18.255.1")
+            .then_some(String::new())
+    });
+    let route = birdc(
+        &rack.tor_socket(),
+        &["show", "route", "198.18.0.0/24", "all"],
+    );
+    assert!(
+        route.contains("(65001,1)") && route.contains("(65000,100)"),
+        "{route}"
+    );
+    assert!(route.contains("(65000, 1, 2)"), "{route}");
+
+    // BFD runs on the session, both ends.
+    until("BFD up", Duration::from_secs(10), || {
+        let s = birdc(&socket, &["show", "bfd", "sessions"]);
+        (s.contains("198.18.255.254") && s.contains("Up")).then_some(s)
+    });
+
+    // The ToR's 2,000 prefixes: 100 taken, the rest blocked; the session
+    // stays up and the node's kernel holds no more than the limit.
+    let limited = until("the import limit", Duration::from_secs(20), || {
+        let all = birdc(
+            &socket,
+            &["show", "protocols", "all", "peer_198_18_255_254"],
+        );
+        all.contains("Import limit").then_some(all)
+    });
+    assert!(established(&socket, "peer_198_18_255_254"), "{limited}");
+    std::thread::sleep(Duration::from_secs(2));
+    let learned = rack
+        .node
+        .node
+        .ip_output(&["route", "show", "proto", "bird"])
+        .lines()
+        .filter(|l| l.starts_with("10."))
+        .count();
+    assert!((1..=100).contains(&learned), "{learned} routes\n{limited}");
+
+    // The password is in bird.conf (mode 0600) and nowhere the operator
+    // reads: not in the log, the metrics or /readyz.
+    let mode = std::fs::metadata(rack.node.bird_config())
+        .expect("bird.conf")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (_, metrics) = rack.node.http("/metrics");
+    let (_, ready) = rack.node.http("/readyz");
+    for text in [rack.node.log(), metrics, ready] {
+        assert!(!text.contains(PASSWORD) && !text.contains("wrong-password"));
+    }
+
+    // The key gone from the Secret: the session is left out again, named.
+    rack.node.put_manifest(
+        "secret",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: flock-bgp-passwords}\nstringData: {other: x}\n",
+    );
+    rack.until_conf("the session left out", |c| !c.contains("protocol bgp"));
+    let log = rack.node.log();
+    assert!(log.contains("has no key") && log.contains("tor-a"), "{log}");
+}
