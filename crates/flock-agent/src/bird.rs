@@ -9,7 +9,8 @@
 //! node (see [`crate::sessions`]), re-composed when either, the Node's
 //! labels, the password Secret or the AddressPools (their communities)
 //! change. The router on an interface a peer names is looked for once,
-//! then again every tick (a replaced router is followed).
+//! every 2 s while none answers, and again every tick (a replaced router
+//! is followed).
 
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
@@ -55,8 +56,8 @@ pub struct BirdLoop<K> {
     last_good: BTreeMap<String, Peer>,
     /// The router found on each interface looked at (`None`: none answered).
     routers: BTreeMap<String, Option<Ipv6Addr>>,
-    /// Whether the routers are looked for again on the next pass.
-    routers_due: bool,
+    /// Which routers are looked for again on the next pass.
+    routers_due: Due,
     /// The sessions' last warnings, logged when they change.
     session_warnings: Vec<String>,
 }
@@ -104,7 +105,7 @@ impl<K: Kernel> BirdLoop<K> {
             namespace: sources.namespace,
             last_good: BTreeMap::new(),
             routers: BTreeMap::new(),
-            routers_due: false,
+            routers_due: Due::Missing,
             session_warnings: Vec::new(),
         }
     }
@@ -133,7 +134,8 @@ impl<K: Kernel> BirdLoop<K> {
                     Ok(_) => continue,
                     Err(RecvError::Closed) => return,
                 },
-                _ = tick.tick() => self.routers_due = true,
+                () = retry_missing(&self.routers) => self.routers_due = Due::Missing,
+                _ = tick.tick() => self.routers_due = Due::All,
             }
             self.pass().instrument(info_span!("bird_pass")).await;
         }
@@ -235,10 +237,15 @@ impl<K: Kernel> BirdLoop<K> {
             link_locals,
         };
         let wanted = crate::sessions::interfaces(inputs(&link_locals), &self.last_good);
-        let due = std::mem::take(&mut self.routers_due);
+        let due = std::mem::replace(&mut self.routers_due, Due::Nothing);
         self.routers.retain(|i, _| wanted.contains(i));
         for interface in &wanted {
-            if !due && self.routers.contains_key(interface) {
+            let ask = match due {
+                Due::All => true,
+                Due::Missing => self.routers.get(interface).is_none_or(Option::is_none),
+                Due::Nothing => !self.routers.contains_key(interface),
+            };
+            if !ask {
                 continue;
             }
             let router = match self.kernel.find_routers(interface).await {
@@ -298,6 +305,29 @@ impl<K: Kernel> BirdLoop<K> {
             .as_ref()
             .map(AddressWatch::addresses)
             .unwrap_or_default())
+    }
+}
+
+/// Which routers on unnumbered peers' interfaces a pass looks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// Only on interfaces not looked at yet.
+    Nothing,
+    /// Also where none answered.
+    Missing,
+    /// On every interface (a replaced router is followed).
+    All,
+}
+
+/// How soon an interface where no router answered is asked again.
+pub const ROUTER_RETRY: Duration = Duration::from_secs(2);
+
+/// Waits [`ROUTER_RETRY`] while some interface has no router; forever otherwise.
+async fn retry_missing(routers: &BTreeMap<String, Option<Ipv6Addr>>) {
+    if routers.values().any(Option::is_none) {
+        tokio::time::sleep(ROUTER_RETRY).await
+    } else {
+        std::future::pending().await
     }
 }
 

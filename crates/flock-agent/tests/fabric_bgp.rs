@@ -47,6 +47,17 @@ struct Rack {
 
 impl Rack {
     fn start(spec: &str) -> Rack {
+        let rack = Rack::unnumbered(spec);
+        rack.tor
+            .ip(&["addr", "add", "198.18.255.254/24", "dev", "tor0"]);
+        rack.node
+            .node
+            .ip(&["addr", "add", "198.18.255.1/24", "dev", "up0"]);
+        rack
+    }
+
+    /// The uplink with link-local addresses only.
+    fn unnumbered(spec: &str) -> Rack {
         let node = AgentNode::start(Path::new(AGENT), &plugin(), &node_config(spec, ""));
         let tor = NetnsGuard::new("ftor");
         tor.ip(&[
@@ -61,10 +72,7 @@ impl Rack {
             "netns",
             node.node.name(),
         ]);
-        tor.ip(&["addr", "add", "198.18.255.254/24", "dev", "tor0"]);
         tor.ip(&["link", "set", "tor0", "up"]);
-        node.node
-            .ip(&["addr", "add", "198.18.255.1/24", "dev", "up0"]);
         node.node.ip(&["link", "set", "up0", "up"]);
         Rack {
             node,
@@ -135,7 +143,7 @@ fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
         "log stderr all;\nrouter id 198.18.255.254;\nprotocol device {{ scan time 10; }}\nprotocol bfd {{ }}\n\
          protocol kernel {{ ipv4 {{ export where source = RTS_BGP; }}; }}\n\
          protocol static many {{\n  ipv4;\n{statics}}}\n\
-         protocol bgp node {{ local 198.18.255.254 as 65000; neighbor 198.18.255.1 as 65001; password \"{PASSWORD}\"; bfd on;\n  ipv4 {{ import all; export where proto = \"many\"; }}; }}\n"
+         protocol bgp node {{ local 198.18.255.254 as 65000; neighbor 198.18.255.1 as 65001; password \"{PASSWORD}\"; bfd on;\n  connect retry time 3; error wait time 1, 5;\n  ipv4 {{ import all; export where proto = \"many\"; }}; }}\n"
     ));
     // No Secret yet: the session is left out, named in a warning.
     until(
@@ -210,7 +218,9 @@ fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
         );
         all.contains("Import limit").then_some(all)
     });
-    assert!(established(&socket, "peer_198_18_255_254"), "{limited}");
+    until("still established", Duration::from_secs(10), || {
+        established(&socket, "peer_198_18_255_254").then_some(String::new())
+    });
     std::thread::sleep(Duration::from_secs(2));
     let learned = rack
         .node
@@ -242,4 +252,201 @@ fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
     rack.until_conf("the session left out", |c| !c.contains("protocol bgp"));
     let log = rack.node.log();
     assert!(log.contains("has no key") && log.contains("tor-a"), "{log}");
+}
+
+/// `show protocols NAME`'s line: name, protocol, table, state, since, info.
+fn protocol_line(socket: &Path, protocol: &str) -> String {
+    birdc(socket, &["show", "protocols", protocol])
+        .lines()
+        .find(|l| l.starts_with(protocol))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn bgp_peers_select_nodes_by_label_and_come_and_go_without_touching_other_sessions() {
+    let rack =
+        Rack::start("  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1");
+    rack.tor
+        .ip(&["addr", "add", "2001:db8:ff::1/64", "dev", "tor0", "nodad"]);
+    rack.node
+        .node
+        .ip(&["addr", "add", "2001:db8:ff::2/64", "dev", "up0", "nodad"]);
+    let _tor_bird = rack.tor_bird(
+        "log stderr all;\nrouter id 198.18.255.254;\nprotocol device { scan time 10; }\n\
+         protocol bgp node4 { local 198.18.255.254 as 65000; neighbor 198.18.255.1 as 65001; ipv4 { import all; export none; }; }\n\
+         protocol bgp node6 { local 2001:db8:ff::1 as 65000; neighbor 2001:db8:ff::2 as 65001; ipv6 { import all; export none; }; }\n",
+    );
+    let _node_bird = rack.node_bird();
+    let node = rack.node.name().to_owned();
+    let labels = |rack_label: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}, labels: {{rack: {rack_label}}}}}\n"
+        )
+    };
+    let bgp_peer = |name: &str, address: &str, selector: &str| {
+        format!(
+            "apiVersion: flock.fritzlab.net/v1alpha1\nkind: BGPPeer\nmetadata: {{name: {name}}}\nspec:\n  address: '{address}'\n  asn: 65000\n{selector}"
+        )
+    };
+    rack.node.put_manifest("node", &labels("b"));
+    rack.node
+        .put_manifest("everywhere", &bgp_peer("everywhere", "2001:db8:ff::1", ""));
+    rack.node.put_manifest(
+        "rack-a",
+        &bgp_peer(
+            "rack-a",
+            "198.18.255.254",
+            "  nodeSelector: {matchLabels: {rack: a}}\n",
+        ),
+    );
+    let socket = rack.node.bird_socket();
+    let v6 = "peer_2001_db8_ff__1";
+    let v4 = "peer_198_18_255_254";
+    rack.until_conf("the BGPPeer for every node", |c| {
+        c.contains(&format!("protocol bgp {v6}"))
+    });
+    until("the v6 session", Duration::from_secs(30), || {
+        established(&socket, v6).then_some(String::new())
+    });
+    assert!(!rack.bird_conf().contains(v4), "rack-a selects rack=a only");
+
+    // The node moves into rack a: its peer joins; the other session stays.
+    let since = protocol_line(&socket, v6);
+    rack.node.put_manifest("node", &labels("a"));
+    rack.until_conf("rack a's peer", |c| {
+        c.contains(&format!("protocol bgp {v4}"))
+    });
+    until("the v4 session", Duration::from_secs(30), || {
+        established(&socket, v4).then_some(String::new())
+    });
+    assert_eq!(
+        protocol_line(&socket, v6),
+        since,
+        "the v6 session was not restarted"
+    );
+
+    // The same neighbour in the NodeConfig: the NodeConfig's wins, logged,
+    // and the session (same name, same settings) is not restarted.
+    rack.node.put_manifest(
+        "nodeconfig",
+        &node_config(
+            "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {address: '2001:db8:ff::1', asn: 65000}",
+            "",
+        ),
+    );
+    rack.until_conf("the NodeConfig's peer", |c| c.contains("# NodeConfig"));
+    until("the override logged", Duration::from_secs(10), || {
+        let log = rack.node.log();
+        (log.contains("BGPPeer everywhere") && log.contains("that one is in force")).then_some(log)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        protocol_line(&socket, v6),
+        since,
+        "the v6 session was not restarted"
+    );
+
+    // Removing a BGPPeer ends its session only.
+    rack.node.put_manifest("rack-a", "");
+    rack.until_conf("rack a's peer gone", |c| !c.contains(v4));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        protocol_line(&socket, v6),
+        since,
+        "the v6 session was not restarted"
+    );
+    assert!(established(&socket, v6));
+}
+
+#[test]
+fn unnumbered_peering_carries_ipv4_over_link_local_ipv6() {
+    let rack = Rack::unnumbered(
+        "  cidr4: 198.18.0.0/24\n  defaults: {ipv6: false}\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {interface: up0, asn: 65000}",
+    );
+    flock_testkit::fabric::tor_forwarding(rack.tor.name()).expect("forwarding");
+    // A host behind the ToR, on a subnet the ToR announces to the node.
+    let host = NetnsGuard::new("fhost");
+    rack.tor.ip(&[
+        "link",
+        "add",
+        "host0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        host.name(),
+    ]);
+    rack.tor
+        .ip(&["addr", "add", "192.0.2.1/24", "dev", "host0"]);
+    rack.tor.ip(&["link", "set", "host0", "up"]);
+    host.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+    host.ip(&["link", "set", "eth0", "up"]);
+    host.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    let _tor_bird = rack.tor_bird(
+        "log stderr all;\nrouter id 198.18.255.254;\nprotocol device { scan time 10; }\n\
+         protocol direct hosts { ipv4; interface \"host0\"; }\n\
+         protocol kernel { ipv4 { export where source = RTS_BGP; }; }\n\
+         protocol bgp node { local as 65000; neighbor range fe80::/10 as 65001; interface \"tor0\"; dynamic name \"node\";\n\
+           ipv4 { import all; export where proto = \"hosts\"; extended next hop on; };\n\
+           ipv6 { import all; export none; }; }\n",
+    );
+    // The agent finds the ToR's link-local address by asking the routers on up0.
+    let tor_ll = rack
+        .tor
+        .ip_output(&["-6", "-o", "addr", "show", "dev", "tor0", "scope", "link"]);
+    let tor_ll = tor_ll
+        .split_whitespace()
+        .skip_while(|w| *w != "inet6")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .expect("the ToR's link-local address")
+        .to_owned();
+    let conf = until("the unnumbered session", Duration::from_secs(30), || {
+        let c = rack.bird_conf();
+        c.contains(&format!("neighbor {tor_ll}%up0 as 65000;"))
+            .then_some(c)
+    });
+    assert!(conf.contains("extended next hop on;"), "{conf}");
+    let _node_bird = rack.node_bird();
+    let socket = rack.node.bird_socket();
+    until("established", Duration::from_secs(30), || {
+        established(&socket, "peer_if_up0").then_some(String::new())
+    });
+    // The ToR learns the node's IPv4 prefix with an IPv6 next hop, and
+    // the node the host's subnet.
+    until(
+        "the ToR's IPv4 route via IPv6",
+        Duration::from_secs(20),
+        || {
+            let r = rack.tor.ip_output(&["route", "show", "198.18.0.0/24"]);
+            (r.contains("via inet6 fe80:") && r.contains("dev tor0")).then_some(r)
+        },
+    );
+    until(
+        "the node's route to the host",
+        Duration::from_secs(20),
+        || {
+            let r = rack.node.node.ip_output(&["route", "show", "192.0.2.0/24"]);
+            r.contains("via inet6 fe80:").then_some(r)
+        },
+    );
+    assert!(
+        !rack
+            .node
+            .node
+            .ip_output(&["-4", "addr", "show", "dev", "up0"])
+            .contains("inet ")
+    );
+
+    // The host reaches a pod's IPv4 and gets the reply.
+    let conf = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
+    let pod = rack.node.add_pod("web", &[], conf);
+    let echo = flock_testkit::udp_echo(&pod.ns.netns(), 7007);
+    let to = std::net::SocketAddr::new(pod.ip(true), 7007);
+    let answered = flock_testkit::udp_probe(&host.netns(), to, Duration::from_secs(5));
+    assert!(answered.is_some(), "no reply from {to}");
+    assert!(echo.hits() > 0);
 }

@@ -17,8 +17,12 @@ const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
 const ECHO_REQUEST: u8 = 128;
 const ECHO_REPLY: u8 = 129;
 
+/// How long after the first reply further ones are waited for.
+const FURTHER_REPLIES: Duration = Duration::from_millis(100);
+
 /// The link-local addresses of the routers answering on `interface`
-/// within `wait`, sorted; blocking, in the calling thread's namespace.
+/// within `wait` (or shortly after the first answer), sorted; blocking, in
+/// the calling thread's namespace.
 pub fn find_routers(interface: &str, wait: Duration) -> Result<Vec<Ipv6Addr>> {
     let io = |what: &str| {
         let what = format!("{what} on interface {interface}");
@@ -34,6 +38,11 @@ pub fn find_routers(interface: &str, wait: Duration) -> Result<Vec<Ipv6Addr>> {
     socket
         .set_multicast_if_v6(index)
         .map_err(io("choosing the multicast interface"))?;
+    // A node that forwards is in ff02::2 itself: it must not hear (and
+    // answer) its own request.
+    socket
+        .set_multicast_loop_v6(false)
+        .map_err(io("turning off multicast loopback"))?;
     // A datagram socket to std: its send_to and recv_from need no unsafe.
     let socket = UdpSocket::from(socket);
     // Identifies our replies among other ICMPv6 traffic on the link.
@@ -59,7 +68,7 @@ pub fn find_routers(interface: &str, wait: Duration) -> Result<Vec<Ipv6Addr>> {
     socket
         .send_to(&request, to)
         .map_err(io("sending an echo request to ff02::2"))?;
-    let deadline = Instant::now() + wait;
+    let mut deadline = Instant::now() + wait;
     let mut routers = Vec::new();
     let mut packet = [0u8; 512];
     loop {
@@ -90,6 +99,9 @@ pub fn find_routers(interface: &str, wait: Duration) -> Result<Vec<Ipv6Addr>> {
             && !routers.contains(source.ip())
         {
             routers.push(*source.ip());
+            // Others on the link answer about as fast: wait a little for
+            // them (several routers is worth a warning), not the whole time.
+            deadline = deadline.min(Instant::now() + FURTHER_REPLIES);
         }
     }
     routers.sort();

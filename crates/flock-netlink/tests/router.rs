@@ -49,6 +49,8 @@ async fn the_router_on_a_link_answers_with_its_link_local_address() {
         .expect("asked");
     assert!(none.is_empty(), "{none:?}");
     flock_testkit::fabric::tor_forwarding(tor.name()).expect("forwarding");
+    // The node forwards too (as a flock node does): it does not answer itself.
+    flock_testkit::fabric::tor_forwarding(node.name()).expect("forwarding");
     let mut routers = Vec::new();
     for _ in 0..20 {
         routers = dataplane
