@@ -179,7 +179,7 @@ impl<K: Kernel> BirdLoop<K> {
             return;
         };
         let prefixes = self.prefixes.borrow().clone();
-        let sessions = self.sessions(&settings).await;
+        let (mut sessions, mut warnings) = self.sessions(&settings).await;
         let pool_communities: Vec<_> = self
             .cache
             .pools()
@@ -190,16 +190,39 @@ impl<K: Kernel> BirdLoop<K> {
             .collect();
         let rendered = match self.watch().await {
             Err(e) => Err(e.to_string()),
-            Ok(interfaces) => flock_bird::render(&flock_bird::BirdInput {
-                settings: &settings,
-                prefixes: &prefixes,
-                announced: &ips,
-                interfaces: &interfaces,
-                sessions: &sessions,
-                pool_communities: &pool_communities,
-            })
-            .map_err(|e| e.to_string()),
+            Ok(interfaces) => {
+                // A peer on no subnet of this node's (a BGPPeer for a rack
+                // it is not in, an uplink not configured yet) is left out;
+                // the others run.
+                sessions.retain(|session| match session.peer.neighbor {
+                    flock_model::Neighbor::Address(peer)
+                        if flock_bird::local_address(peer, &interfaces).is_none() =>
+                    {
+                        warnings.push(format!(
+                            "{}: peer {peer}: no address of this node is on its subnet, so no `local` address can be chosen; the session is left out",
+                            session.origin
+                        ));
+                        false
+                    }
+                    _ => true,
+                });
+                flock_bird::render(&flock_bird::BirdInput {
+                    settings: &settings,
+                    prefixes: &prefixes,
+                    announced: &ips,
+                    interfaces: &interfaces,
+                    sessions: &sessions,
+                    pool_communities: &pool_communities,
+                })
+                .map_err(|e| e.to_string())
+            }
         };
+        if warnings != self.session_warnings {
+            for warning in &warnings {
+                warn!(%warning, "BGP session");
+            }
+            self.session_warnings = warnings;
+        }
         match rendered {
             Ok(text) => {
                 self.last_problem = None;
@@ -217,7 +240,10 @@ impl<K: Kernel> BirdLoop<K> {
 
     /// The sessions to render: composed from the NodeConfig and the
     /// BGPPeers, after looking for the routers on the interfaces they name.
-    async fn sessions(&mut self, settings: &flock_model::NodeSettings) -> Vec<flock_bird::Session> {
+    async fn sessions(
+        &mut self,
+        settings: &flock_model::NodeSettings,
+    ) -> (Vec<flock_bird::Session>, Vec<String>) {
         let bgp_peers = self.cache.bgp_peers();
         let node_labels = self.cache.node_labels();
         let passwords = self.cache.passwords();
@@ -286,13 +312,7 @@ impl<K: Kernel> BirdLoop<K> {
             },
             &mut self.last_good,
         );
-        if composed.warnings != self.session_warnings {
-            for warning in &composed.warnings {
-                warn!(%warning, "BGP session");
-            }
-            self.session_warnings = composed.warnings;
-        }
-        composed.sessions
+        (composed.sessions, composed.warnings)
     }
 
     /// The node's addresses, from the watch (opened when there is none).

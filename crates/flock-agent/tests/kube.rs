@@ -920,3 +920,80 @@ fn the_agent_restarted_while_the_api_server_is_down() {
         });
     assert_eq!((status.as_str(), since_after), ("False", since));
 }
+
+/// BGP inputs through the API as the flock ServiceAccount: a BGPPeer
+/// selecting Nodes by label, this Node's labels, and the password Secret
+/// read by name; bird.conf follows each, and a Secret gone leaves the
+/// session out.
+#[test]
+fn bgp_peers_node_labels_and_the_password_secret_through_the_api() {
+    let k = KubeNode::start(&node_config(
+        "  cidr6: 2001:db8:0:1::/64\n  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1",
+        "",
+    ));
+    // An uplink on the peer's subnet (for `local`).
+    k.node
+        .node
+        .ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    k.node
+        .node
+        .ip(&["addr", "add", "198.18.255.1/24", "dev", "up0"]);
+    k.node.node.ip(&["link", "set", "up0", "up"]);
+    let admin = k.cluster.admin();
+    k.cluster.apply(
+        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: BGPPeer\nmetadata: {name: rack-a}\nspec:\n  address: 198.18.255.254\n  asn: 65000\n  passwordSecretRef: {key: tor}\n  nodeSelector: {matchLabels: {rack: a}}\n",
+    );
+    let conf = || std::fs::read_to_string(k.node.bird_config()).unwrap_or_default();
+    let protocol = "protocol bgp peer_198_18_255_254";
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!conf().contains(protocol), "the node is not in rack a yet");
+    let nodes: Api<Node> = Api::all(admin.clone());
+    k.cluster
+        .block_on(nodes.patch(
+            NODE,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"rack": "a"}}})),
+        ))
+        .expect("label the node");
+    // Selected now, but its password is missing: left out, named.
+    k.until("the missing Secret named", Duration::from_secs(20), || {
+        let log = k.node.log();
+        (log.contains("BGPPeer rack-a") && log.contains("flock-bgp-passwords does not exist"))
+            .then_some(())
+    });
+    let secrets: Api<Secret> = Api::namespaced(admin, "kube-system");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "flock-bgp-passwords"}, "stringData": {"tor": "api-pass-1"}}))
+    .expect("secret");
+    k.cluster
+        .block_on(secrets.create(&PostParams::default(), &secret))
+        .expect("create the Secret");
+    k.until(
+        "the session with its password",
+        Duration::from_secs(20),
+        || {
+            let c = conf();
+            (c.contains(protocol) && c.contains("password \"api-pass-1\";")).then_some(())
+        },
+    );
+    // A changed password follows the watch; a deleted Secret leaves the session out.
+    let changed = serde_json::json!({"stringData": {"tor": "api-pass-2"}});
+    k.cluster
+        .block_on(secrets.patch(
+            "flock-bgp-passwords",
+            &PatchParams::default(),
+            &Patch::Merge(&changed),
+        ))
+        .expect("change the password");
+    k.until("the new password", Duration::from_secs(20), || {
+        conf().contains("password \"api-pass-2\";").then_some(())
+    });
+    k.cluster
+        .block_on(secrets.delete("flock-bgp-passwords", &DeleteParams::default()))
+        .expect("delete the Secret");
+    k.until("the session left out", Duration::from_secs(20), || {
+        (!conf().contains(protocol)).then_some(())
+    });
+    let log = k.node.log();
+    assert!(!log.contains("api-pass-1") && !log.contains("api-pass-2"));
+}

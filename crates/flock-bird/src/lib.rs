@@ -203,12 +203,8 @@ fn render_session(
     let _ = write!(out, "\n# {origin}\nprotocol bgp {name} {{\n");
     let families: &[&str] = match &peer.neighbor {
         Neighbor::Address(addr) => {
-            let local = interfaces
-                .iter()
-                .filter(|net| net.contains(addr) && net.addr() != *addr)
-                .map(IpNet::addr)
-                .min()
-                .ok_or_else(|| RenderError::NoLocalAddress {
+            let local =
+                local_address(*addr, interfaces).ok_or_else(|| RenderError::NoLocalAddress {
                     origin: session.origin.clone(),
                     peer: *addr,
                 })?;
@@ -283,6 +279,16 @@ fn render_session(
     }
     out.push_str("}\n");
     Ok(())
+}
+
+/// The node's address a session with `peer` starts from: the lowest of
+/// the node's addresses on the peer's subnet, `None` when it has none.
+pub fn local_address(peer: IpAddr, interfaces: &[IpNet]) -> Option<IpAddr> {
+    interfaces
+        .iter()
+        .filter(|net| net.contains(&peer) && net.addr() != peer)
+        .map(IpNet::addr)
+        .min()
 }
 
 /// `bgp_community.add((a,b)); bgp_large_community.add((a,b,c)); ` from typed numbers.
