@@ -5,6 +5,7 @@
 mod bgp;
 mod cni;
 mod dataplane;
+mod failover;
 mod kube;
 mod measure;
 mod netpol;
@@ -77,7 +78,9 @@ enum Bench {
     },
     /// BGP and anycast: a Ready transition to the kernel route and to
     /// `birdc configure`; BIRD reloads caused by 1,000 Ready flips in 2 s;
-    /// rendering 1,000 anycast prefixes. Needs root and bird2.
+    /// rendering 1,000 anycast prefixes; uplink failover (every packet
+    /// dropped, link up) to the ToR's withdrawal with BFD and without.
+    /// Needs root, nftables and bird2.
     Bgp {
         /// Ready transitions timed.
         #[arg(long, default_value_t = 30)]
@@ -85,6 +88,12 @@ enum Bench {
         /// Readiness flips within 2 s.
         #[arg(long, default_value_t = 1000)]
         flips: usize,
+        /// Uplink failovers timed with BFD.
+        #[arg(long, default_value_t = 5)]
+        failovers: usize,
+        /// Uplink failovers timed without BFD (each takes the 9 s hold time).
+        #[arg(long, default_value_t = 2)]
+        hold_failovers: usize,
     },
     /// NetworkPolicy: translate + render for 10,000 pods and 1,000
     /// policies, loading the ruleset, policy change → enforcement, iperf3
@@ -148,7 +157,12 @@ fn main() -> anyhow::Result<()> {
             cni_dir,
             update_doc,
         } => cni::run(pods, ptp_dual_pods, &cni_dir, update_doc),
-        Bench::Bgp { trials, flips } => bgp::run(trials, flips),
+        Bench::Bgp {
+            trials,
+            flips,
+            failovers,
+            hold_failovers,
+        } => bgp::run(trials, flips).and_then(|()| failover::run(failovers, hold_failovers)),
         Bench::Netpol {
             flips,
             rounds,
