@@ -127,7 +127,7 @@ const PASSWORD: &str = "Zq7#tor-a pass";
 
 #[test]
 fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
-    let rack = Rack::start(
+    let mut rack = Rack::start(
         "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    communities: ['65001:1']\n    peers:\n    - address: 198.18.255.254\n      asn: 65000\n      bfd: {enabled: true}\n      passwordSecretRef: {key: tor-a}\n      communities: ['65000:100']\n      largeCommunities: ['65000:1:2']\n      importLimit: 100",
     );
     // 2,000 prefixes the ToR announces to the node: far over its limit.
@@ -208,6 +208,34 @@ fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
         let s = birdc(&socket, &["show", "bfd", "sessions"]);
         (s.contains("198.18.255.254") && s.contains("Up")).then_some(s)
     });
+
+    // An agent restart is hitless with BFD on: BIRD is not reloaded, the
+    // BFD and BGP sessions stay as they were.
+    let bfd_line = |socket: &Path| -> String {
+        birdc(socket, &["show", "bfd", "sessions"])
+            .lines()
+            .find(|l| l.contains("198.18.255."))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (tor_bfd, session) = (
+        bfd_line(&rack.tor_socket()),
+        protocol_line(&socket, "peer_198_18_255_254"),
+    );
+    rack.node.kill();
+    rack.node.spawn();
+    until(
+        "the restarted agent serving",
+        Duration::from_secs(20),
+        || (rack.node.http("/readyz").0 == 200).then_some(String::new()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        bfd_line(&rack.tor_socket()),
+        tor_bfd,
+        "the ToR's BFD session"
+    );
+    assert_eq!(protocol_line(&socket, "peer_198_18_255_254"), session);
 
     // The ToR's 2,000 prefixes: 100 taken, the rest blocked; the session
     // stays up and the node's kernel holds no more than the limit.
