@@ -269,7 +269,13 @@ fn rbac_grants_exactly_what_the_agent_uses() {
             "flock.fritzlab.net/nodeconfigs".to_owned(),
             read_only.clone(),
         ),
-        ("flock.fritzlab.net/addresspools".to_owned(), read_only),
+        (
+            "flock.fritzlab.net/addresspools".to_owned(),
+            read_only.clone(),
+        ),
+        // BGPPeers select nodes by label: the agent reads its own Node.
+        ("flock.fritzlab.net/bgppeers".to_owned(), read_only.clone()),
+        ("/nodes".to_owned(), read_only),
         (
             "flock.fritzlab.net/nodeconfigs/status".to_owned(),
             vec!["patch".to_owned()],
@@ -285,6 +291,15 @@ fn rbac_grants_exactly_what_the_agent_uses() {
         ),
     ]);
     assert_eq!(got, want);
+    // Of Secrets, one: the session passwords, by name, get and watch only.
+    let secrets: Vec<&serde_json::Value> = all.iter().filter(|d| d["kind"] == "Role").collect();
+    assert_eq!(secrets.len(), 1);
+    assert_eq!(secrets[0]["metadata"]["namespace"], "kube-system");
+    assert_eq!(
+        secrets[0]["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"],
+            "resourceNames": [flock_model::PASSWORD_SECRET], "verbs": ["get", "watch"]}])
+    );
     let binding = all
         .iter()
         .find(|d| d["kind"] == "ClusterRoleBinding")
@@ -305,6 +320,18 @@ fn rbac_grants_exactly_what_the_agent_uses() {
 
 #[test]
 fn the_examples_are_valid() {
+    let mut peers = 0;
+    for doc in docs("deploy/examples/bgppeers.yaml") {
+        if doc["kind"] == "BGPPeer" {
+            let peer: flock_model::BgpPeer = serde_json::from_value(doc).expect("BGPPeer");
+            peer.validated()
+                .unwrap_or_else(|e| panic!("example BGPPeer: {e}"));
+            peers += 1;
+        } else {
+            assert_eq!(doc["metadata"]["name"], flock_model::PASSWORD_SECRET);
+        }
+    }
+    assert_eq!(peers, 2);
     for nc in docs("deploy/examples/nodeconfig.yaml") {
         let nc: flock_model::NodeConfig = serde_json::from_value(nc).expect("NodeConfig");
         nc.settings()
