@@ -521,6 +521,18 @@ fn a_nodeconfig_with_injection_attempts_is_refused_and_the_last_good_bird_conf_s
             "  cidr4: '198.18.0.0/24 blackhole; }'\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {address: 198.18.255.254, asn: 65000}",
             "spec.cidr4",
         ),
+        (
+            "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {address: 198.18.255.254, asn: 65000, communities: ['65000:1)); accept; } protocol static { route 0.0.0.0/0 blackhole']}",
+            "spec.bgp.peers[0].communities[0]",
+        ),
+        (
+            "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {interface: 'eth0\"; } protocol kernel {', asn: 65000}",
+            "spec.bgp.peers[0].interface",
+        ),
+        (
+            "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    largeCommunities: ['1:2:3 }']\n    peers:\n    - {address: 198.18.255.254, asn: 65000}",
+            "spec.bgp.largeCommunities[0]",
+        ),
     ];
     for (spec, named) in attempts {
         let before = node.log().matches(named).count();

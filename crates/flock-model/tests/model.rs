@@ -610,6 +610,12 @@ fn address_pools_validate_their_prefixes_and_selector_naming_the_field() {
         Some("203.0.113.0/28".parse().expect("net"))
     );
     assert_eq!(p.covering("203.0.113.16".parse().expect("ip")), None);
+    let with_communities = pool(
+        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: AddressPool\nmetadata: {name: dns}\nspec:\n  cidrs: [203.0.113.0/28]\n  use: anycast\n  communities: ['65001:53']\n  largeCommunities: ['65001:0:53']\n",
+    );
+    let c = with_communities.validated().expect("valid").communities;
+    assert_eq!(c.standard, vec![Community(65001, 53)]);
+    assert_eq!(c.large, vec![LargeCommunity(65001, 0, 53)]);
     for (spec, field, needle) in [
         ("cidrs: []\n  use: addresses", "spec.cidrs", "no prefix"),
         (
@@ -631,6 +637,16 @@ fn address_pools_validate_their_prefixes_and_selector_naming_the_field() {
             "cidrs: [203.0.113.0/28]\n  use: anycast\n  namespaceSelector: {matchExpressions: [{key: a, operator: In}]}",
             "spec.namespaceSelector.matchExpressions[0].operator",
             "needs values",
+        ),
+        (
+            "cidrs: [203.0.113.0/28]\n  use: anycast\n  communities: ['65000:1 }']",
+            "spec.communities[0]",
+            "not a community",
+        ),
+        (
+            "cidrs: [203.0.113.0/28]\n  use: anycast\n  largeCommunities: ['65000:1']",
+            "spec.largeCommunities[0]",
+            "not a large community",
         ),
     ] {
         let p = pool(&format!(
