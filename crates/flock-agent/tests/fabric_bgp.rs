@@ -1,6 +1,7 @@
 //! BGP for production fabrics against a real ToR BIRD in a namespace:
 //! session passwords from the Secret (a wrong one means no session), BFD,
-//! communities on what the node announces, an import limit against a ToR
+//! communities on what the node announces (the NodeConfig's, the peer's,
+//! an AddressPool's on its anycast IP), an import limit against a ToR
 //! announcing too much, cluster-wide BGPPeers selected by Node labels, and
 //! unnumbered peering over IPv6 link-local addresses carrying IPv4.
 
@@ -128,7 +129,7 @@ const PASSWORD: &str = "Zq7#tor-a pass";
 #[test]
 fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
     let mut rack = Rack::start(
-        "  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    communities: ['65001:1']\n    peers:\n    - address: 198.18.255.254\n      asn: 65000\n      bfd: {enabled: true}\n      passwordSecretRef: {key: tor-a}\n      communities: ['65000:100']\n      largeCommunities: ['65000:1:2']\n      importLimit: 100",
+        "  cidr4: 198.18.0.0/24\n  defaults: {ipv6: false}\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    communities: ['65001:1']\n    peers:\n    - address: 198.18.255.254\n      asn: 65000\n      bfd: {enabled: true}\n      passwordSecretRef: {key: tor-a}\n      communities: ['65000:100']\n      largeCommunities: ['65000:1:2']\n      importLimit: 100",
     );
     // 2,000 prefixes the ToR announces to the node: far over its limit.
     let mut statics = String::new();
@@ -202,6 +203,30 @@ fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
         "{route}"
     );
     assert!(route.contains("(65000, 1, 2)"), "{route}");
+
+    // An anycast IP of a pool with communities carries the pool's too.
+    rack.node.put_manifest(
+        "pools",
+        "apiVersion: flock.fritzlab.net/v1alpha1\nkind: AddressPool\nmetadata: {name: web}\nspec:\n  cidrs: [203.0.113.0/24]\n  use: anycast\n  communities: ['65001:77']\n",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let conf = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
+    let _pod = rack.node.add_pod(
+        "web",
+        &[("flock.fritzlab.net/anycast", "203.0.113.77")],
+        conf,
+    );
+    let anycast = until("the anycast IP on the ToR", Duration::from_secs(20), || {
+        let r = birdc(
+            &rack.tor_socket(),
+            &["show", "route", "203.0.113.77/32", "all"],
+        );
+        r.contains("(65001,77)").then_some(r)
+    });
+    assert!(
+        anycast.contains("(65001,1)") && anycast.contains("(65000,100)"),
+        "{anycast}"
+    );
 
     // BFD runs on the session, both ends.
     until("BFD up", Duration::from_secs(10), || {
