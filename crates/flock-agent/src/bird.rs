@@ -8,9 +8,8 @@
 //! The sessions come from the NodeConfig and the BGPPeers selecting this
 //! node (see [`crate::sessions`]), re-composed when either, the Node's
 //! labels, the password Secret or the AddressPools (their communities)
-//! change. The router on an interface a peer names is looked for once,
-//! every 2 s while none answers, and again every tick (a replaced router
-//! is followed).
+//! change. The router on an interface an unnumbered peer names comes from
+//! its own loop ([`crate::routers`]).
 
 use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
@@ -24,11 +23,12 @@ use flock_model::Peer;
 use flock_netlink::AddressWatch;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 use crate::anycast::Announced;
 use crate::kernel::Kernel;
 use crate::metrics::Metrics;
+use crate::routers::{RouterFinder, RouterWatch};
 use crate::settings::{Prefixes, Published};
 use crate::status::Board;
 
@@ -54,10 +54,10 @@ pub struct BirdLoop<K> {
     namespace: String,
     /// Each BGPPeer's last valid version.
     last_good: BTreeMap<String, Peer>,
-    /// The router found on each interface looked at (`None`: none answered).
-    routers: BTreeMap<String, Option<Ipv6Addr>>,
-    /// Which routers are looked for again on the next pass.
-    routers_due: Due,
+    /// The routers on unnumbered peers' interfaces, from their own loop.
+    routers: RouterWatch,
+    /// That loop, until [`BirdLoop::run`] starts it.
+    finder: Option<RouterFinder<K>>,
     /// The sessions' last warnings, logged when they change.
     session_warnings: Vec<String>,
 }
@@ -87,6 +87,7 @@ impl<K: Kernel> BirdLoop<K> {
         sources: BgpSources,
     ) -> BirdLoop<K> {
         let observed = metrics.clone();
+        let (finder, routers) = RouterFinder::new(kernel.clone());
         let writer = flock_bird::Writer::start_observed(config, socket, reload, move |outcome| {
             observed.bird_reloaded(outcome)
         });
@@ -104,14 +105,17 @@ impl<K: Kernel> BirdLoop<K> {
             cache: sources.cache,
             namespace: sources.namespace,
             last_good: BTreeMap::new(),
-            routers: BTreeMap::new(),
-            routers_due: Due::Missing,
+            routers,
+            finder: Some(finder),
             session_warnings: Vec::new(),
         }
     }
 
     /// Runs until cancelled; dropping the loop stops its writer.
     pub async fn run(mut self, cancel: CancellationToken) {
+        if let Some(finder) = self.finder.take() {
+            tokio::spawn(finder.run(cancel.clone()));
+        }
         let mut tick = tokio::time::interval(BIRD_TICK);
         let mut attempts = self.writer.attempts();
         loop {
@@ -134,8 +138,8 @@ impl<K: Kernel> BirdLoop<K> {
                     Ok(_) => continue,
                     Err(RecvError::Closed) => return,
                 },
-                () = retry_missing(&self.routers) => self.routers_due = Due::Missing,
-                _ = tick.tick() => self.routers_due = Due::All,
+                changed = self.routers.found.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
             }
             self.pass().instrument(info_span!("bird_pass")).await;
         }
@@ -179,7 +183,7 @@ impl<K: Kernel> BirdLoop<K> {
             return;
         };
         let prefixes = self.prefixes.borrow().clone();
-        let (mut sessions, mut warnings) = self.sessions(&settings).await;
+        let (mut sessions, mut warnings) = self.sessions(&settings);
         let pool_communities: Vec<_> = self
             .cache
             .pools()
@@ -239,79 +243,37 @@ impl<K: Kernel> BirdLoop<K> {
     }
 
     /// The sessions to render: composed from the NodeConfig and the
-    /// BGPPeers, after looking for the routers on the interfaces they name.
-    async fn sessions(
+    /// BGPPeers and the routers found on the interfaces they name (which
+    /// the router loop is told).
+    fn sessions(
         &mut self,
         settings: &flock_model::NodeSettings,
     ) -> (Vec<flock_bird::Session>, Vec<String>) {
         let bgp_peers = self.cache.bgp_peers();
         let node_labels = self.cache.node_labels();
         let passwords = self.cache.passwords();
-        let found = |routers: &BTreeMap<String, Option<Ipv6Addr>>| -> BTreeMap<String, Ipv6Addr> {
-            routers
-                .iter()
-                .filter_map(|(i, r)| r.map(|r| (i.clone(), r)))
-                .collect()
-        };
-        let mut link_locals = found(&self.routers);
-        let inputs = |link_locals| crate::sessions::Inputs {
+        let link_locals: BTreeMap<String, Ipv6Addr> = self
+            .routers
+            .found
+            .borrow_and_update()
+            .iter()
+            .filter_map(|(i, r)| r.map(|r| (i.clone(), r)))
+            .collect();
+        let inputs = crate::sessions::Inputs {
             settings,
             bgp_peers: &bgp_peers,
             node_labels: &node_labels,
             passwords: passwords.as_ref(),
             namespace: &self.namespace,
-            link_locals,
+            link_locals: &link_locals,
         };
-        let wanted = crate::sessions::interfaces(inputs(&link_locals), &self.last_good);
-        let due = std::mem::replace(&mut self.routers_due, Due::Nothing);
-        self.routers.retain(|i, _| wanted.contains(i));
-        for interface in &wanted {
-            let ask = match due {
-                Due::All => true,
-                Due::Missing => self.routers.get(interface).is_none_or(Option::is_none),
-                Due::Nothing => !self.routers.contains_key(interface),
-            };
-            if !ask {
-                continue;
-            }
-            let router = match self.kernel.find_routers(interface).await {
-                Ok(routers) => {
-                    if routers.len() > 1 {
-                        warn!(
-                            interface,
-                            ?routers,
-                            "several routers answer on an unnumbered peer's interface; peering with the first"
-                        );
-                    }
-                    routers.first().copied()
-                }
-                Err(error) => {
-                    warn!(interface, %error, "cannot look for the router on an unnumbered peer's interface");
-                    None
-                }
-            };
-            if self.routers.get(interface) != Some(&router) {
-                info!(
-                    interface,
-                    ?router,
-                    "router on an unnumbered peer's interface"
-                );
-            }
-            self.routers.insert(interface.clone(), router);
-        }
-        link_locals = found(&self.routers);
-        let namespace = self.namespace.clone();
-        let composed = crate::sessions::compose(
-            crate::sessions::Inputs {
-                settings,
-                bgp_peers: &bgp_peers,
-                node_labels: &node_labels,
-                passwords: passwords.as_ref(),
-                namespace: &namespace,
-                link_locals: &link_locals,
-            },
-            &mut self.last_good,
-        );
+        let wanted = crate::sessions::interfaces(inputs, &self.last_good);
+        self.routers.wanted.send_if_modified(|old| {
+            let changed = *old != wanted;
+            *old = wanted;
+            changed
+        });
+        let composed = crate::sessions::compose(inputs, &mut self.last_good);
         (composed.sessions, composed.warnings)
     }
 
@@ -325,29 +287,6 @@ impl<K: Kernel> BirdLoop<K> {
             .as_ref()
             .map(AddressWatch::addresses)
             .unwrap_or_default())
-    }
-}
-
-/// Which routers on unnumbered peers' interfaces a pass looks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Due {
-    /// Only on interfaces not looked at yet.
-    Nothing,
-    /// Also where none answered.
-    Missing,
-    /// On every interface (a replaced router is followed).
-    All,
-}
-
-/// How soon an interface where no router answered is asked again.
-pub const ROUTER_RETRY: Duration = Duration::from_secs(2);
-
-/// Waits [`ROUTER_RETRY`] while some interface has no router; forever otherwise.
-async fn retry_missing(routers: &BTreeMap<String, Option<Ipv6Addr>>) {
-    if routers.values().any(Option::is_none) {
-        tokio::time::sleep(ROUTER_RETRY).await
-    } else {
-        std::future::pending().await
     }
 }
 

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod pods;
 pub mod policy;
 pub mod recovery;
+pub mod routers;
 pub mod runtime;
 pub mod serial;
 pub mod server;
