@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iptables nftables bird2 containernetworking-plugins iperf3
+packages=(iproute2 iptables nftables bird2 frr containernetworking-plugins iperf3
     containerd docker-registry skopeo busybox-static)
 missing=()
 for p in "${packages[@]}"; do

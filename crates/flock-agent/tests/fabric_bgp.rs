@@ -415,7 +415,7 @@ fn bgp_peers_select_nodes_by_label_and_come_and_go_without_touching_other_sessio
 #[test]
 fn unnumbered_peering_carries_ipv4_over_link_local_ipv6() {
     let rack = Rack::unnumbered(
-        "  cidr4: 198.18.0.0/24\n  defaults: {ipv6: false}\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {interface: up0, asn: 65000}",
+        "  cidr4: 198.18.0.0/24\n  defaults: {ipv6: false}\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {interface: up0, asn: 65000, import: default-only}",
     );
     flock_testkit::fabric::tor_forwarding(rack.tor.name()).expect("forwarding");
     // A host behind the ToR, on a subnet the ToR announces to the node.
@@ -441,9 +441,10 @@ fn unnumbered_peering_carries_ipv4_over_link_local_ipv6() {
     let _tor_bird = rack.tor_bird(
         "log stderr all;\nrouter id 198.18.255.254;\nprotocol device { scan time 10; }\n\
          protocol direct hosts { ipv4; interface \"host0\"; }\n\
+         protocol static defaults { ipv4; route 0.0.0.0/0 blackhole; }\n\
          protocol kernel { ipv4 { export where source = RTS_BGP; }; }\n\
          protocol bgp node { local as 65000; neighbor range fe80::/10 as 65001; interface \"tor0\"; dynamic name \"node\";\n\
-           ipv4 { import all; export where proto = \"hosts\"; extended next hop on; };\n\
+           ipv4 { import all; export where proto = \"hosts\" || proto = \"defaults\"; extended next hop on; };\n\
            ipv6 { import all; export none; }; }\n",
     );
     // The agent finds the ToR's link-local address by asking the routers on up0.
@@ -469,7 +470,8 @@ fn unnumbered_peering_carries_ipv4_over_link_local_ipv6() {
         established(&socket, "peer_if_up0").then_some(String::new())
     });
     // The ToR learns the node's IPv4 prefix with an IPv6 next hop, and
-    // the node the host's subnet.
+    // the node (import: default-only) the default route, not the host's
+    // subnet.
     until(
         "the ToR's IPv4 route via IPv6",
         Duration::from_secs(20),
@@ -479,12 +481,18 @@ fn unnumbered_peering_carries_ipv4_over_link_local_ipv6() {
         },
     );
     until(
-        "the node's route to the host",
+        "the node's default route from the ToR",
         Duration::from_secs(20),
         || {
-            let r = rack.node.node.ip_output(&["route", "show", "192.0.2.0/24"]);
+            let r = rack.node.node.ip_output(&["route", "show", "default"]);
             r.contains("via inet6 fe80:").then_some(r)
         },
+    );
+    let routes = birdc(&socket, &["show", "route", "protocol", "peer_if_up0"]);
+    assert!(!routes.contains("192.0.2.0/24"), "{routes}");
+    assert_eq!(
+        rack.node.node.ip_output(&["route", "show", "192.0.2.0/24"]),
+        ""
     );
     assert!(
         !rack
