@@ -48,7 +48,7 @@ pub enum Event {
     /// NetworkPolicies changed.
     Policies,
     /// BGP inputs changed: BGPPeers, this node's Node labels, or the
-    /// session passwords.
+    /// session passwords; or all of them have been read once now.
     Bgp,
 }
 
@@ -66,6 +66,11 @@ struct State {
     node_labels: BTreeMap<String, String>,
     /// The Secret `flock-bgp-passwords`; `None` while it does not exist.
     passwords: Option<Passwords>,
+    /// Whether BGPPeers, this node's Node and the Secret have each been
+    /// read once (a render before would drop their sessions).
+    bgp_peers_synced: bool,
+    node_labels_synced: bool,
+    passwords_synced: bool,
     node_configs_synced: bool,
     pools_synced: bool,
     /// Shared with the sources and readers that keep them (one copy of
@@ -89,6 +94,11 @@ struct State {
 }
 
 impl State {
+    /// Whether every BGP input has been read once.
+    fn bgp_inputs_listed(&self) -> bool {
+        self.bgp_peers_synced && self.node_labels_synced && self.passwords_synced
+    }
+
     /// Adds or replaces a pod, keeping the index of this node's pods.
     fn insert_pod(&mut self, node: &str, pod: Arc<PodInfo>) -> Option<Arc<PodInfo>> {
         let key = pod.key();
@@ -306,13 +316,21 @@ impl Cache {
                     .map(|(k, v)| (k.clone(), v.spec.clone()))
                     .collect::<Vec<_>>()
             };
+            let listed = s.bgp_inputs_listed();
             let changed = specs(&s.bgp_peers) != specs(&new);
             s.bgp_peers = new;
-            changed
+            s.bgp_peers_synced = true;
+            changed || (!listed && s.bgp_inputs_listed())
         };
         if changed {
             self.emit(vec![Event::Bgp]);
         }
+    }
+
+    /// Whether BGPPeers, this node's Node labels and the password Secret
+    /// have each been read once: until then sessions from them are unknown.
+    pub fn bgp_inputs_listed(&self) -> bool {
+        self.read().bgp_inputs_listed()
     }
 
     /// This node's Node labels (BGPPeers select nodes by them).
@@ -324,7 +342,10 @@ impl Cache {
     pub fn set_node_labels(&self, labels: BTreeMap<String, String>) {
         let changed = {
             let mut s = self.write();
-            !std::mem::replace(&mut s.node_labels, labels.clone()).eq(&labels)
+            let listed = s.bgp_inputs_listed();
+            s.node_labels_synced = true;
+            std::mem::replace(&mut s.node_labels, labels.clone()) != labels
+                || (!listed && s.bgp_inputs_listed())
         };
         if changed {
             self.emit(vec![Event::Bgp]);
@@ -340,7 +361,10 @@ impl Cache {
     pub fn set_passwords(&self, passwords: Option<Passwords>) {
         let changed = {
             let mut s = self.write();
+            let listed = s.bgp_inputs_listed();
+            s.passwords_synced = true;
             std::mem::replace(&mut s.passwords, passwords.clone()) != passwords
+                || (!listed && s.bgp_inputs_listed())
         };
         if changed {
             self.emit(vec![Event::Bgp]);

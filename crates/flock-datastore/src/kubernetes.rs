@@ -245,18 +245,29 @@ async fn pods(api: Api<Pod>, cache: Cache, observer: Arc<dyn ListObserver>) {
 
 /// The Secret `flock-bgp-passwords` into the cache, with only the verbs
 /// RBAC grants on that one name: a `get` for its state (absent is a state
-/// too), then a `watch` by name from that version; again after the watch
-/// ends or fails. Neither the Secret nor an error about it is logged with
-/// its values.
+/// too), then a `watch` by name with no resourceVersion, which the API
+/// server starts at its most recent version with the object's current
+/// state first (never a 410 for a version too old, however long the
+/// Secret went unchanged); again after the watch ends, waiting after a
+/// watch that failed. A deletion in the instant between the `get` and the
+/// watch's start is seen at the next round (the API server ends a watch
+/// after a few minutes). Neither the Secret nor an error about it is
+/// logged with its values.
 async fn passwords(api: Api<Secret>, cache: Cache) {
     let mut failures = 0u32;
     loop {
-        let version = match api.get_opt(PASSWORD_SECRET).await {
+        let got = api.get_opt(PASSWORD_SECRET).await;
+        let watched = match got {
             Ok(secret) => {
-                failures = 0;
                 cache.set_passwords(secret.as_ref().map(Passwords::from_secret));
-                secret.and_then(|s| s.metadata.resource_version)
+                let params =
+                    WatchParams::default().fields(&format!("metadata.name={PASSWORD_SECRET}"));
+                api.watch(&params, "").await
             }
+            Err(error) => Err(error),
+        };
+        let stream = match watched {
+            Ok(stream) => stream,
             Err(error) => {
                 failures += 1;
                 warn!(secret = PASSWORD_SECRET, error = %error_without_body(&error), "reading the BGP passwords failed; retrying");
@@ -264,17 +275,9 @@ async fn passwords(api: Api<Secret>, cache: Cache) {
                 continue;
             }
         };
-        let params = WatchParams::default().fields(&format!("metadata.name={PASSWORD_SECRET}"));
-        let stream = match api.watch(&params, version.as_deref().unwrap_or("0")).await {
-            Ok(stream) => stream,
-            Err(error) => {
-                failures += 1;
-                warn!(secret = PASSWORD_SECRET, error = %error_without_body(&error), "watching the BGP passwords failed; retrying");
-                tokio::time::sleep(retry_delay(failures)).await;
-                continue;
-            }
-        };
         futures_util::pin_mut!(stream);
+        let started = std::time::Instant::now();
+        let mut failed = None;
         while let Some(event) = stream.next().await {
             match event {
                 Ok(ApiEvent::Added(s) | ApiEvent::Modified(s)) => {
@@ -282,9 +285,28 @@ async fn passwords(api: Api<Secret>, cache: Cache) {
                 }
                 Ok(ApiEvent::Deleted(_)) => cache.set_passwords(None),
                 Ok(ApiEvent::Bookmark(_)) => {}
-                // 410 Gone and the like: read it again.
-                Ok(ApiEvent::Error(_)) | Err(_) => break,
+                Ok(ApiEvent::Error(status)) => {
+                    failed = Some(format!("{} {}", status.code, status.reason));
+                    break;
+                }
+                Err(error) => {
+                    failed = Some(error_without_body(&error));
+                    break;
+                }
             }
+        }
+        if failed.is_none() && started.elapsed() < Duration::from_secs(1) {
+            failed = Some("the watch ended at once".to_owned());
+        }
+        // A watch that fails at once, again and again, must not become a
+        // loop of requests: wait, longer each time, until one runs clean.
+        match failed {
+            Some(error) => {
+                failures += 1;
+                warn!(secret = PASSWORD_SECRET, %error, "watching the BGP passwords failed; reading them again");
+                tokio::time::sleep(retry_delay(failures)).await;
+            }
+            None => failures = 0,
         }
     }
 }

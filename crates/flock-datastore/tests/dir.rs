@@ -119,6 +119,8 @@ async fn changes_deletions_and_readiness_become_events() {
     assert_eq!(
         drain(&mut events),
         vec![
+            // BGPPeers, the Node and the password Secret read (none here).
+            Event::Bgp,
             Event::Pod {
                 namespace: "shop".into(),
                 name: "web-1".into()
@@ -126,6 +128,7 @@ async fn changes_deletions_and_readiness_become_events() {
             Event::Namespaces,
         ]
     );
+    assert!(cache.bgp_inputs_listed());
     source.scan();
     assert_eq!(
         drain(&mut events),
@@ -293,5 +296,43 @@ async fn every_nodeconfig_and_address_pool_is_kept_and_listed() {
     assert!(
         !seen.contains(&Event::NodeConfig),
         "node-a's own is unchanged: {seen:?}"
+    );
+}
+
+#[test]
+fn bgp_peers_the_nodes_labels_and_the_password_secret_come_from_manifests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("bgp.yaml"),
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a, labels: {rack: a}}\n---\n\
+         apiVersion: v1\nkind: Node\nmetadata: {name: node-b, labels: {rack: b}}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {name: other}\nstringData: {tor: not-this}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {name: flock-bgp-passwords}\ndata: {tor: czNjcmV0}\nstringData: {rack: r4ck}\n---\n\
+         apiVersion: flock.fritzlab.net/v1alpha1\nkind: BGPPeer\nmetadata: {name: tor}\nspec: {address: 192.0.2.1, asn: 65000}\n",
+    )
+    .expect("write");
+    let cache = Cache::new("node-a");
+    DirSource::new(dir.path(), cache.clone()).scan();
+    assert!(cache.bgp_inputs_listed());
+    assert_eq!(cache.node_labels()["rack"], "a", "this node's own Node");
+    let passwords = cache.passwords().expect("the Secret");
+    assert_eq!(passwords.get("tor"), Some(&b"s3cret"[..]));
+    assert_eq!(passwords.get("rack"), Some(&b"r4ck"[..]));
+    assert!(
+        !format!("{passwords:?}").contains("s3cret"),
+        "Debug shows keys only"
+    );
+    assert_eq!(cache.bgp_peers().len(), 1);
+    // A Secret that does not parse is refused without its values.
+    std::fs::write(
+        dir.path().join("bgp.yaml"),
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: flock-bgp-passwords}\ndata: {tor: 'not base64 s3cret!'}\n",
+    )
+    .expect("write");
+    let problems = DirSource::new(dir.path(), Cache::new("node-a")).scan();
+    let text = format!("{problems:?}");
+    assert!(
+        text.contains("Secret") && !text.contains("s3cret"),
+        "{text}"
     );
 }
