@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use flock_bird::Reload;
 use flock_datastore::{Cache, Event};
-use flock_model::Peer;
 use flock_netlink::AddressWatch;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -53,11 +52,13 @@ pub struct BirdLoop<K> {
     /// Where the password Secret lives (for warnings).
     namespace: String,
     /// Each BGPPeer's last valid version.
-    last_good: BTreeMap<String, Peer>,
+    last_good: BTreeMap<String, crate::sessions::InForce>,
     /// The routers on unnumbered peers' interfaces, from their own loop.
     routers: RouterWatch,
     /// That loop, until [`BirdLoop::run`] starts it.
     finder: Option<RouterFinder<K>>,
+    /// Whether that loop still runs.
+    finder_alive: bool,
     /// The sessions' last warnings, logged when they change.
     session_warnings: Vec<String>,
 }
@@ -107,6 +108,7 @@ impl<K: Kernel> BirdLoop<K> {
             last_good: BTreeMap::new(),
             routers,
             finder: Some(finder),
+            finder_alive: true,
             session_warnings: Vec::new(),
         }
     }
@@ -138,7 +140,11 @@ impl<K: Kernel> BirdLoop<K> {
                     Ok(_) => continue,
                     Err(RecvError::Closed) => return,
                 },
-                changed = self.routers.found.changed() => if changed.is_err() { return },
+                changed = self.routers.found.changed(), if self.finder_alive => if changed.is_err() {
+                    warn!("the unnumbered peers' router loop ended; their neighbours stay as last found");
+                    self.finder_alive = false;
+                    continue;
+                },
                 _ = tick.tick() => {}
             }
             self.pass().instrument(info_span!("bird_pass")).await;
@@ -182,8 +188,17 @@ impl<K: Kernel> BirdLoop<K> {
             // withdraw every anycast IP until it does.
             return;
         };
+        if !self.cache.bgp_inputs_listed() {
+            // BGPPeers, the Node's labels or the passwords not read yet:
+            // rendering now would end their sessions until they are.
+            return;
+        }
         let prefixes = self.prefixes.borrow().clone();
-        let (mut sessions, mut warnings) = self.sessions(&settings);
+        let Some((mut sessions, mut warnings)) = self.sessions(&settings) else {
+            // An unnumbered peer's interface not asked yet: its session
+            // would be left out of this text (and BIRD would end it).
+            return;
+        };
         let pool_communities: Vec<_> = self
             .cache
             .pools()
@@ -248,14 +263,12 @@ impl<K: Kernel> BirdLoop<K> {
     fn sessions(
         &mut self,
         settings: &flock_model::NodeSettings,
-    ) -> (Vec<flock_bird::Session>, Vec<String>) {
+    ) -> Option<(Vec<flock_bird::Session>, Vec<String>)> {
         let bgp_peers = self.cache.bgp_peers();
         let node_labels = self.cache.node_labels();
         let passwords = self.cache.passwords();
-        let link_locals: BTreeMap<String, Ipv6Addr> = self
-            .routers
-            .found
-            .borrow_and_update()
+        let found = self.routers.found.borrow_and_update().clone();
+        let link_locals: BTreeMap<String, Ipv6Addr> = found
             .iter()
             .filter_map(|(i, r)| r.map(|r| (i.clone(), r)))
             .collect();
@@ -268,13 +281,17 @@ impl<K: Kernel> BirdLoop<K> {
             link_locals: &link_locals,
         };
         let wanted = crate::sessions::interfaces(inputs, &self.last_good);
+        let asked = !self.finder_alive || wanted.iter().all(|i| found.contains_key(i));
         self.routers.wanted.send_if_modified(|old| {
             let changed = *old != wanted;
             *old = wanted;
             changed
         });
+        if !asked {
+            return None;
+        }
         let composed = crate::sessions::compose(inputs, &mut self.last_good);
-        (composed.sessions, composed.warnings)
+        Some((composed.sessions, composed.warnings))
     }
 
     /// The node's addresses, from the watch (opened when there is none).

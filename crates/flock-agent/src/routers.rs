@@ -4,7 +4,12 @@
 //! all): the BIRD loop says which interfaces it wants, this loop publishes
 //! what it found. An interface is asked when it is first wanted, every
 //! [`ROUTER_RETRY`] while nobody answers there, and every
-//! [`ROUTER_REFRESH`] in any case (a replaced router is followed).
+//! [`ROUTER_REFRESH`] in any case (a replaced router is followed). A
+//! router found stays until another answers instead or it missed
+//! [`MISSES`] refreshes in a row: a lost echo must not end a session
+//! (BGP and BFD judge whether it lives). An interface where several
+//! answer gets no session: unnumbered peering needs a point-to-point
+//! link, and on a shared one the other nodes answer too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv6Addr;
@@ -24,6 +29,9 @@ pub const ROUTER_RETRY: Duration = Duration::from_secs(2);
 /// How often every interface is asked again.
 pub const ROUTER_REFRESH: Duration = Duration::from_secs(15);
 
+/// Refreshes a found router may miss in a row before it is dropped.
+pub const MISSES: u32 = 3;
+
 /// The router found on each wanted interface (`None`: none answered).
 pub type Routers = BTreeMap<String, Option<Ipv6Addr>>;
 
@@ -35,6 +43,8 @@ pub struct RouterFinder<K> {
     /// The last error per interface, logged when it changes (a missing
     /// interface is asked every 2 s).
     errors: BTreeMap<String, String>,
+    /// Refreshes in a row a found router did not answer.
+    misses: BTreeMap<String, u32>,
 }
 
 /// The BIRD loop's ends: what it wants, what was found.
@@ -56,6 +66,7 @@ impl<K: Kernel> RouterFinder<K> {
                 wanted,
                 found,
                 errors: BTreeMap::new(),
+                misses: BTreeMap::new(),
             },
             RouterWatch {
                 wanted: wanted_tx,
@@ -76,9 +87,20 @@ impl<K: Kernel> RouterFinder<K> {
             let mut routers = self.found.borrow().clone();
             routers.retain(|i, _| wanted.contains(i));
             self.errors.retain(|i, _| wanted.contains(i));
+            self.misses.retain(|i, _| wanted.contains(i));
             for interface in &wanted {
-                if all || routers.get(interface).is_none_or(Option::is_none) {
-                    let router = self.ask(interface).await;
+                let known = routers.get(interface).copied().flatten();
+                if all || known.is_none() {
+                    let mut router = self.ask(interface).await;
+                    if router.is_none() && known.is_some() {
+                        let misses = self.misses.entry(interface.clone()).or_default();
+                        *misses += 1;
+                        if *misses < MISSES {
+                            router = known;
+                        }
+                    } else {
+                        self.misses.remove(interface);
+                    }
                     if routers.get(interface) != Some(&router) {
                         info!(
                             interface,
@@ -111,14 +133,19 @@ impl<K: Kernel> RouterFinder<K> {
     async fn ask(&mut self, interface: &str) -> Option<Ipv6Addr> {
         match self.kernel.find_routers(interface).await {
             Ok(routers) => {
-                self.errors.remove(interface);
                 if routers.len() > 1 {
-                    warn!(
-                        interface,
-                        ?routers,
-                        "several routers answer on an unnumbered peer's interface; peering with the first"
-                    );
+                    let text = format!("several routers answer: {routers:?}");
+                    if self.errors.get(interface) != Some(&text) {
+                        warn!(
+                            interface,
+                            ?routers,
+                            "several routers answer on an unnumbered peer's interface; it needs a point-to-point link, so no session"
+                        );
+                        self.errors.insert(interface.to_owned(), text);
+                    }
+                    return None;
                 }
+                self.errors.remove(interface);
                 routers.first().copied()
             }
             Err(error) => {

@@ -16,6 +16,7 @@ use std::net::Ipv6Addr;
 use flock_bird::Session;
 use flock_datastore::Passwords;
 use flock_model::{BgpPeer, Neighbor, NodeSettings, PASSWORD_SECRET, Peer, check_password};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 
 /// What the sessions are made of.
@@ -44,9 +45,51 @@ pub struct Composed {
     pub warnings: Vec<String>,
 }
 
+/// A BGPPeer's version in force: its peer and the nodes it selects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InForce {
+    /// The validated peer.
+    pub peer: Peer,
+    /// The selector it came with.
+    pub node_selector: Option<LabelSelector>,
+}
+
+impl InForce {
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.node_selector
+            .as_ref()
+            .is_none_or(|s| flock_netpol::selects(s, labels))
+    }
+}
+
+/// `resource` as it is when valid, else its last valid version (with the
+/// selector that version had); the warning when it is invalid.
+fn in_force(
+    resource: &BgpPeer,
+    last_good: &BTreeMap<String, InForce>,
+) -> (Option<InForce>, Option<String>) {
+    match resource.validated() {
+        Ok(peer) => (
+            Some(InForce {
+                peer,
+                node_selector: resource.spec.node_selector.clone(),
+            }),
+            None,
+        ),
+        Err(e) => match last_good.get(&resource.name_any()) {
+            Some(good) => (
+                Some(good.clone()),
+                Some(format!("{e}; its last valid version stays in force")),
+            ),
+            None => (None, Some(format!("{e}; not in force"))),
+        },
+    }
+}
+
 /// Composes the sessions; `last_good` keeps each BGPPeer's last valid
-/// version (an invalid edit does not drop a working session).
-pub fn compose(inputs: Inputs<'_>, last_good: &mut BTreeMap<String, Peer>) -> Composed {
+/// version (an invalid edit does not drop a working session, nor move it
+/// to other nodes).
+pub fn compose(inputs: Inputs<'_>, last_good: &mut BTreeMap<String, InForce>) -> Composed {
     let mut out = Composed::default();
     let mut candidates = flock_bird::node_config_sessions(inputs.settings);
     let mut peers: Vec<&BgpPeer> = inputs.bgp_peers.iter().collect();
@@ -55,41 +98,26 @@ pub fn compose(inputs: Inputs<'_>, last_good: &mut BTreeMap<String, Peer>) -> Co
     last_good.retain(|name, _| names.contains(name));
     for resource in peers {
         let name = resource.name_any();
-        let peer = match resource.validated() {
-            Ok(peer) => {
-                last_good.insert(name.clone(), peer.clone());
-                peer
-            }
-            Err(e) => match last_good.get(&name) {
-                Some(good) => {
-                    out.warnings
-                        .push(format!("{e}; its last valid version stays in force"));
-                    good.clone()
-                }
-                None => {
-                    out.warnings.push(format!("{e}; not in force"));
-                    continue;
-                }
-            },
-        };
-        if !resource
-            .spec
-            .node_selector
-            .as_ref()
-            .is_none_or(|s| flock_netpol::selects(s, inputs.node_labels))
-        {
+        let (version, warning) = in_force(resource, last_good);
+        out.warnings.extend(warning);
+        let Some(version) = version else { continue };
+        last_good.insert(name.clone(), version.clone());
+        if !version.selects(inputs.node_labels) {
             continue;
         }
         let origin = format!("BGPPeer {name}");
-        if let Some(first) = candidates.iter().find(|c| c.peer.neighbor == peer.neighbor) {
+        if let Some(first) = candidates
+            .iter()
+            .find(|c| c.peer.neighbor == version.peer.neighbor)
+        {
             out.warnings.push(format!(
                 "{origin}: neighbour {} is also {}; that one is in force",
-                peer.neighbor, first.origin
+                version.peer.neighbor, first.origin
             ));
             continue;
         }
         candidates.push(Session {
-            peer,
+            peer: version.peer,
             origin,
             password: None,
             link_local: None,
@@ -140,18 +168,13 @@ fn resolve(session: &mut Session, inputs: &Inputs<'_>) -> Result<(), String> {
 
 /// The interfaces the sessions-to-be name (their neighbours are looked
 /// for), from the NodeConfig and the selected BGPPeers.
-pub fn interfaces(inputs: Inputs<'_>, last_good: &BTreeMap<String, Peer>) -> BTreeSet<String> {
-    let selected = inputs.bgp_peers.iter().filter(|p| {
-        p.spec
-            .node_selector
-            .as_ref()
-            .is_none_or(|s| flock_netpol::selects(s, inputs.node_labels))
-    });
-    let from_peers = selected.filter_map(|p| {
-        p.validated()
-            .ok()
-            .or_else(|| last_good.get(&p.name_any()).cloned())
-    });
+pub fn interfaces(inputs: Inputs<'_>, last_good: &BTreeMap<String, InForce>) -> BTreeSet<String> {
+    let from_peers = inputs
+        .bgp_peers
+        .iter()
+        .filter_map(|p| in_force(p, last_good).0)
+        .filter(|v| v.selects(inputs.node_labels))
+        .map(|v| v.peer);
     inputs
         .settings
         .bgp
@@ -280,7 +303,7 @@ mod tests {
     fn an_invalid_bgp_peer_keeps_its_last_valid_version() {
         let s = settings(serde_json::json!([]));
         let mut last_good = BTreeMap::new();
-        let run = |peers: &[BgpPeer], last_good: &mut BTreeMap<String, Peer>| {
+        let run = |peers: &[BgpPeer], last_good: &mut BTreeMap<String, InForce>| {
             compose(
                 Inputs {
                     settings: &s,
@@ -316,6 +339,19 @@ mod tests {
             "{:?}",
             composed.warnings
         );
+        // A broken selector: the last valid one still decides the nodes.
+        let selected = [peer(
+            "tor",
+            serde_json::json!({"interface": "eth1", "asn": 65000, "nodeSelector": {"matchLabels": {"kubernetes.io/hostname": "other"}}}),
+        )];
+        assert!(run(&selected, &mut last_good).sessions.is_empty());
+        let broken = [peer(
+            "tor",
+            serde_json::json!({"interface": "eth1", "asn": 65000, "nodeSelector": {"matchExpressions": [{"key": "x", "operator": "Bogus"}]}}),
+        )];
+        let composed = run(&broken, &mut last_good);
+        assert!(composed.sessions.is_empty(), "still not this node");
+        assert!(composed.warnings[0].contains("last valid version"));
         assert!(run(&[], &mut last_good).sessions.is_empty());
         assert!(last_good.is_empty(), "a deleted peer is forgotten");
         assert_eq!(run(&bad, &mut last_good).sessions.len(), 0);

@@ -414,7 +414,7 @@ fn bgp_peers_select_nodes_by_label_and_come_and_go_without_touching_other_sessio
 
 #[test]
 fn unnumbered_peering_carries_ipv4_over_link_local_ipv6() {
-    let rack = Rack::unnumbered(
+    let mut rack = Rack::unnumbered(
         "  cidr4: 198.18.0.0/24\n  defaults: {ipv6: false}\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - {interface: up0, asn: 65000, import: default-only}",
     );
     flock_testkit::fabric::tor_forwarding(rack.tor.name()).expect("forwarding");
@@ -460,8 +460,10 @@ fn unnumbered_peering_carries_ipv4_over_link_local_ipv6() {
         .to_owned();
     let conf = until("the unnumbered session", Duration::from_secs(30), || {
         let c = rack.bird_conf();
-        c.contains(&format!("neighbor {tor_ll}%up0 as 65000;"))
-            .then_some(c)
+        c.contains(&format!(
+            "neighbor {tor_ll} as 65000;\n  interface \"up0\";"
+        ))
+        .then_some(c)
     });
     assert!(conf.contains("extended next hop on;"), "{conf}");
     let _node_bird = rack.node_bird();
@@ -510,4 +512,18 @@ fn unnumbered_peering_carries_ipv4_over_link_local_ipv6() {
     let answered = flock_testkit::udp_probe(&host.netns(), to, Duration::from_secs(5));
     assert!(answered.is_some(), "no reply from {to}");
     assert!(echo.hits() > 0);
+
+    // An agent restart is hitless here too: the first text after it waits
+    // for the router on up0, so it is the one BIRD has and nothing reloads.
+    let (before, session) = (rack.bird_conf(), protocol_line(&socket, "peer_if_up0"));
+    rack.node.kill();
+    rack.node.spawn();
+    until(
+        "the restarted agent serving",
+        Duration::from_secs(20),
+        || (rack.node.http("/readyz").0 == 200).then_some(String::new()),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(rack.bird_conf(), before, "bird.conf changed over a restart");
+    assert_eq!(protocol_line(&socket, "peer_if_up0"), session);
 }

@@ -203,8 +203,10 @@ fn an_unnumbered_session_to_an_frr_tor_carries_ipv4() {
     // The agent finds FRR's address by its echo to the all-routers group.
     until("the session rendered", Duration::from_secs(20), || {
         let c = std::fs::read_to_string(node.bird_config()).ok()?;
-        c.contains(&format!("neighbor {tor_ll}%up0 as 65000;"))
-            .then_some(c)
+        c.contains(&format!(
+            "neighbor {tor_ll} as 65000;\n  interface \"up0\";"
+        ))
+        .then_some(c)
     });
     let _bird = Bird::start(node.node.name(), &node.bird_config(), &node.bird_socket());
     until(

@@ -945,6 +945,19 @@ fn bgp_peers_node_labels_and_the_password_secret_through_the_api() {
     );
     let conf = || std::fs::read_to_string(k.node.bird_config()).unwrap_or_default();
     let protocol = "protocol bgp peer_198_18_255_254";
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "kube-system");
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "flock-bgp-passwords"}, "stringData": {"tor": "api-pass-1"}}))
+    .expect("secret");
+    k.cluster
+        .block_on(secrets.create(&PostParams::default(), &secret))
+        .expect("create the Secret");
+    // Everything for the session is there but the node's label.
+    k.until(
+        "a render with the Secret read",
+        Duration::from_secs(20),
+        || conf().contains("protocol static static4").then_some(()),
+    );
     std::thread::sleep(Duration::from_secs(2));
     assert!(!conf().contains(protocol), "the node is not in rack a yet");
     let nodes: Api<Node> = Api::all(admin.clone());
@@ -955,19 +968,6 @@ fn bgp_peers_node_labels_and_the_password_secret_through_the_api() {
             &Patch::Merge(serde_json::json!({"metadata": {"labels": {"rack": "a"}}})),
         ))
         .expect("label the node");
-    // Selected now, but its password is missing: left out, named.
-    k.until("the missing Secret named", Duration::from_secs(20), || {
-        let log = k.node.log();
-        (log.contains("BGPPeer rack-a") && log.contains("flock-bgp-passwords does not exist"))
-            .then_some(())
-    });
-    let secrets: Api<Secret> = Api::namespaced(admin, "kube-system");
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "flock-bgp-passwords"}, "stringData": {"tor": "api-pass-1"}}))
-    .expect("secret");
-    k.cluster
-        .block_on(secrets.create(&PostParams::default(), &secret))
-        .expect("create the Secret");
     k.until(
         "the session with its password",
         Duration::from_secs(20),
@@ -993,6 +993,18 @@ fn bgp_peers_node_labels_and_the_password_secret_through_the_api() {
         .expect("delete the Secret");
     k.until("the session left out", Duration::from_secs(20), || {
         (!conf().contains(protocol)).then_some(())
+    });
+    k.until("the missing Secret named", Duration::from_secs(10), || {
+        let log = k.node.log();
+        (log.contains("BGPPeer rack-a") && log.contains("flock-bgp-passwords does not exist"))
+            .then_some(())
+    });
+    // Created again: the watch sees it.
+    k.cluster
+        .block_on(secrets.create(&PostParams::default(), &secret))
+        .expect("create the Secret again");
+    k.until("the session back", Duration::from_secs(20), || {
+        conf().contains("password \"api-pass-1\";").then_some(())
     });
     let log = k.node.log();
     assert!(!log.contains("api-pass-1") && !log.contains("api-pass-2"));

@@ -58,8 +58,9 @@ pub enum RenderError {
 }
 
 /// One BGP session to render, composed by the agent from a NodeConfig
-/// peer or a BGPPeer, with what it looked up for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// peer or a BGPPeer, with what it looked up for it. Its `Debug` shows
+/// whether there is a password, never the password.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     /// The validated peer.
     pub peer: Peer,
@@ -70,6 +71,17 @@ pub struct Session {
     pub password: Option<String>,
     /// For a peer on an interface: the neighbour's link-local address there.
     pub link_local: Option<Ipv6Addr>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("peer", &self.peer)
+            .field("origin", &self.origin)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("link_local", &self.link_local)
+            .finish()
+    }
 }
 
 /// The sessions of a NodeConfig's own peers (no password or neighbour
@@ -220,10 +232,12 @@ fn render_session(
                 origin: session.origin.clone(),
                 interface: interface.clone(),
             })?;
-            // The model admits only interface names BIRD can quote.
+            // The model admits only interface names BIRD can quote; the
+            // `interface` line scopes the link-local neighbour (BIRD's
+            // `%name` takes only symbol-like names: no `eth0.100`).
             let _ = write!(
                 out,
-                "  local as {asn};\n  neighbor {ll}%{interface} as {};\n  interface \"{interface}\";\n",
+                "  local as {asn};\n  neighbor {ll} as {};\n  interface \"{interface}\";\n",
                 peer.asn
             );
             &["ipv4", "ipv6"]

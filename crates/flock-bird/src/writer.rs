@@ -108,12 +108,21 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// The handle that feeds the writer; dropping every clone stops it.
-#[derive(Debug, Clone)]
+/// The handle that feeds the writer; dropping every clone stops it. Its
+/// `Debug` leaves out the text (it holds session passwords).
+#[derive(Clone)]
 pub struct Writer {
     tx: Arc<watch::Sender<Option<String>>>,
     status: Arc<Mutex<WriterStatus>>,
     attempts: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Writer {

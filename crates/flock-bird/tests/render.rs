@@ -276,7 +276,7 @@ fn production_fabric_sessions_with_bfd_passwords_unnumbered_and_communities() {
                 {"address": "198.18.255.254", "asn": 65000, "bfd": {"enabled": true},
                  "passwordSecretRef": {"key": "tor-a"}, "holdTimeSeconds": 9, "gracefulRestartSeconds": 300,
                  "communities": ["65000:100"], "largeCommunities": ["65000:1:2"], "import": "default-only", "importLimit": 100},
-                {"interface": "eth1", "asn": 65000, "bfd": {"enabled": true, "intervalMs": 50, "multiplier": 5}, "import": "none"},
+                {"interface": "eth1.100", "asn": 65000, "bfd": {"enabled": true, "intervalMs": 50, "multiplier": 5}, "import": "none"},
             ]},
     }));
     let mut sessions = node_config_sessions(&s);
@@ -309,7 +309,7 @@ fn production_fabric_sessions_with_bfd_passwords_unnumbered_and_communities() {
         "  graceful restart time 300;",
         "    import where net = 0.0.0.0/0;",
         "    import limit 100 action block;",
-        "  neighbor fe80::1%eth1 as 65000;",
+        "  neighbor fe80::1 as 65000;\n  interface \"eth1.100\";",
         "    extended next hop on;",
         "    import none;",
         // The pool's communities on its IP only; the node's on everything.

@@ -216,10 +216,13 @@ impl PeerSpec {
     pub(crate) fn validate(&self, at: &str) -> std::result::Result<Peer, FieldError> {
         let f = |name: &str| format!("{at}.{name}");
         let neighbor = match (&self.address, &self.interface) {
-            (Some(a), None) => Neighbor::Address(
-                a.parse()
-                    .map_err(|_| field_error(f("address"), a, "not an IP address"))?,
-            ),
+            (Some(a), None) => {
+                let ip: IpAddr = a
+                    .parse()
+                    .map_err(|_| field_error(f("address"), a, "not an IP address"))?;
+                check_peer_address(ip).map_err(|r| field_error(f("address"), a, r))?;
+                Neighbor::Address(ip)
+            }
             (None, Some(i)) => {
                 check_interface(i).map_err(|r| field_error(f("interface"), i, r))?;
                 Neighbor::Interface(i.clone())
@@ -364,6 +367,30 @@ fn number<N: std::str::FromStr>(text: &str) -> Option<N> {
         return None;
     }
     text.parse().ok()
+}
+
+/// A numbered peer's address: a unicast address BIRD can reach without
+/// an interface, and one spelling per peer (protocol names derive from it).
+fn check_peer_address(ip: IpAddr) -> std::result::Result<(), &'static str> {
+    let bad = match ip {
+        IpAddr::V4(v4) => {
+            v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_unicast_link_local() {
+                return Err("a link-local address: peer by `interface` instead");
+            }
+            if v6.to_ipv4_mapped().is_some() {
+                return Err("an IPv4-mapped IPv6 address: write the IPv4 address");
+            }
+            v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()
+        }
+    };
+    if bad {
+        Err("not a unicast address a peer can have")
+    } else {
+        Ok(())
+    }
 }
 
 /// A Linux interface name BIRD can quote: 1 to 15 of letters, digits,

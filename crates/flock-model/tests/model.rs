@@ -470,6 +470,26 @@ fn peer_fields_validate_into_typed_values() {
             "not an interface name",
         ),
         (
+            serde_json::json!({"address": "fe80::1"}),
+            format!("{p}.address"),
+            "link-local",
+        ),
+        (
+            serde_json::json!({"address": "::ffff:192.0.2.1"}),
+            format!("{p}.address"),
+            "IPv4-mapped",
+        ),
+        (
+            serde_json::json!({"address": "224.0.0.5"}),
+            format!("{p}.address"),
+            "not a unicast",
+        ),
+        (
+            serde_json::json!({"address": "::"}),
+            format!("{p}.address"),
+            "not a unicast",
+        ),
+        (
             serde_json::json!({"interface": "eth0", "address": "192.0.2.1"}),
             format!("{p}.interface"),
             "one of them",
