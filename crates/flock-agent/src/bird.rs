@@ -31,6 +31,10 @@ use crate::routers::{RouterFinder, RouterWatch};
 use crate::settings::{Prefixes, Published};
 use crate::status::Board;
 
+/// How long after the start bird.conf waits for BGPPeers, the Node and the
+/// password Secret to be read before it renders without what is missing.
+pub const BGP_INPUTS_GRACE: Duration = Duration::from_secs(10);
+
 /// How often bird.conf is rendered again without a trigger.
 pub const BIRD_TICK: Duration = Duration::from_secs(15);
 
@@ -59,6 +63,10 @@ pub struct BirdLoop<K> {
     finder: Option<RouterFinder<K>>,
     /// Whether that loop still runs.
     finder_alive: bool,
+    /// When the loop started (for [`BGP_INPUTS_GRACE`]).
+    started: std::time::Instant,
+    /// Which BGP inputs could not be read, once past the grace period.
+    unread: Option<String>,
     /// The sessions' last warnings, logged when they change.
     session_warnings: Vec<String>,
 }
@@ -109,6 +117,8 @@ impl<K: Kernel> BirdLoop<K> {
             routers,
             finder: Some(finder),
             finder_alive: true,
+            started: std::time::Instant::now(),
+            unread: None,
             session_warnings: Vec::new(),
         }
     }
@@ -188,10 +198,22 @@ impl<K: Kernel> BirdLoop<K> {
             // withdraw every anycast IP until it does.
             return;
         };
-        if !self.cache.bgp_inputs_listed() {
+        let missing = self.cache.bgp_inputs_missing();
+        if !missing.is_empty() {
             // BGPPeers, the Node's labels or the passwords not read yet:
-            // rendering now would end their sessions until they are.
-            return;
+            // rendering now would end their sessions until they are. One
+            // that cannot be read at all (a CRD or RBAC rule not applied)
+            // must not stop BIRD's configuration for good: after a grace
+            // period the node renders without it, and says so.
+            if self.started.elapsed() < BGP_INPUTS_GRACE {
+                return;
+            }
+            self.unread = Some(format!(
+                "not read yet, so their sessions are unknown: {}",
+                missing.join(", ")
+            ));
+        } else {
+            self.unread = None;
         }
         let prefixes = self.prefixes.borrow().clone();
         let Some((mut sessions, mut warnings)) = self.sessions(&settings) else {
@@ -236,6 +258,7 @@ impl<K: Kernel> BirdLoop<K> {
                 .map_err(|e| e.to_string())
             }
         };
+        warnings.extend(self.unread.clone());
         if warnings != self.session_warnings {
             for warning in &warnings {
                 warn!(%warning, "BGP session");

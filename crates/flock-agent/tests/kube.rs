@@ -1009,3 +1009,50 @@ fn bgp_peers_node_labels_and_the_password_secret_through_the_api() {
     let log = k.node.log();
     assert!(!log.contains("api-pass-1") && !log.contains("api-pass-2"));
 }
+
+/// An agent upgraded before the BGPPeer CRD is applied: it cannot read
+/// BGPPeers, waits the grace period, then renders bird.conf without them
+/// and says what it could not read.
+#[test]
+fn without_the_bgppeer_crd_bird_conf_is_rendered_after_the_grace_period() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let cluster = KubeCluster::start();
+    let crds: Api<CustomResourceDefinition> = Api::all(cluster.admin());
+    cluster
+        .block_on(crds.delete("bgppeers.flock.fritzlab.net", &DeleteParams::default()))
+        .expect("delete the BGPPeer CRD");
+    until_or(
+        "the BGPPeer CRD gone",
+        Duration::from_secs(30),
+        || {
+            matches!(
+                cluster.block_on(crds.get_opt("bgppeers.flock.fritzlab.net")),
+                Ok(None)
+            )
+            .then_some(())
+        },
+        String::new,
+    );
+    let started = Instant::now();
+    let k = KubeNode::start_on(
+        cluster,
+        &node_config(
+            "  cidr6: 2001:db8:0:1::/64\n  cidr4: 198.18.0.0/24\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1",
+            "",
+        ),
+    );
+    let conf = || std::fs::read_to_string(k.node.bird_config()).unwrap_or_default();
+    k.until(
+        "bird.conf rendered without BGPPeers",
+        Duration::from_secs(40),
+        || conf().contains("protocol static static4").then_some(()),
+    );
+    k.until("the unread input named", Duration::from_secs(5), || {
+        let log = k.node.log();
+        (log.contains("not read yet") && log.contains("BGPPeers")).then_some(())
+    });
+    assert!(
+        started.elapsed() >= flock_agent::bird::BGP_INPUTS_GRACE,
+        "rendered before the grace period: BGPPeers were read after all"
+    );
+}

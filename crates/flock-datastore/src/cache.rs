@@ -333,6 +333,21 @@ impl Cache {
         self.read().bgp_inputs_listed()
     }
 
+    /// Which BGP inputs have not been read yet: `BGPPeers`, `the Node`,
+    /// `the Secret flock-bgp-passwords`.
+    pub fn bgp_inputs_missing(&self) -> Vec<&'static str> {
+        let s = self.read();
+        [
+            (s.bgp_peers_synced, "BGPPeers"),
+            (s.node_labels_synced, "this node's Node"),
+            (s.passwords_synced, "the Secret flock-bgp-passwords"),
+        ]
+        .into_iter()
+        .filter(|(synced, _)| !synced)
+        .map(|(_, what)| what)
+        .collect()
+    }
+
     /// This node's Node labels (BGPPeers select nodes by them).
     pub fn node_labels(&self) -> BTreeMap<String, String> {
         self.read().node_labels.clone()

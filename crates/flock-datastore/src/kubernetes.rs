@@ -257,6 +257,13 @@ async fn passwords(api: Api<Secret>, cache: Cache) {
     let mut failures = 0u32;
     loop {
         let got = api.get_opt(PASSWORD_SECRET).await;
+        if let Err(kube::Error::Api(status)) = &got
+            && status.code == 403
+        {
+            // No RBAC for it (an older rbac.yaml): as if there were no
+            // Secret; sessions that need a password are left out, named.
+            cache.set_passwords(None);
+        }
         let watched = match got {
             Ok(secret) => {
                 cache.set_passwords(secret.as_ref().map(Passwords::from_secret));
