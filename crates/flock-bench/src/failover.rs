@@ -21,7 +21,7 @@ const HOLD_TIME: Duration = Duration::from_secs(9);
 
 /// Runs `trials` failovers with BFD and `hold_trials` without.
 pub fn run(trials: usize, hold_trials: usize) -> anyhow::Result<()> {
-    let bfd = failovers("bfd: {enabled: true}", true, trials)?;
+    let (bfd, back) = failovers("bfd: {enabled: true}", true, trials)?;
     println!(
         "uplink dead (all packets dropped, link up) → ToR withdraws the node's prefix, BFD at the defaults ({trials} runs): median {}, max {} (budget {}, ratio {:.2})",
         ms(bfd.median),
@@ -29,7 +29,12 @@ pub fn run(trials: usize, hold_trials: usize) -> anyhow::Result<()> {
         ms(BFD_BUDGET),
         bfd.median.as_secs_f64() / BFD_BUDGET.as_secs_f64()
     );
-    let hold = failovers("holdTimeSeconds: 9", false, hold_trials)?;
+    println!(
+        "uplink restored (both ends' sessions restarted) → the ToR has the node's prefix again ({trials} runs): median {}, max {}",
+        ms(back.median),
+        ms(back.max)
+    );
+    let (hold, hold_back) = failovers("holdTimeSeconds: 9", false, hold_trials)?;
     println!(
         "the same without BFD, holdTimeSeconds 9 ({hold_trials} runs): median {}, max {} (the hold time: {}, ratio {:.2})",
         ms(hold.median),
@@ -37,12 +42,19 @@ pub fn run(trials: usize, hold_trials: usize) -> anyhow::Result<()> {
         ms(HOLD_TIME),
         hold.median.as_secs_f64() / HOLD_TIME.as_secs_f64()
     );
+    println!(
+        "uplink restored after a hold-time failover → the ToR has the prefix again ({hold_trials} runs): median {}, max {}",
+        ms(hold_back.median),
+        ms(hold_back.max)
+    );
     Ok(())
 }
 
 /// One rack (agent + BIRD on the node, BIRD on the ToR) and `trials`
-/// timed failovers; the peer's extra field is `peer_field`.
-fn failovers(peer_field: &str, bfd: bool, trials: usize) -> anyhow::Result<Summary> {
+/// timed failovers, and the time back after each (the uplink restored and
+/// both sessions restarted, until the ToR has the prefix again); the
+/// peer's extra field is `peer_field`.
+fn failovers(peer_field: &str, bfd: bool, trials: usize) -> anyhow::Result<(Summary, Summary)> {
     let exe = std::env::current_exe()?;
     let spec = format!(
         "  cidr4: {PREFIX}\n  bgp:\n    asn: 65001\n    routerId: 198.18.255.1\n    peers:\n    - address: 198.18.255.254\n      asn: 65000\n      {peer_field}"
@@ -98,6 +110,7 @@ fn failovers(peer_field: &str, bfd: bool, trials: usize) -> anyhow::Result<Summa
     let learned =
         || tor_output(&tor, &["ip", "route", "show", PREFIX]).contains("via 198.18.255.1");
     let mut samples = Vec::new();
+    let mut back = Vec::new();
     for _ in 0..trials {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !learned() {
@@ -121,10 +134,18 @@ fn failovers(peer_field: &str, bfd: bool, trials: usize) -> anyhow::Result<Summa
         drop_all(tor.name(), "tor0", false)?;
         drop_all(node.node.name(), "up0", false)?;
         // Past BIRD's error wait on both ends.
+        let restored = Instant::now();
         birdc(&tor_socket, &["restart", "node"]);
         birdc(&node.bird_socket(), &["restart", "peer_198_18_255_254"]);
+        while !learned() {
+            if restored.elapsed() > Duration::from_secs(180) {
+                bail!("the ToR did not learn {PREFIX} again within 180 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        back.push(restored.elapsed());
     }
-    Ok(Summary::of(samples))
+    Ok((Summary::of(samples), Summary::of(back)))
 }
 
 /// Adds (or removes) a netdev ingress chain on `dev` dropping every packet.
