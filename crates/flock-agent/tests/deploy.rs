@@ -84,6 +84,14 @@ fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
     let volumes = pod.volumes.clone().expect("volumes");
     let dockerfile = read("Dockerfile");
     assert_eq!(pod.host_network, Some(true));
+    // Node by node: only where the operator handed the node to flock.
+    assert_eq!(
+        pod.node_selector
+            .as_ref()
+            .and_then(|s| s.get("flock.fritzlab.net/enabled"))
+            .map(String::as_str),
+        Some("true")
+    );
 
     // The agent: its flags parse with the agent's own command line.
     let agent = container(&pod.containers, "agent");
