@@ -154,6 +154,24 @@ impl TestAgent {
 }
 
 #[test]
+fn help_is_a_usage_text_for_people() {
+    let out = Command::new(FLOCK)
+        .arg("--help")
+        .output()
+        .expect("flock --help");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("USAGE") && text.contains("flock lab") && text.contains("CNI_COMMAND"),
+        "{text}"
+    );
+    // A runtime (no terminal) without CNI_COMMAND still gets a CNI error.
+    let run = flock(Path::new("/nonexistent.sock"), &[], "");
+    assert!(!run.success);
+    assert!(run.json().get("code").is_some(), "{}", run.stdout);
+}
+
+#[test]
 fn version_is_answered_by_the_plugin_alone() {
     let nowhere = Path::new("/nonexistent/flock.sock");
     let run = flock(
