@@ -346,6 +346,32 @@ fn last_reconfiguration(node: &AgentNode) -> String {
         .to_owned()
 }
 
+/// BIRD's last reconfiguration once BIRD has settled: up and running (a
+/// reload accepted during graceful-restart recovery completes when the
+/// recovery does, seconds later) and the same time over 2 s.
+fn settled_reconfiguration(node: &AgentNode) -> String {
+    let mut last = String::new();
+    let mut same = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", node.node.name(), "birdc", "-s"])
+            .arg(node.bird_socket())
+            .args(["show", "status"])
+            .output()
+            .expect("birdc");
+        let running = String::from_utf8_lossy(&out.stdout).contains("Daemon is up and running");
+        let now = last_reconfiguration(node);
+        same = if running && now == last { same + 1 } else { 0 };
+        if same >= 4 {
+            return now;
+        }
+        last = now;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("BIRD did not settle in 60 s: last reconfiguration {last}");
+}
+
 #[test]
 fn restarting_the_agent_with_everything_in_place_changes_nothing_in_the_kernel_nft_or_bird() {
     let tor = NetnsGuard::new("tor");
@@ -394,7 +420,7 @@ fn restarting_the_agent_with_everything_in_place_changes_nothing_in_the_kernel_n
     });
     // Past the anycast tick, a render and BIRD's reload of it.
     std::thread::sleep(flock_agent::anycast::ANYCAST_TICK + Duration::from_secs(2));
-    let reconfigured = last_reconfiguration(&a.node);
+    let reconfigured = settled_reconfiguration(&a.node);
 
     let watched = [
         "link", "address", "route", "neigh", "netconf", "rule", "nexthop",
