@@ -336,30 +336,35 @@ fn claims_need_consent_take_nothing_and_what_is_announced_is_what_is_routed() {
         "the ToR still has node-a's routes"
     );
 
-    // A peer BIRD would refuse (link-local, no interface): the good
-    // bird.conf stays on disk, and it shows as a warning, not a failure.
+    // A link-local peer with no interface (BIRD would refuse it): the
+    // NodeConfig is refused by field before rendering, the good bird.conf
+    // stays on disk, and it shows as a warning, not a failure.
     let good = std::fs::read_to_string(node.bird_config()).expect("bird.conf");
     let spec = fabric::node_spec(1, 65001) + "\n    - {address: 'fe80::1', asn: 65010}";
     node.put_manifest("nodeconfig", &node_config_for("node-a", &spec, ""));
-    until("the refusal is counted", Duration::from_secs(10), || {
-        let (_, m) = node.http("/metrics");
-        m.contains("flock_bird_reloads_total{result=\"refused\"}")
-            .then_some(m)
+    let body = until("the refusal is a warning", Duration::from_secs(10), || {
+        let (status, body) = node.http("/readyz");
+        (status == 200 && body.contains("nodeconfig")).then_some(body)
     });
+    assert!(body.starts_with("ready; "), "{body}");
+    let log = node.log();
+    assert!(
+        log.contains("NodeConfig refused")
+            && log.contains("address")
+            && log.contains("fe80::1")
+            && log.contains("peer by `interface` instead"),
+        "the refusal names the peer's field:\n{log}"
+    );
+    std::thread::sleep(Duration::from_millis(600));
     assert_eq!(
         std::fs::read_to_string(node.bird_config()).expect("bird.conf"),
         good,
         "the good bird.conf is kept"
     );
-    let (status, body) = node.http("/readyz");
-    assert_eq!(status, 200, "{body}");
+    let (_, m) = node.http("/metrics");
     assert!(
-        body.starts_with("ready; ") && body.contains("bird"),
-        "{body}"
-    );
-    assert!(
-        node.log()
-            .contains("Link-local addresses require defined interface")
+        !m.contains("flock_bird_reloads_total{result=\"refused\"}"),
+        "nothing reached bird -p:\n{m}"
     );
     drop(a.bird.take());
 }
