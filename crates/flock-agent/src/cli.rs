@@ -16,6 +16,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = "/run/flock/flock.sock")]
     pub socket: PathBuf,
 
+    /// Unix socket of the read-only admin API `flockctl` reads (created
+    /// mode 0600); by default `admin.sock` beside `--socket`, so
+    /// `/run/flock/admin.sock`.
+    #[arg(long, value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
     /// Directory for durable state (allocations.json).
     #[arg(long, value_name = "PATH", default_value = "/var/lib/flock")]
     pub state_dir: PathBuf,
@@ -61,6 +67,16 @@ pub struct Cli {
     /// Seconds to wait at startup for this node's NodeConfig before giving up.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub nodeconfig_timeout: u64,
+}
+
+impl Cli {
+    /// The admin socket's path: `--admin-socket`, else `admin.sock` beside
+    /// the plugin's socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.socket.with_file_name("admin.sock"))
+    }
 }
 
 /// How log lines are written.

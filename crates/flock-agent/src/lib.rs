@@ -8,10 +8,13 @@
 //! background concern, each owning its state: the NodeConfig
 //! ([`settings`]), anycast routes ([`anycast`]), NetworkPolicy
 //! ([`policy`]), BIRD ([`bird`]) and the node condition ([`condition`]).
+//! The read-only admin API `flockctl` reads is [`admin`].
 
+pub mod admin;
 pub mod allocations;
 pub mod anycast;
 pub mod bird;
+pub mod birdc;
 pub mod claims;
 pub mod cli;
 pub mod condition;

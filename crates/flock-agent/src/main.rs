@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use flock_agent::admin::{Admin, AdminServer};
 use flock_agent::cli::Cli;
 use flock_agent::handler::{HandlerSlot, NotReady};
 use flock_agent::metrics::Metrics;
@@ -66,9 +67,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
 
     // The store before the socket: DEL and CHECK are served from it at once.
+    let (admin_pods, admin_rx) = tokio::sync::watch::channel(None);
     let (slot, node) = match open_store(&cli.state_dir).await {
         Ok((store, loaded)) => {
             let node = Node::assemble(&config, store, loaded, metrics.clone()).await?;
+            admin_pods.send_replace(Some(node.pods()));
             (HandlerSlot::new(node.handler.clone()), Some(node))
         }
         Err(e) => {
@@ -77,9 +80,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             (HandlerSlot::new(NotReady::new(reason)), None)
         }
     };
-    let server = Server::bind(&cli.socket, slot.clone(), Limits::default())
-        .with_context(|| format!("binding --socket {}", cli.socket.display()))?
-        .with_metrics(metrics.clone());
+    let admin_socket = cli.admin_socket();
+    let admin = AdminServer::bind(
+        &admin_socket,
+        Admin {
+            node: cli.node.clone(),
+            slot: slot.clone(),
+            pods: admin_rx,
+            bird_socket: cli.bird_socket.clone(),
+        },
+    )
+    .with_context(|| format!("binding --admin-socket {}", admin_socket.display()))?;
+    let server = match Server::bind(&cli.socket, slot.clone(), Limits::default()) {
+        Ok(server) => server.with_metrics(metrics.clone()),
+        Err(e) => {
+            admin.close();
+            return Err(e).with_context(|| format!("binding --socket {}", cli.socket.display()));
+        }
+    };
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(admin.run(async {
+        let _ = admin_stopped.await;
+    }));
     info!(addr = %cli.metrics_addr, "metrics and health endpoints listening");
 
     let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -103,7 +125,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let node = match node {
                 Some(node) => node,
                 None => match reopen(&state_dir, &config, &metrics, &slot, &stop).await {
-                    Some(node) => node,
+                    Some(node) => {
+                        admin_pods.send_replace(Some(node.pods()));
+                        node
+                    }
                     None => return,
                 },
             };
@@ -130,6 +155,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     stop.cancel();
     if let Err(e) = runtime.await {
         warn!(error = %e, "the node runtime task ended abnormally");
+    }
+    let _ = stop_admin.send(());
+    if let Err(e) = admin.await {
+        warn!(error = %e, "the admin API task ended abnormally");
     }
     let _ = stop_health.send(());
     health

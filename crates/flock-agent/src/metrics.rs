@@ -61,6 +61,17 @@ pub struct Metrics {
     pub datastore_lists: Family<KindLabels, Counter>,
     /// Lists after the first, by kind and why the watch started over.
     pub datastore_relists: Family<RelistLabels, Counter>,
+    /// 1 per BGP session BIRD has Established, 0 per session it has not.
+    pub bgp_session_up: Family<SessionLabels, Gauge>,
+    /// 1 while `birdc` answers on BIRD's control socket.
+    pub bird_up: Gauge,
+}
+
+/// Labels naming a BGP session.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    /// BIRD's protocol name (`peer_…`).
+    pub session: String,
 }
 
 /// Labels of a relist.
@@ -160,8 +171,22 @@ impl Metrics {
             "Lists after a kind's first, by kind and reason (gone: the API server answered 410 for the watch's resourceVersion)",
             datastore_relists.clone(),
         );
+        let bgp_session_up = Family::<SessionLabels, Gauge>::default();
+        registry.register(
+            "bgp_session_up",
+            "1 for each BGP session BIRD has Established, 0 for each it has not (read from birdc every 15 s)",
+            bgp_session_up.clone(),
+        );
+        let bird_up = Gauge::default();
+        registry.register(
+            "bird_up",
+            "1 while BIRD answers birdc on its control socket",
+            bird_up.clone(),
+        );
         Metrics {
             registry: Arc::new(Mutex::new(registry)),
+            bgp_session_up,
+            bird_up,
             datastore_lists,
             datastore_relists,
             netpol_refused,
@@ -189,6 +214,20 @@ impl Metrics {
                 result: result.to_owned(),
             })
             .inc();
+    }
+
+    /// Records what BIRD said of its sessions (or that it said nothing).
+    pub fn bgp_sessions(&self, bgp: &flock_proto::admin::Bgp) {
+        self.bird_up.set(i64::from(bgp.error.is_none()));
+        self.bgp_session_up.clear();
+        for s in &bgp.sessions {
+            let up = s.state == "up" && s.info.starts_with("Established");
+            self.bgp_session_up
+                .get_or_create(&SessionLabels {
+                    session: s.name.clone(),
+                })
+                .set(i64::from(up));
+        }
     }
 
     /// Records one RPC.

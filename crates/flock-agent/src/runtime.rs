@@ -154,6 +154,11 @@ impl Node {
         })
     }
 
+    /// What the admin API reads.
+    pub fn pods(&self) -> crate::admin::NodePods {
+        self.pods.clone()
+    }
+
     /// Recovers, starts the datastore and the loops, waits for the
     /// NodeConfig and becomes ready; then runs until `stop`, when every
     /// loop and background task is stopped and awaited.
@@ -278,6 +283,11 @@ async fn start(
     );
     tasks.spawn(anycast.run(cancel.clone()));
     tasks.spawn(policy.run(cancel.clone()));
+    tasks.spawn(crate::birdc::watch_sessions(
+        cfg.bird_socket.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
     let bird = BirdLoop::new(
         published.clone(),
         pods.prefixes.clone(),

@@ -103,48 +103,11 @@ impl Server {
     /// and a non-socket file are refused. The socket appears at `path` only
     /// once its mode is 0600, so no other user can ever connect.
     pub fn bind(path: &Path, slot: HandlerSlot, limits: Limits) -> Result<Server, BindError> {
-        let io_err = |step, path: &Path| {
-            let path = path.to_owned();
-            move |source| BindError::Io { step, path, source }
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|source| BindError::CreateDir {
-            dir: dir.to_owned(),
-            source,
-        })?;
-        refuse_live_or_foreign(path)?;
-
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let staging = dir.join(format!(
-            ".{}.{}.tmp",
-            name.unwrap_or_else(|| "flock.sock".into()),
-            std::process::id()
-        ));
-        // A leftover from a crashed start of this same pid; nothing else uses the name.
-        let _ = std::fs::remove_file(&staging);
-        let listener =
-            std::os::unix::net::UnixListener::bind(&staging).map_err(io_err("bind", &staging))?;
-        let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err("restrict", &staging))
-            .and_then(|()| {
-                std::fs::rename(&staging, path).map_err(io_err("move into place", path))
-            });
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&staging);
-            return Err(e);
-        }
-        let meta = std::fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io_err("configure", path))?;
-        let listener = UnixListener::from_std(listener).map_err(io_err("register", path))?;
+        let (listener, identity) = bind_socket(path)?;
         Ok(Server {
             listener,
             path: path.to_owned(),
-            identity: (meta.dev(), meta.ino()),
+            identity,
             slot,
             limits,
             metrics: None,
@@ -202,6 +165,50 @@ impl Server {
     }
 }
 
+/// Binds a unix socket at `path` with mode 0600 (it appears at `path` only
+/// once restricted), creating its directory and replacing a stale socket;
+/// a live socket and a non-socket file are refused. Returns the listener
+/// and the socket's device and inode (see [`remove_if_ours`]).
+pub(crate) fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), BindError> {
+    let io_err = |step, path: &Path| {
+        let path = path.to_owned();
+        move |source| BindError::Io { step, path, source }
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|source| BindError::CreateDir {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    refuse_live_or_foreign(path)?;
+
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let staging = dir.join(format!(
+        ".{}.{}.tmp",
+        name.unwrap_or_else(|| "flock.sock".into()),
+        std::process::id()
+    ));
+    // A leftover from a crashed start of this same pid; nothing else uses the name.
+    let _ = std::fs::remove_file(&staging);
+    let listener =
+        std::os::unix::net::UnixListener::bind(&staging).map_err(io_err("bind", &staging))?;
+    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err("restrict", &staging))
+        .and_then(|()| std::fs::rename(&staging, path).map_err(io_err("move into place", path)));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(io_err("inspect", path))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("configure", path))?;
+    let listener = UnixListener::from_std(listener).map_err(io_err("register", path))?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
 fn refuse_live_or_foreign(path: &Path) -> Result<(), BindError> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
@@ -220,7 +227,8 @@ fn refuse_live_or_foreign(path: &Path) -> Result<(), BindError> {
     }
 }
 
-fn remove_if_ours(path: &Path, identity: (u64, u64)) {
+/// Removes the socket at `path` if it is still the one bound (`identity`).
+pub(crate) fn remove_if_ours(path: &Path, identity: (u64, u64)) {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if (meta.dev(), meta.ino()) == identity => {
             if let Err(error) = std::fs::remove_file(path) {

@@ -422,3 +422,136 @@ fn the_examples_are_valid() {
     assert_eq!(policies, 1);
     assert_eq!(claims, 3, "the examples claim anycast and addresses IPs");
 }
+
+/// The sample names the agent's `/metrics` carries: counters with
+/// `_total`, histograms with `_bucket`, `_count` and `_sum`.
+fn exported_metrics() -> std::collections::BTreeSet<String> {
+    use flock_agent::metrics::{
+        FamilyLabels, KindLabels, Metrics, RelistLabels, ResultLabels, SessionLabels,
+    };
+    // A family shows in the text once it has a series: one of each.
+    let m = Metrics::new();
+    m.observe_rpc("ADD", "ok", std::time::Duration::from_millis(1));
+    let family = FamilyLabels {
+        family: "ipv4".into(),
+    };
+    m.pool_in_use.get_or_create(&family).set(1);
+    m.pool_capacity.get_or_create(&family).set(1);
+    let kind = KindLabels { kind: "x".into() };
+    m.reconciles.get_or_create(&kind).inc();
+    m.errors.get_or_create(&kind).inc();
+    m.datastore_lists.get_or_create(&kind).inc();
+    m.datastore_relists
+        .get_or_create(&RelistLabels {
+            kind: "pods".into(),
+            reason: "gone".into(),
+        })
+        .inc();
+    m.bird_reloads
+        .get_or_create(&ResultLabels {
+            result: "ok".into(),
+        })
+        .inc();
+    m.bgp_session_up
+        .get_or_create(&SessionLabels {
+            session: "peer_x".into(),
+        })
+        .set(1);
+    let text = m.encode();
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if (words.next(), words.next()) != (Some("#"), Some("TYPE")) {
+            continue;
+        }
+        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                names.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for suffix in ["_bucket", "_count", "_sum"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+            _ => {
+                names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+/// Every `flock_…` name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("flock_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // `flock_…` preceded by a word character is part of another name.
+        let before = rest[..at].chars().next_back();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_and_the_alerts_use_only_metrics_the_agent_exports() {
+    let exported = exported_metrics();
+    assert!(exported.contains("flock_bgp_session_up"), "{exported:?}");
+
+    let rules = docs("deploy/monitoring/flock-alerts.yaml");
+    let groups = rules[0]["groups"].as_array().expect("groups");
+    let mut alerts = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    for rule in groups
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules"))
+    {
+        let alert = rule["alert"].as_str().expect("alert name");
+        let expr = rule["expr"].as_str().expect("expr");
+        assert!(
+            rule["annotations"]["summary"].is_string(),
+            "{alert} has a summary"
+        );
+        used.extend(metric_names(expr));
+        alerts.push(alert.to_owned());
+    }
+    // What the issue asks to be alerted on.
+    for want in [
+        "FlockPoolNearlyExhausted",
+        "FlockBgpSessionDown",
+        "FlockPolicyLoadFailing",
+        "FlockBirdReloadFailing",
+        "FlockRpcErrors",
+    ] {
+        assert!(alerts.iter().any(|a| a == want), "{want} in {alerts:?}");
+    }
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/monitoring/flock-dashboard.json"))
+            .expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{} has queries", panel["title"]);
+        for t in targets {
+            used.extend(metric_names(t["expr"].as_str().expect("expr")));
+        }
+    }
+    used.extend(metric_names(dashboard["templating"].to_string().as_str()));
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "not exported by the agent: {unknown:?} (exported: {exported:?})"
+    );
+    assert!(used.len() >= 10, "{used:?}");
+}

@@ -10,6 +10,7 @@
 //! The crate does no I/O of its own beyond reading and writing frames on
 //! streams it is handed.
 
+pub mod admin;
 mod config;
 mod error;
 mod prefix;

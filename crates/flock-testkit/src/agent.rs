@@ -133,6 +133,11 @@ impl AgentNode {
         self.dir.path().join("run/flock.sock")
     }
 
+    /// The agent's admin socket (`flockctl --socket`): beside its socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("run/admin.sock")
+    }
+
     /// The agent's state directory.
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")

@@ -1,0 +1,155 @@
+//! Asking BIRD over its control socket with `birdc`: the BGP sessions
+//! and their route counts, for the admin API and the session metrics.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flock_proto::admin::{Bgp, Session};
+
+/// How often the session metrics are read from BIRD.
+pub const POLL: Duration = Duration::from_secs(15);
+
+/// Keeps `flock_bgp_session_up` and `flock_bird_up` current until `cancel`.
+pub async fn watch_sessions(
+    socket: std::path::PathBuf,
+    metrics: crate::metrics::Metrics,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let bgp = sessions(&socket).await;
+        metrics.bgp_sessions(&bgp);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// How long one `birdc` call may take.
+const BIRDC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// BIRD's BGP sessions from `birdc show protocols all`.
+pub async fn sessions(socket: &Path) -> Bgp {
+    let run = tokio::process::Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(["show", "protocols", "all"])
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(BIRDC_TIMEOUT, run).await {
+        Err(_) => Bgp {
+            sessions: Vec::new(),
+            error: Some(format!(
+                "birdc -s {} did not answer within {} s",
+                socket.display(),
+                BIRDC_TIMEOUT.as_secs()
+            )),
+        },
+        Ok(Err(e)) => Bgp {
+            sessions: Vec::new(),
+            error: Some(format!("running birdc: {e}")),
+        },
+        Ok(Ok(out)) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() || !text.contains("BIRD") {
+                let said = format!("{}{}", text, String::from_utf8_lossy(&out.stderr));
+                Bgp {
+                    sessions: Vec::new(),
+                    error: Some(format!(
+                        "BIRD is not reachable on {}: {}",
+                        socket.display(),
+                        said.trim()
+                    )),
+                }
+            } else {
+                Bgp {
+                    sessions: parse_protocols(&text),
+                    error: None,
+                }
+            }
+        }
+    }
+}
+
+/// The BGP protocols in `show protocols all` output, with their route
+/// counts per channel.
+fn parse_protocols(text: &str) -> Vec<Session> {
+    let mut sessions: Vec<Session> = Vec::new();
+    let mut in_bgp = false;
+    let mut channel = String::new();
+    for line in text.lines() {
+        if !line.starts_with(' ') {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            in_bgp = cols.len() >= 5 && cols[1] == "BGP";
+            if in_bgp {
+                sessions.push(Session {
+                    name: cols[0].to_owned(),
+                    state: cols[3].to_owned(),
+                    since: cols[4].to_owned(),
+                    info: cols[5..].join(" "),
+                    imported: Vec::new(),
+                    exported: Vec::new(),
+                });
+            }
+            continue;
+        }
+        let Some(session) = sessions.last_mut().filter(|_| in_bgp) else {
+            continue;
+        };
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix("Channel ") {
+            channel = name.trim().to_owned();
+        } else if let Some(counts) = trimmed.strip_prefix("Routes:") {
+            for part in counts.split(',') {
+                let mut words = part.split_whitespace();
+                let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Ok(n) = n.parse::<u64>() else { continue };
+                match what {
+                    "imported" => session.imported.push((channel.clone(), n)),
+                    "exported" => session.exported.push((channel.clone(), n)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    sessions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHOW: &str = "BIRD 2.0.12 ready.
+Name       Proto      Table      State  Since         Info
+device1    Device     ---        up     05:56:01.234  
+
+peer_198_19_1_254 BGP        ---        up     05:56:03.001  Established   
+  BGP state:          Established
+    Neighbor address: 198.19.1.254
+  Channel ipv4
+    State:          UP
+    Routes:         2 imported, 3 exported, 2 preferred
+  Channel ipv6
+    State:          UP
+    Routes:         0 imported, 4 exported, 0 preferred
+
+peer_2001_db8_ff_1__fe BGP        ---        start  05:56:01.500  Active        Socket: Connection refused
+  BGP state:          Active
+";
+
+    #[test]
+    fn bgp_sessions_and_route_counts_are_read_from_show_protocols_all() {
+        let s = parse_protocols(SHOW);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(
+            (s[0].name.as_str(), s[0].state.as_str(), s[0].info.as_str()),
+            ("peer_198_19_1_254", "up", "Established")
+        );
+        assert_eq!(s[0].imported, [("ipv4".into(), 2), ("ipv6".into(), 0)]);
+        assert_eq!(s[0].exported, [("ipv4".into(), 3), ("ipv6".into(), 4)]);
+        assert_eq!(s[1].state, "start");
+        assert_eq!(s[1].info, "Active Socket: Connection refused");
+    }
+}

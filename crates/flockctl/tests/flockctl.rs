@@ -1,0 +1,319 @@
+//! `flockctl` against a real agent: a node with its BIRD peering with a
+//! ToR's BIRD, two pods (one carrying an anycast IP), then faults planted
+//! behind the agent's back for `ipam check` to find.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use flock_testkit::fabric::{self, FabricNode, until};
+use flock_testkit::{Bird, NetnsGuard};
+
+const FLOCKCTL: &str = env!("CARGO_BIN_EXE_flockctl");
+const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
+
+fn sibling(name: &str) -> PathBuf {
+    let path = Path::new(FLOCKCTL).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// A ToR running BIRD and node-a (agent with the test pools, its BIRD),
+/// once the ToR has learned node-a's prefix. Dropped in field order.
+struct Rack {
+    a: FabricNode,
+    _tor_bird: Bird,
+    _dir: tempfile::TempDir,
+    _tor: NetnsGuard,
+}
+
+impl Rack {
+    fn start() -> Rack {
+        flock_testkit::require_root();
+        let tor = NetnsGuard::new("tor");
+        fabric::tor_forwarding(tor.name()).expect("ToR sysctls");
+        let a = FabricNode::start(
+            &tor,
+            &sibling("flock-agent"),
+            &sibling("flock"),
+            "node-a",
+            1,
+            65001,
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tor_conf = dir.path().join("tor.conf");
+        std::fs::write(&tor_conf, fabric::tor_bird_config(&[("a", 1, 65001)])).expect("tor conf");
+        let tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
+        until(
+            "the ToR learns node-a's prefix",
+            Duration::from_secs(30),
+            || {
+                let r = tor.ip_output(&["route"]);
+                r.contains("198.18.1.0/24 via 198.19.1.1").then_some(r)
+            },
+        );
+        Rack {
+            a,
+            _tor_bird: tor_bird,
+            _dir: dir,
+            _tor: tor,
+        }
+    }
+
+    fn flockctl(&self, args: &[&str]) -> Output {
+        Command::new(FLOCKCTL)
+            .arg("--socket")
+            .arg(self.a.node.admin_socket())
+            .args(args)
+            .output()
+            .expect("run flockctl")
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
+}
+
+/// The pod's host veth, from `flockctl -o json pods`.
+fn veth_of(rack: &Rack, pod: &str) -> (String, String, String) {
+    let pods = json(&rack.flockctl(&["-o", "json", "pods"]));
+    let entry = pods["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .find(|p| p["pod"] == pod)
+        .unwrap_or_else(|| panic!("{pod} in {pods}"));
+    let v4 = entry["addresses"]
+        .as_array()
+        .expect("addresses")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .find(|a| a.contains('.'))
+        .expect("an IPv4")
+        .to_owned();
+    (
+        entry["containerId"].as_str().expect("id").to_owned(),
+        entry["hostIface"].as_str().expect("veth").to_owned(),
+        v4,
+    )
+}
+
+#[test]
+fn every_command_reports_the_real_node_and_ipam_check_names_planted_faults() {
+    let rack = Rack::start();
+    let node = &rack.a.node;
+    let web = node.add_pod(
+        "web",
+        &[("flock.fritzlab.net/anycast", "203.0.113.10")],
+        CONF,
+    );
+    let db = node.add_pod("db", &[], CONF);
+
+    // The socket is root's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(node.admin_socket())
+            .expect("admin socket")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
+
+    let status = until(
+        "status shows the session up",
+        Duration::from_secs(30),
+        || {
+            let out = rack.flockctl(&["status"]);
+            let t = text(&out);
+            (out.status.success() && t.contains("2 of 2 sessions up")).then_some(t)
+        },
+    );
+    for want in [
+        "node        node-a",
+        "nodeconfig  node-a: 2001:db8:0:1::/64, 198.18.1.0/24, AS 65001",
+        "ready       yes",
+        "198.18.1.0/24",
+        "2 allocations",
+        "peer_198_19_1_254 up Established",
+    ] {
+        assert!(status.contains(want), "{want:?} in:\n{status}");
+    }
+
+    let out = rack.flockctl(&["pods"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let pods = text(&out);
+    let web_v4 = web.ip(true).to_string();
+    let db_v4 = db.ip(true).to_string();
+    assert!(
+        pods.lines().any(|l| l.starts_with("default/web")
+            && l.contains(&web_v4)
+            && l.contains("203.0.113.10")
+            && l.ends_with("committed")),
+        "{pods}"
+    );
+    assert!(
+        pods.lines()
+            .any(|l| l.starts_with("default/db") && l.contains(&db_v4)),
+        "{pods}"
+    );
+    let (db_id, db_veth, _) = veth_of(&rack, "db");
+    let (web_id, web_veth, _) = veth_of(&rack, "web");
+
+    let anycast = until("the anycast IP is routed", Duration::from_secs(10), || {
+        let t = text(&rack.flockctl(&["anycast"]));
+        t.lines()
+            .any(|l| l.starts_with("203.0.113.10") && l.contains("yes"))
+            .then_some(t)
+    });
+    assert!(
+        anycast.contains(&format!("default/web via {web_veth}"))
+            && anycast.contains("routed to 1 of 1"),
+        "{anycast}"
+    );
+
+    let out = rack.flockctl(&["bgp"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let bgp = text(&out);
+    assert!(
+        bgp.lines()
+            .any(|l| l.starts_with("peer_198_19_1_254") && l.contains("Established")),
+        "{bgp}"
+    );
+    let sessions = json(&rack.flockctl(&["-o", "json", "bgp"]));
+    let exports = |s: &serde_json::Value| {
+        s["exported"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|c| c[1].as_u64() > Some(0)))
+    };
+    assert!(
+        sessions["bgp"]["sessions"]
+            .as_array()
+            .is_some_and(|all| all.len() == 2 && all.iter().all(exports)),
+        "both sessions export the node's prefixes: {sessions}"
+    );
+
+    let out = rack.flockctl(&["ipam", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("2 store entries") && text(&out).contains("no problems"));
+
+    // Faults behind the agent's back: db's veth deleted (its entry leaks),
+    // a flock-named veth and a flock host route nobody owns (orphans), and
+    // a pod of another node reporting web's address (a duplicate).
+    node.node.ip(&["link", "del", &db_veth]);
+    node.node.ip(&[
+        "link",
+        "add",
+        "flock0000beef",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "orphanpeer",
+    ]);
+    node.node.ip(&["link", "set", "flock0000beef", "up"]);
+    node.node.ip(&[
+        "route",
+        "add",
+        "198.18.1.250/32",
+        "dev",
+        "flock0000beef",
+        "proto",
+        "97",
+    ]);
+    node.put_manifest(
+        "impostor",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: impostor, namespace: other, uid: impostor-uid}}\nspec:\n  nodeName: node-b\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  podIPs: [{{ip: '{web_v4}'}}]\n"
+        ),
+    );
+    let report = until(
+        "ipam check sees every fault",
+        Duration::from_secs(10),
+        || {
+            let out = rack.flockctl(&["ipam", "check"]);
+            let t = text(&out);
+            (out.status.code() == Some(1) && t.contains("impostor")).then_some(t)
+        },
+    );
+    let line_with = |kind: &str, parts: &[&str]| {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with(kind) && parts.iter().all(|p| l.contains(p))),
+            "{kind} {parts:?} in:\n{report}"
+        );
+    };
+    line_with("leaked", &[&db_id, &db_veth, &db_v4]);
+    line_with("orphaned", &["flock0000beef", "has no store entry"]);
+    line_with("orphaned", &["198.18.1.250", "flock0000beef"]);
+    line_with(
+        "duplicate",
+        &[&web_id, &web_veth, &web_v4, "other/impostor", "node-b"],
+    );
+    assert_eq!(report.matches('\n').count(), 2 + 4, "{report}");
+
+    let as_json = json(&rack.flockctl(&["-o", "json", "ipam", "check"]));
+    let kinds: Vec<&str> = as_json["ipamCheck"]["problems"]
+        .as_array()
+        .expect("problems")
+        .iter()
+        .filter_map(|p| p["kind"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["leaked", "orphaned", "orphaned", "duplicate"],
+        "{as_json}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_an_absent_agent_3_and_help_reads_like_a_man_page() {
+    let out = Command::new(FLOCKCTL)
+        .args(["--socket", "/nonexistent/admin.sock", "status"])
+        .output()
+        .expect("flockctl");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("/nonexistent/admin.sock"),
+        "names the socket: {}",
+        text(&out)
+    );
+
+    let out = Command::new(FLOCKCTL)
+        .arg("frobnicate")
+        .output()
+        .expect("flockctl");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+
+    let out = Command::new(FLOCKCTL)
+        .arg("--help")
+        .output()
+        .expect("flockctl");
+    assert!(out.status.success());
+    let help = text(&out);
+    for section in [
+        "DESCRIPTION",
+        "EXIT STATUS",
+        "FILES",
+        "EXAMPLES",
+        "ipam",
+        "anycast",
+    ] {
+        assert!(help.contains(section), "{section} in:\n{help}");
+    }
+    let out = Command::new(FLOCKCTL)
+        .args(["ipam", "check", "--help"])
+        .output()
+        .expect("flockctl");
+    assert!(text(&out).contains("Leaked: a store entry whose veth or pod sandbox is gone"));
+}
