@@ -51,6 +51,8 @@ pub struct Admin {
     pub pods: watch::Receiver<Option<NodePods>>,
     /// BIRD's control socket.
     pub bird_socket: PathBuf,
+    /// The runtime's CNI configuration directory (`doctor`).
+    pub cni_conf_dir: PathBuf,
 }
 
 /// A bound admin socket.
@@ -148,7 +150,10 @@ impl Admin {
                 AdminResponse::Status(Box::new(self.status(pods.as_ref()).await))
             }
             AdminRequest::Bgp => AdminResponse::Bgp(birdc::sessions(&self.bird_socket).await),
-            AdminRequest::Pods | AdminRequest::IpamCheck | AdminRequest::Anycast => {
+            AdminRequest::Pods
+            | AdminRequest::IpamCheck
+            | AdminRequest::Anycast
+            | AdminRequest::Doctor => {
                 let Some(pods) = pods else {
                     return AdminResponse::Error(format!(
                         "node {}: the allocation store cannot be read yet",
@@ -161,6 +166,9 @@ impl Admin {
                         Ok(report) => AdminResponse::IpamCheck(report),
                         Err(e) => AdminResponse::Error(e),
                     },
+                    AdminRequest::Doctor => AdminResponse::Doctor(
+                        crate::doctor::run(&pods, &self.bird_socket, &self.cni_conf_dir).await,
+                    ),
                     _ => match anycast(&pods).await {
                         Ok(entries) => AdminResponse::Anycast(entries),
                         Err(e) => AdminResponse::Error(e),

@@ -51,6 +51,11 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", default_value = "/run/flock-bird/bird.ctl")]
     pub bird_socket: PathBuf,
 
+    /// The container runtime's CNI configuration directory, which
+    /// `flockctl doctor` reads (the DaemonSet mounts the host's there).
+    #[arg(long, value_name = "PATH", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+
     /// The `nft` program that loads the NetworkPolicy ruleset.
     #[arg(long, value_name = "PATH", default_value = "nft")]
     pub nft: String,

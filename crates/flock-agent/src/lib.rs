@@ -18,6 +18,7 @@ pub mod birdc;
 pub mod claims;
 pub mod cli;
 pub mod condition;
+pub mod doctor;
 pub mod handler;
 pub mod health;
 pub mod ipvs;

@@ -88,6 +88,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             slot: slot.clone(),
             pods: admin_rx,
             bird_socket: cli.bird_socket.clone(),
+            cni_conf_dir: cli.cni_conf_dir.clone(),
         },
     )
     .with_context(|| format!("binding --admin-socket {}", admin_socket.display()))?;

@@ -68,11 +68,35 @@ struct Isolate {
     reply: oneshot::Sender<Result<(), NotEnforced>>,
 }
 
+/// What the loop is asked between passes.
+enum Ask {
+    /// Enforce the policies isolating a new pod now.
+    Isolate(Isolate),
+    /// Compare the kernel's table with what was loaded.
+    Audit(oneshot::Sender<TableAudit>),
+}
+
+/// The kernel's `inet flock` table against what the loop loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableAudit {
+    /// It holds what was loaded.
+    AsLoaded,
+    /// Nothing is loaded (yet): why.
+    NotLoaded(String),
+    /// It differs from what was loaded (changed outside flock): how.
+    Differs(String),
+    /// It could not be read.
+    Unreadable(String),
+}
+
+/// How long an audit waits for the loop (busy, or its inputs not listed).
+const AUDIT_WAIT: Duration = Duration::from_secs(10);
+
 /// What the pod handler holds of the policy loop.
 #[derive(Clone)]
 pub struct PolicyHandle {
     cache: Cache,
-    requests: mpsc::Sender<Isolate>,
+    requests: mpsc::Sender<Ask>,
     trigger: Arc<Notify>,
 }
 
@@ -100,8 +124,29 @@ impl PolicyHandle {
             reply,
         };
         let stopped = || NotEnforced::Failed("NetworkPolicy enforcement has stopped".into());
-        self.requests.send(request).await.map_err(|_| stopped())?;
+        self.requests
+            .send(Ask::Isolate(request))
+            .await
+            .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// The kernel's table against what the loop loaded, asked between
+    /// passes (so never mid-load).
+    pub async fn audit(&self) -> TableAudit {
+        let (reply, answer) = oneshot::channel();
+        let asked = async {
+            self.requests.send(Ask::Audit(reply)).await.ok()?;
+            answer.await.ok()
+        };
+        match tokio::time::timeout(AUDIT_WAIT, asked).await {
+            Ok(Some(audit)) => audit,
+            Ok(None) => TableAudit::NotLoaded("NetworkPolicy enforcement has stopped".into()),
+            Err(_) => TableAudit::NotLoaded(format!(
+                "the NetworkPolicy loop did not answer within {} s (pods, namespaces or policies not listed yet?)",
+                AUDIT_WAIT.as_secs()
+            )),
+        }
     }
 }
 
@@ -277,7 +322,7 @@ pub struct PolicyLoop<L, S> {
     cache: Cache,
     allocations: Arc<Allocations<S>>,
     loader: Arc<Mutex<L>>,
-    requests: mpsc::Receiver<Isolate>,
+    requests: mpsc::Receiver<Ask>,
     trigger: Arc<Notify>,
     board: Arc<Board>,
     metrics: Metrics,
@@ -391,9 +436,8 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             let heal = tokio::select! {
                 biased;
                 () = cancel.cancelled() => return,
-                Some(request) = self.requests.recv() => {
-                    let outcome = self.isolate(&request.iface).instrument(info_span!("netpol_isolate")).await;
-                    let _ = request.reply.send(outcome);
+                Some(ask) = self.requests.recv() => {
+                    self.answer(ask).await;
                     continue;
                 }
                 () = self.trigger.notified() => false,
@@ -416,10 +460,7 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
                 tokio::select! {
                     biased;
                     () = cancel.cancelled() => return,
-                    Some(request) = self.requests.recv() => {
-                        let outcome = self.isolate(&request.iface).instrument(info_span!("netpol_isolate")).await;
-                        let _ = request.reply.send(outcome);
-                    }
+                    Some(ask) = self.requests.recv() => self.answer(ask).await,
                     () = &mut window => break,
                 }
             }
@@ -810,6 +851,38 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             .map_err(|e| e.to_string())
     }
 
+    async fn answer(&mut self, ask: Ask) {
+        match ask {
+            Ask::Isolate(request) => {
+                let outcome = self
+                    .isolate(&request.iface)
+                    .instrument(info_span!("netpol_isolate"))
+                    .await;
+                let _ = request.reply.send(outcome);
+            }
+            Ask::Audit(reply) => {
+                let _ = reply.send(self.audit().await);
+            }
+        }
+    }
+
+    async fn audit(&self) -> TableAudit {
+        if !self.loaded {
+            return TableAudit::NotLoaded(
+                self.last_error
+                    .clone()
+                    .unwrap_or_else(|| "not loaded yet".into()),
+            );
+        }
+        let want = Inventory::of(self.engine.desired());
+        match self.blocking(|l| l.inventory()).await {
+            Err(e) => TableAudit::Unreadable(e.to_string()),
+            Ok(None) => TableAudit::Differs("the table inet flock is gone".into()),
+            Ok(Some(have)) if have == want => TableAudit::AsLoaded,
+            Ok(Some(have)) => TableAudit::Differs(inventory_difference(&want, &have)),
+        }
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut L) -> Result<T, flock_netpol::ApplyError> + Send + 'static,
@@ -867,6 +940,32 @@ fn note(changes: &mut Changes, event: Event) {
         Event::Policies => changes.policies = true,
         _ => {}
     }
+}
+
+/// The first few differences between two inventories, in words.
+fn inventory_difference(want: &Inventory, have: &Inventory) -> String {
+    let mut out = Vec::new();
+    for (what, w, h, unit) in [
+        ("set", &want.sets, &have.sets, "elements"),
+        ("chain", &want.chains, &have.chains, "rules"),
+    ] {
+        for name in w.keys().chain(h.keys()).collect::<BTreeSet<_>>() {
+            match (w.get(name), h.get(name)) {
+                (Some(a), Some(b)) if a != b => {
+                    out.push(format!("{what} {name}: {b} {unit}, loaded with {a}"))
+                }
+                (Some(_), None) => out.push(format!("{what} {name} is missing")),
+                (None, Some(_)) => out.push(format!("{what} {name} was added outside flock")),
+                _ => {}
+            }
+        }
+    }
+    let more = out.len().saturating_sub(5);
+    out.truncate(5);
+    if more > 0 {
+        out.push(format!("{more} more"));
+    }
+    out.join("; ")
 }
 
 #[cfg(test)]

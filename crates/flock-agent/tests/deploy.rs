@@ -163,6 +163,17 @@ fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
         "/src/target/release/flock {}",
         icli.plugin.display()
     )));
+    // `flockctl doctor` reads the directory the installer writes, and
+    // flockctl is in the image; the admin socket is beside the plugin's.
+    assert_eq!(
+        host_path(agent, &volumes, &cli.cni_conf_dir.display().to_string()),
+        "/etc/cni/net.d"
+    );
+    assert!(dockerfile.contains("/src/target/release/flockctl /usr/local/bin/flockctl"));
+    assert_eq!(
+        cli.admin_socket().display().to_string(),
+        flock_proto::admin::DEFAULT_ADMIN_SOCKET
+    );
 
     // BIRD: the same config file and control socket as the agent, through
     // the same host directories; graceful restart recovery; NET_ADMIN and

@@ -280,6 +280,12 @@ impl Dataplane {
         .await
     }
 
+    /// The node's values of `keys` (paths under /proc/sys/net), `None`
+    /// where one cannot be read.
+    pub async fn node_sysctls(&self, keys: &[&str]) -> Result<Vec<(String, Option<String>)>> {
+        sysctl::read_all(&self.node, keys.iter().map(|k| (*k).to_owned()).collect()).await
+    }
+
     /// Hashes multipath routes on the 5-tuple (`fib_multipath_hash_policy=1`),
     /// so flows to one anycast IP spread over its pods.
     pub async fn set_multipath_hash_policy(&self) -> Result<()> {

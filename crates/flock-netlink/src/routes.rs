@@ -301,6 +301,17 @@ impl Dataplane {
     /// Host ends of pod veths in the node: links named `flock` + 8 lowercase
     /// hex digits, with their indices.
     pub async fn flock_links(&self) -> Result<Vec<(String, u32)>> {
+        Ok(self
+            .flock_link_mtus()
+            .await?
+            .into_iter()
+            .map(|(name, index, _)| (name, index))
+            .collect())
+    }
+
+    /// [`Dataplane::flock_links`] with each link's MTU: (name, index, MTU).
+    pub async fn flock_link_mtus(&self) -> Result<Vec<(String, u32, Option<u32>)>> {
+        use rtnetlink::packet_route::link::LinkAttribute;
         let mut out = Vec::new();
         let _turn = self.dump_turn().await;
         let mut links = self.handle().link().get().execute();
@@ -312,12 +323,16 @@ impl Dataplane {
                 self.node()
             )))?
         {
-            for attr in &m.attributes {
-                if let rtnetlink::packet_route::link::LinkAttribute::IfName(name) = attr
-                    && is_flock_iface(name)
-                {
-                    out.push((name.clone(), m.header.index));
-                }
+            let name = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) if is_flock_iface(name) => Some(name.clone()),
+                _ => None,
+            });
+            let mtu = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(mtu) => Some(*mtu),
+                _ => None,
+            });
+            if let Some(name) = name {
+                out.push((name, m.header.index, mtu));
             }
         }
         out.sort();

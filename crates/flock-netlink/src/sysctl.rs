@@ -23,6 +23,26 @@ pub(crate) async fn write_all(ns: &Netns, settings: Vec<(String, &'static str)>)
     .await
 }
 
+/// Reads each path under /proc/sys/net inside `ns`: its value, trimmed,
+/// or `None` where it cannot be read.
+pub(crate) async fn read_all(
+    ns: &Netns,
+    keys: Vec<String>,
+) -> Result<Vec<(String, Option<String>)>> {
+    ns.run(move || {
+        Ok(keys
+            .into_iter()
+            .map(|key| {
+                let value = std::fs::read_to_string(PathBuf::from("/proc/sys/net").join(&key))
+                    .ok()
+                    .map(|v| v.trim().to_owned());
+                (key, value)
+            })
+            .collect())
+    })
+    .await
+}
+
 /// The host-end settings of a pod veth: proxy ARP answers the pod's
 /// 169.254.1.1 at once, and the interface forwards both families.
 pub(crate) fn host_iface(name: &str) -> Vec<(String, &'static str)> {

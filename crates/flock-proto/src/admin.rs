@@ -30,6 +30,8 @@ pub enum AdminRequest {
     Anycast,
     /// BIRD's sessions and route counts.
     Bgp,
+    /// The node's settings flock relies on, checked.
+    Doctor,
 }
 
 /// The agent's answer.
@@ -46,6 +48,8 @@ pub enum AdminResponse {
     Anycast(Vec<AnycastEntry>),
     /// For [`AdminRequest::Bgp`].
     Bgp(Bgp),
+    /// For [`AdminRequest::Doctor`].
+    Doctor(Vec<Check>),
     /// The request could not be answered: why.
     Error(String),
 }
@@ -222,6 +226,30 @@ pub struct Session {
     pub imported: Vec<(String, u64)>,
     /// Routes exported, by channel.
     pub exported: Vec<(String, u64)>,
+}
+
+/// One `doctor` check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Check {
+    /// What was checked (`forwarding`, `cni config`, …).
+    pub check: String,
+    /// The outcome.
+    pub verdict: Verdict,
+    /// What was found, and what to do when it is not fine.
+    pub detail: String,
+}
+
+/// A check's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Verdict {
+    /// As flock needs it.
+    Ok,
+    /// Works, but not as it should (anycast hashing, another CNI first).
+    Warning,
+    /// Broken: pods or announcements suffer.
+    Problem,
 }
 
 #[cfg(test)]

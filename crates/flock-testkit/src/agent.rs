@@ -106,6 +106,13 @@ impl AgentNode {
         std::fs::write(dir.path().join("manifests/nodeconfig.yaml"), node_config)
             .expect("nodeconfig");
         std::fs::create_dir_all(dir.path().join("state")).expect("state dir");
+        // The runtime's CNI directory, as the installer leaves it.
+        std::fs::create_dir_all(dir.path().join("cni")).expect("cni dir");
+        std::fs::write(
+            dir.path().join("cni/01-flock.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"flock"}]}"#,
+        )
+        .expect("conflist");
         AgentNode {
             node,
             name: name.to_owned(),
@@ -136,6 +143,12 @@ impl AgentNode {
     /// The agent's admin socket (`flockctl --socket`): beside its socket.
     pub fn admin_socket(&self) -> PathBuf {
         self.dir.path().join("run/admin.sock")
+    }
+
+    /// The runtime's CNI configuration directory the agent reads
+    /// (`flockctl doctor`).
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.path().join("cni")
     }
 
     /// The agent's state directory.
@@ -313,6 +326,8 @@ impl AgentNode {
             .arg(self.bird_config())
             .arg("--bird-socket")
             .arg(self.bird_socket())
+            .arg("--cni-conf-dir")
+            .arg(self.cni_conf_dir())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

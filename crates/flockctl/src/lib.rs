@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use flock_proto::admin::{
-    AdminRequest, AdminResponse, AnycastEntry, Bgp, IpamReport, PodEntry, ProblemKind, Status,
+    AdminRequest, AdminResponse, AnycastEntry, Bgp, Check, IpamReport, PodEntry, ProblemKind,
+    Status, Verdict,
 };
 use flock_proto::rpc;
 
@@ -321,6 +322,29 @@ pub fn render_bgp(b: &Bgp) -> String {
         &["SESSION", "STATE", "SINCE", "IMPORTED", "EXPORTED", "INFO"],
         &rows,
     )
+}
+
+/// `flockctl doctor`: one line per check, its verdict first.
+pub fn render_doctor(checks: &[Check]) -> String {
+    let rows: Vec<Vec<String>> = checks
+        .iter()
+        .map(|c| {
+            let verdict = match c.verdict {
+                Verdict::Ok => "ok",
+                Verdict::Warning => "WARNING",
+                Verdict::Problem => "PROBLEM",
+            };
+            vec![verdict.to_owned(), c.check.clone(), c.detail.clone()]
+        })
+        .collect();
+    let mut out = table(&["VERDICT", "CHECK", "DETAIL"], &rows);
+    let bad = checks.iter().filter(|c| c.verdict != Verdict::Ok).count();
+    if bad == 0 {
+        out.push_str("all checks passed\n");
+    } else {
+        let _ = writeln!(out, "{bad} of {} checks need attention", checks.len());
+    }
+    out
 }
 
 #[cfg(test)]

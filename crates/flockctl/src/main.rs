@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use flock_proto::admin::{AdminRequest, AdminResponse, DEFAULT_ADMIN_SOCKET};
+use flock_proto::admin::{AdminRequest, AdminResponse, DEFAULT_ADMIN_SOCKET, Verdict};
 
 /// Exit status: everything fine.
 const FINE: u8 = 0;
@@ -30,7 +30,7 @@ OUTPUT
 
 EXIT STATUS
     0   the command ran and found nothing wrong
-    1   problems were found (`ipam check`), BIRD is not reachable (`bgp`),
+    1   problems were found (`ipam check`, `doctor`), BIRD is not reachable (`bgp`),
         or the agent could not answer
     2   usage error (an unknown command or flag)
     3   the agent is not reachable on the admin socket
@@ -43,6 +43,7 @@ EXAMPLES
     flockctl status
     flockctl pods
     flockctl ipam check || echo 'see the problems above'
+    flockctl doctor
     flockctl -o json pods | jq '.pods[] | select(.state != \"committed\")'";
 
 /// Inspect a flock node through its agent.
@@ -96,6 +97,19 @@ enum Command {
     Anycast,
     /// BIRD's BGP sessions: state, since when, routes imported and exported.
     Bgp,
+    /// Checks the node settings flock relies on.
+    ///
+    /// sysctls: forwarding on for both families (a problem when off) and
+    /// multipath hashing on the 5-tuple (a warning when not: anycast flows
+    /// hash on addresses only). blackholes: a blackhole route for each of
+    /// the node's prefixes. nftables: the table inet flock present and
+    /// holding what the agent loaded. cni config: flock's conflist is the
+    /// first the runtime reads in /etc/cni/net.d (a warning naming any
+    /// other CNI's file that sorts before it). mtu: the NodeConfig's pod
+    /// MTU fits the default route's interface, and every veth has the MTU
+    /// set at ADD. bird: BIRD answers on its socket, and which sessions
+    /// are not Established. Exits 1 when any check is not ok.
+    Doctor,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +135,7 @@ fn main() -> ExitCode {
         } => AdminRequest::IpamCheck,
         Command::Anycast => AdminRequest::Anycast,
         Command::Bgp => AdminRequest::Bgp,
+        Command::Doctor => AdminRequest::Doctor,
     };
     let (line, response) = match flockctl::ask(&cli.socket, &request) {
         Ok(answer) => answer,
@@ -145,6 +160,14 @@ fn main() -> ExitCode {
             },
         ),
         AdminResponse::Anycast(a) => (flockctl::render_anycast(a), FINE),
+        AdminResponse::Doctor(checks) => (
+            flockctl::render_doctor(checks),
+            if checks.iter().all(|c| c.verdict == Verdict::Ok) {
+                FINE
+            } else {
+                PROBLEMS
+            },
+        ),
         AdminResponse::Bgp(b) => (
             flockctl::render_bgp(b),
             if b.error.is_some() { PROBLEMS } else { FINE },

@@ -317,3 +317,115 @@ fn usage_errors_exit_2_an_absent_agent_3_and_help_reads_like_a_man_page() {
         .expect("flockctl");
     assert!(text(&out).contains("Leaked: a store entry whose veth or pod sandbox is gone"));
 }
+
+/// The doctor's line for `check`, from `flockctl doctor`.
+fn verdict_of(report: &str, check: &str) -> String {
+    report
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(check.split(' ').next().unwrap_or(check)))
+        .unwrap_or_else(|| panic!("{check} in:\n{report}"))
+        .to_owned()
+}
+
+#[test]
+fn doctor_passes_a_healthy_node_and_names_each_planted_fault() {
+    let mut rack = Rack::start();
+    let node = &rack.a.node;
+    let pod = node.add_pod("web", &[], CONF);
+    let (_, veth, _) = veth_of(&rack, "web");
+
+    let healthy = until("every check passes", Duration::from_secs(30), || {
+        let out = rack.flockctl(&["doctor"]);
+        let t = text(&out);
+        (out.status.code() == Some(0)).then_some(t)
+    });
+    for check in ["sysctls", "blackholes", "nftables", "cni", "mtu", "bird"] {
+        assert!(
+            verdict_of(&healthy, check).starts_with("ok"),
+            "{check}:\n{healthy}"
+        );
+    }
+    assert!(healthy.contains("all checks passed"), "{healthy}");
+
+    // Faults, each as an operator or another program would leave it.
+    node.node
+        .ip(&["route", "del", "blackhole", "198.18.1.0/24"]);
+    node.node.ip(&["link", "set", &veth, "mtu", "1300"]);
+    let sysctl = |kv: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", node.node.name(), "sysctl", "-qw", kv])
+            .output()
+            .expect("sysctl");
+        assert!(out.status.success(), "{kv}: {}", text(&out));
+    };
+    sysctl("net.ipv4.fib_multipath_hash_policy=0");
+    let nft = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            node.node.name(),
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            "flock",
+        ])
+        .output()
+        .expect("nft");
+    assert!(nft.status.success(), "{}", text(&nft));
+    std::fs::write(
+        node.cni_conf_dir().join("00-calico.conflist"),
+        r#"{"name":"k8s-pod-network","cniVersion":"0.3.1","plugins":[{"type":"calico"}]}"#,
+    )
+    .expect("conflist");
+    drop(rack.a.bird.take());
+
+    let out = rack.flockctl(&["doctor"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report = text(&out);
+    let line = |check: &str| verdict_of(&report, check);
+    assert!(
+        line("sysctls").starts_with("WARNING")
+            && line("sysctls").contains("net.ipv4.fib_multipath_hash_policy=0"),
+        "{report}"
+    );
+    assert!(
+        line("blackholes").starts_with("PROBLEM") && line("blackholes").contains("198.18.1.0/24"),
+        "{report}"
+    );
+    assert!(
+        line("nftables").starts_with("PROBLEM") && line("nftables").contains("is gone"),
+        "{report}"
+    );
+    assert!(
+        line("cni").starts_with("WARNING")
+            && line("cni").contains("00-calico.conflist (calico) sorts before 01-flock.conflist"),
+        "{report}"
+    );
+    assert!(
+        line("mtu").starts_with("PROBLEM")
+            && line("mtu").contains(&format!("{veth} of default/web: MTU 1300, set to")),
+        "{report}"
+    );
+    assert!(
+        line("bird").starts_with("PROBLEM") && line("bird").contains("not reachable"),
+        "{report}"
+    );
+
+    // Forwarding off is a problem of its own.
+    sysctl("net.ipv4.ip_forward=0");
+    let report = text(&rack.flockctl(&["doctor"]));
+    assert!(
+        verdict_of(&report, "sysctls").starts_with("PROBLEM")
+            && report.contains("net.ipv4.ip_forward=0"),
+        "{report}"
+    );
+    let as_json = json(&rack.flockctl(&["-o", "json", "doctor"]));
+    assert!(
+        as_json["doctor"].as_array().is_some_and(|c| c
+            .iter()
+            .any(|c| c["check"] == "nftables" && c["verdict"] == "problem")),
+        "{as_json}"
+    );
+    drop(pod);
+}
