@@ -153,7 +153,8 @@ impl Admin {
             AdminRequest::Pods
             | AdminRequest::IpamCheck
             | AdminRequest::Anycast
-            | AdminRequest::Doctor => {
+            | AdminRequest::Doctor
+            | AdminRequest::PolicyExplain { .. } => {
                 let Some(pods) = pods else {
                     return AdminResponse::Error(format!(
                         "node {}: the allocation store cannot be read yet",
@@ -166,6 +167,23 @@ impl Admin {
                         Ok(report) => AdminResponse::IpamCheck(report),
                         Err(e) => AdminResponse::Error(e),
                     },
+                    AdminRequest::PolicyExplain {
+                        src,
+                        dst,
+                        port,
+                        protocol,
+                    } => {
+                        let query = crate::policy::ExplainQuery {
+                            src,
+                            dst,
+                            port,
+                            protocol,
+                        };
+                        match pods.policy.explain(query).await {
+                            Ok(verdict) => AdminResponse::PolicyExplain(Box::new(verdict)),
+                            Err(e) => AdminResponse::Error(e),
+                        }
+                    }
                     AdminRequest::Doctor => AdminResponse::Doctor(
                         crate::doctor::run(&pods, &self.bird_socket, &self.cni_conf_dir).await,
                     ),

@@ -25,9 +25,10 @@ use std::time::Duration;
 
 use flock_datastore::{Cache, Event, PodInfo};
 use flock_netpol::{
-    ClusterPod, Delta, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol, delta_parts,
-    render_table,
+    ClusterPod, Decision, Delta, Engine, Inventory, Loader, LocalPod, NamedPort, Protocol,
+    delta_parts, render_table,
 };
+use flock_proto::admin::{Endpoint, PolicyVerdict, SideVerdict};
 use flock_store::{AllocState, Allocation};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -74,6 +75,21 @@ enum Ask {
     Isolate(Isolate),
     /// Compare the kernel's table with what was loaded.
     Audit(oneshot::Sender<TableAudit>),
+    /// Explain one connection from the compiled policies.
+    Explain(ExplainQuery, oneshot::Sender<Result<PolicyVerdict, String>>),
+}
+
+/// A connection to explain: each end `namespace/name` or an IP.
+#[derive(Debug, Clone)]
+pub struct ExplainQuery {
+    /// The source.
+    pub src: String,
+    /// The destination.
+    pub dst: String,
+    /// The destination port.
+    pub port: u16,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
 }
 
 /// The kernel's `inet flock` table against what the loop loaded.
@@ -129,6 +145,24 @@ impl PolicyHandle {
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    /// What the policies decide for one connection, from the loop's
+    /// compiled model (asked between passes).
+    pub async fn explain(&self, query: ExplainQuery) -> Result<PolicyVerdict, String> {
+        let (reply, answer) = oneshot::channel();
+        let asked = async {
+            self.requests.send(Ask::Explain(query, reply)).await.ok()?;
+            answer.await.ok()
+        };
+        match tokio::time::timeout(AUDIT_WAIT, asked).await {
+            Ok(Some(verdict)) => verdict,
+            Ok(None) => Err("NetworkPolicy enforcement has stopped".into()),
+            Err(_) => Err(format!(
+                "the NetworkPolicy loop did not answer within {} s (pods, namespaces or policies not listed yet?)",
+                AUDIT_WAIT.as_secs()
+            )),
+        }
     }
 
     /// The kernel's table against what the loop loaded, asked between
@@ -863,7 +897,136 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
             Ask::Audit(reply) => {
                 let _ = reply.send(self.audit().await);
             }
+            Ask::Explain(query, reply) => {
+                let _ = reply.send(self.explain(&query));
+            }
         }
+    }
+
+    fn explain(&self, q: &ExplainQuery) -> Result<PolicyVerdict, String> {
+        let protocol = Protocol::parse(Some(&q.protocol.to_ascii_uppercase()))
+            .ok_or_else(|| format!("protocol {:?}: not TCP, UDP or SCTP", q.protocol))?;
+        let resolve = |end: &str,
+                       what: &str|
+         -> Result<(Option<ClusterPod>, Option<IpAddr>), String> {
+            if let Some((ns, name)) = end.split_once('/') {
+                return match self.engine.cluster_pod(ns, name) {
+                    Some(p) => Ok((Some(p.clone()), None)),
+                    None => Err(format!(
+                        "{what} {end}: no such pod among the cluster's live pods with addresses (unknown, finished, terminating or host network)"
+                    )),
+                };
+            }
+            let ip: IpAddr = end
+                .parse()
+                .map_err(|_| format!("{what} {end:?}: neither namespace/name nor an IP address"))?;
+            Ok((self.engine.pod_at(ip).cloned(), Some(ip)))
+        };
+        let (src, src_ip) = resolve(&q.src, "source")?;
+        let (dst, dst_ip) = resolve(&q.dst, "destination")?;
+        let family_of = |ip: Option<IpAddr>| ip.map(|ip| ip.is_ipv4());
+        // One family for both ends: the one an IP names, else IPv4 when
+        // both pods have it.
+        let v4 = match (family_of(src_ip), family_of(dst_ip)) {
+            (Some(a), Some(b)) if a != b => {
+                return Err("the source and destination are of different address families".into());
+            }
+            (Some(a), _) | (_, Some(a)) => a,
+            (None, None) => [&src, &dst].iter().all(|p| {
+                p.as_ref()
+                    .is_some_and(|p| p.ips.iter().any(IpAddr::is_ipv4))
+            }),
+        };
+        let pick =
+            |pod: &Option<ClusterPod>, ip: Option<IpAddr>, what: &str| -> Result<IpAddr, String> {
+                if let Some(ip) = ip {
+                    return Ok(ip);
+                }
+                let pod = pod.as_ref().ok_or_else(|| format!("{what}: no address"))?;
+                pod.ips
+                    .iter()
+                    .copied()
+                    .find(|ip| ip.is_ipv4() == v4)
+                    .ok_or_else(|| {
+                        format!(
+                            "{what} {}/{} has no {} address",
+                            pod.namespace,
+                            pod.name,
+                            if v4 { "IPv4" } else { "IPv6" }
+                        )
+                    })
+            };
+        let src_ip = pick(&src, src_ip, "source")?;
+        let dst_ip = pick(&dst, dst_ip, "destination")?;
+        let x = self
+            .engine
+            .explain(src.as_ref(), src_ip, dst.as_ref(), dst_ip, protocol, q.port);
+        let node_of = |p: &Option<ClusterPod>| {
+            p.as_ref()
+                .and_then(|p| self.cache.pod(&p.namespace, &p.name))
+                .and_then(|p| p.node)
+        };
+        let endpoint = |p: &Option<ClusterPod>, ip: IpAddr| Endpoint {
+            pod: p.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)),
+            ip: ip.to_string(),
+            node: node_of(p),
+        };
+        let side = |s: &flock_netpol::Side, p: &Option<ClusterPod>, ingress: bool| {
+            let direction = if ingress { "ingress" } else { "egress" };
+            let pod = s.pod.clone().unwrap_or_default();
+            let mut v = SideVerdict {
+                enforced_by: node_of(p),
+                allowed: s.decision.allows(),
+                policy: None,
+                rule: None,
+                peer: None,
+                isolated_by: Vec::new(),
+                reason: String::new(),
+            };
+            v.reason = match &s.decision {
+                Decision::NotAPod => "not a pod: no NetworkPolicy applies".to_owned(),
+                Decision::NotIsolated => {
+                    format!("{pod} is not isolated for {direction}: allowed")
+                }
+                Decision::Allowed { policy, rule, peer } => {
+                    let text = format!("allowed by {policy} {rule} {peer}");
+                    v.policy = Some(policy.clone());
+                    v.rule = Some(rule.clone());
+                    v.peer = Some(peer.clone());
+                    text
+                }
+                Decision::Denied {
+                    isolated_by,
+                    refused,
+                } => {
+                    v.isolated_by = isolated_by.clone();
+                    let mut text = format!(
+                        "denied: {pod} is isolated for {direction} by {} and no rule admits the {} on {}/{}",
+                        isolated_by.join(", "),
+                        if ingress { "source" } else { "destination" },
+                        q.port,
+                        protocol.nft()
+                    );
+                    if !refused.is_empty() {
+                        text.push_str(&format!(
+                            " ({} refused by nft: allows nothing)",
+                            refused.join(", ")
+                        ));
+                    }
+                    text
+                }
+            };
+            v
+        };
+        Ok(PolicyVerdict {
+            src: endpoint(&src, src_ip),
+            dst: endpoint(&dst, dst_ip),
+            protocol: protocol.nft().to_ascii_uppercase(),
+            port: q.port,
+            allowed: x.allowed(),
+            egress: side(&x.egress, &src, false),
+            ingress: side(&x.ingress, &dst, true),
+        })
     }
 
     async fn audit(&self) -> TableAudit {

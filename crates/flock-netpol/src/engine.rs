@@ -25,10 +25,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::selector::selects;
+
+mod explain;
 use crate::translate::{
     AddrRanges, Allow, ClusterPod, Direction, LocalPod, PodRules, PortSpec, Protocol, Ruleset,
     ip_block, merge_ports, policy_types,
 };
+pub use explain::{Decision, Explanation, Side};
 
 type Key = (String, String);
 type Labels = BTreeMap<String, String>;
@@ -99,6 +102,8 @@ struct PeerSel {
     /// a pod joining a peer many policies name is one element per family,
     /// not one per rule.
     set: String,
+    /// Its index in the rule's `from`/`to`.
+    at: usize,
 }
 
 /// One rule of a policy.
@@ -111,6 +116,8 @@ struct Rule {
     peers: Option<Vec<PeerSel>>,
     /// ipBlock addresses.
     blocks: AddrRanges,
+    /// The indices of the ipBlock peers in the rule's `from`/`to`.
+    block_at: Vec<usize>,
     /// Numeric ports; `None`: any.
     ports: Option<Vec<PortSpec>>,
     /// Named ports (resolved on the destination).
@@ -1667,6 +1674,7 @@ fn compile_rule(
         egress,
         peers: None,
         blocks: AddrRanges::default(),
+        block_at: Vec::new(),
         ports: None,
         named: Vec::new(),
         members: BTreeMap::new(),
@@ -1680,7 +1688,10 @@ fn compile_rule(
         for (i, peer) in peers.iter().enumerate() {
             if let Some(block) = &peer.ip_block {
                 match ip_block(block) {
-                    Ok(r) => rule.blocks.extend(&r),
+                    Ok(r) => {
+                        rule.blocks.extend(&r);
+                        rule.block_at.push(i);
+                    }
                     Err(problem) => warnings.push(format!("{at}.{field}[{i}].ipBlock: {problem}")),
                 }
                 continue;
@@ -1695,6 +1706,7 @@ fn compile_rule(
                 namespaces: peer.namespace_selector.clone(),
                 pods: peer.pod_selector.clone(),
                 set: String::new(),
+                at: i,
             });
         }
         rule.blocks.normalize();

@@ -16,7 +16,7 @@ mod selector;
 mod translate;
 
 pub use apply::{Applier, ApplyError, Inventory, Loader};
-pub use engine::{Delta, Desired, Engine, SetSpec};
+pub use engine::{Decision, Delta, Desired, Engine, Explanation, SetSpec, Side};
 pub use render::{DeltaParts, RenderError, TABLE, delta_parts, render_delta, render_table};
 pub use selector::selects;
 pub use translate::{

@@ -32,6 +32,18 @@ pub enum AdminRequest {
     Bgp,
     /// The node's settings flock relies on, checked.
     Doctor,
+    /// What NetworkPolicy decides for one connection, and why.
+    #[serde(rename_all = "camelCase")]
+    PolicyExplain {
+        /// The source: `namespace/name` of a pod, or an IP.
+        src: String,
+        /// The destination: `namespace/name` of a pod, or an IP.
+        dst: String,
+        /// The destination port.
+        port: u16,
+        /// `TCP`, `UDP` or `SCTP`.
+        protocol: String,
+    },
 }
 
 /// The agent's answer.
@@ -50,6 +62,8 @@ pub enum AdminResponse {
     Bgp(Bgp),
     /// For [`AdminRequest::Doctor`].
     Doctor(Vec<Check>),
+    /// For [`AdminRequest::PolicyExplain`].
+    PolicyExplain(Box<PolicyVerdict>),
     /// The request could not be answered: why.
     Error(String),
 }
@@ -226,6 +240,59 @@ pub struct Session {
     pub imported: Vec<(String, u64)>,
     /// Routes exported, by channel.
     pub exported: Vec<(String, u64)>,
+}
+
+/// `policy explain`: the verdict on one connection and what decides it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyVerdict {
+    /// The source.
+    pub src: Endpoint,
+    /// The destination.
+    pub dst: Endpoint,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+    /// The destination port.
+    pub port: u16,
+    /// Whether the connection is allowed (both sides let it through).
+    pub allowed: bool,
+    /// The source pod's egress.
+    pub egress: SideVerdict,
+    /// The destination pod's ingress.
+    pub ingress: SideVerdict,
+}
+
+/// One end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// `namespace/name` when it is a pod.
+    pub pod: Option<String>,
+    /// The address used.
+    pub ip: String,
+    /// The pod's node, when known.
+    pub node: Option<String>,
+}
+
+/// One side's verdict: the source's egress or the destination's ingress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SideVerdict {
+    /// The node that enforces this side (the pod's), when it is a pod.
+    pub enforced_by: Option<String>,
+    /// Whether this side lets the connection through.
+    pub allowed: bool,
+    /// The policy that allows (`namespace/name`).
+    pub policy: Option<String>,
+    /// Its rule (`spec.ingress[1]`).
+    pub rule: Option<String>,
+    /// The rule's peer that admits the other end (`from[0]`, `ipBlock
+    /// to[2]`, `any peer`).
+    pub peer: Option<String>,
+    /// When denied: the policies isolating the pod in this direction.
+    pub isolated_by: Vec<String>,
+    /// The verdict in a sentence.
+    pub reason: String,
 }
 
 /// One `doctor` check.

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use flock_proto::admin::{
-    AdminRequest, AdminResponse, AnycastEntry, Bgp, Check, IpamReport, PodEntry, ProblemKind,
-    Status, Verdict,
+    AdminRequest, AdminResponse, AnycastEntry, Bgp, Check, Endpoint, IpamReport, PodEntry,
+    PolicyVerdict, ProblemKind, Status, Verdict,
 };
 use flock_proto::rpc;
 
@@ -322,6 +322,35 @@ pub fn render_bgp(b: &Bgp) -> String {
         &["SESSION", "STATE", "SINCE", "IMPORTED", "EXPORTED", "INFO"],
         &rows,
     )
+}
+
+fn endpoint(e: &Endpoint) -> String {
+    match (&e.pod, &e.node) {
+        (Some(pod), Some(node)) => format!("{pod} ({}, on {node})", e.ip),
+        (Some(pod), None) => format!("{pod} ({})", e.ip),
+        (None, _) => format!("{} (no pod)", e.ip),
+    }
+}
+
+/// `flockctl policy explain`.
+pub fn render_explain(v: &PolicyVerdict) -> String {
+    let mut out = format!(
+        "{} → {} {}/{}: {}\n",
+        endpoint(&v.src),
+        endpoint(&v.dst),
+        v.port,
+        v.protocol,
+        if v.allowed { "ALLOWED" } else { "DENIED" }
+    );
+    for (what, side) in [("egress ", &v.egress), ("ingress", &v.ingress)] {
+        let on = side
+            .enforced_by
+            .as_deref()
+            .map(|n| format!(" (enforced on {n})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {what} {}{on}", side.reason);
+    }
+    out
 }
 
 /// `flockctl doctor`: one line per check, its verdict first.

@@ -44,6 +44,7 @@ EXAMPLES
     flockctl pods
     flockctl ipam check || echo 'see the problems above'
     flockctl doctor
+    flockctl policy explain web/front db/pg 5432/tcp
     flockctl -o json pods | jq '.pods[] | select(.state != \"committed\")'";
 
 /// Inspect a flock node through its agent.
@@ -97,6 +98,11 @@ enum Command {
     Anycast,
     /// BIRD's BGP sessions: state, since when, routes imported and exported.
     Bgp,
+    /// NetworkPolicy questions.
+    Policy {
+        #[command(subcommand)]
+        command: Policy,
+    },
     /// Checks the node settings flock relies on.
     ///
     /// sysctls: forwarding on for both families (a problem when off) and
@@ -110,6 +116,46 @@ enum Command {
     /// set at ADD. bird: BIRD answers on its socket, and which sessions
     /// are not Established. Exits 1 when any check is not ok.
     Doctor,
+}
+
+#[derive(Debug, Subcommand)]
+enum Policy {
+    /// What NetworkPolicy decides for one connection, and why.
+    ///
+    /// SRC and DST are `namespace/name` of a pod or an IP address; PORT is
+    /// the destination port, with `/tcp` (the default), `/udp` or `/sctp`.
+    /// The answer comes from the policies as the agents translate them,
+    /// for any pair of the cluster: the source pod's egress (enforced on
+    /// its node) and the destination pod's ingress (enforced on its
+    /// node). An allowed side names the policy, the rule and the peer of
+    /// the rule that admits the other end; a denied side names the
+    /// policies isolating the pod. Exits 0 whether allowed or denied.
+    Explain {
+        /// The source: `namespace/name` or an IP.
+        #[arg(value_name = "SRC")]
+        src: String,
+        /// The destination: `namespace/name` or an IP.
+        #[arg(value_name = "DST")]
+        dst: String,
+        /// The destination port, optionally `/tcp`, `/udp` or `/sctp`.
+        #[arg(value_name = "PORT[/PROTO]", value_parser = parse_port)]
+        port: (u16, String),
+    },
+}
+
+fn parse_port(text: &str) -> Result<(u16, String), String> {
+    let (port, proto) = text.split_once('/').unwrap_or((text, "tcp"));
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port number (1 to 65535)"))?;
+    if port == 0 {
+        return Err("port 0 is not a port".into());
+    }
+    let proto = proto.to_ascii_uppercase();
+    if !["TCP", "UDP", "SCTP"].contains(&proto.as_str()) {
+        return Err(format!("{proto:?} is not tcp, udp or sctp"));
+    }
+    Ok((port, proto))
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +182,14 @@ fn main() -> ExitCode {
         Command::Anycast => AdminRequest::Anycast,
         Command::Bgp => AdminRequest::Bgp,
         Command::Doctor => AdminRequest::Doctor,
+        Command::Policy {
+            command: Policy::Explain { src, dst, port },
+        } => AdminRequest::PolicyExplain {
+            src: src.clone(),
+            dst: dst.clone(),
+            port: port.0,
+            protocol: port.1.clone(),
+        },
     };
     let (line, response) = match flockctl::ask(&cli.socket, &request) {
         Ok(answer) => answer,
@@ -160,6 +214,8 @@ fn main() -> ExitCode {
             },
         ),
         AdminResponse::Anycast(a) => (flockctl::render_anycast(a), FINE),
+        // A denied connection is an answer, not a problem.
+        AdminResponse::PolicyExplain(v) => (flockctl::render_explain(v), FINE),
         AdminResponse::Doctor(checks) => (
             flockctl::render_doctor(checks),
             if checks.iter().all(|c| c.verdict == Verdict::Ok) {

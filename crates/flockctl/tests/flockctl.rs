@@ -429,3 +429,131 @@ fn doctor_passes_a_healthy_node_and_names_each_planted_fault() {
     );
     drop(pod);
 }
+
+fn remote_pod(name: &str, app: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  uid: uid-{name}\n  labels: {{app: {app}}}\nspec:\n  nodeName: node-b\n  containers: [{{name: c, image: 'busybox:1'}}]\nstatus:\n  podIPs: [{{ip: '{ip}'}}]\n  conditions: [{{type: Ready, status: 'True'}}]\n"
+    )
+}
+
+const DB_POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-from-web, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: web}}}]
+    ports: [{port: 5432}]
+  - from: [{ipBlock: {cidr: 192.0.2.0/24}}]
+";
+
+#[test]
+fn policy_explain_names_the_deciding_rule_for_any_pair_and_agrees_with_the_kernel() {
+    flock_testkit::require_root();
+    let node = flock_testkit::agent::AgentNode::start(
+        &sibling("flock-agent"),
+        &sibling("flock"),
+        &flock_testkit::agent::default_node_config(),
+    );
+    let web = node.add_pod("web", &[], CONF);
+    let db = node.add_pod("db", &[], CONF);
+    node.put_manifest("remote-web", &remote_pod("remote-web", "web", "198.18.2.5"));
+    node.put_manifest("remote-db", &remote_pod("remote-db", "db", "198.18.2.6"));
+    node.put_manifest("policy", DB_POLICY);
+    let flockctl = |args: &[&str]| {
+        Command::new(FLOCKCTL)
+            .arg("--socket")
+            .arg(node.admin_socket())
+            .args(args)
+            .output()
+            .expect("flockctl")
+    };
+    let explain = |src: &str, dst: &str, port: &str| {
+        let out = flockctl(&["policy", "explain", src, dst, port]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        text(&out)
+    };
+
+    // Local to local: what the kernel does is what explain says.
+    let db_ip = db.ip(true);
+    let listeners = [
+        flock_testkit::tcp_listen(&db.ns.netns(), 5432),
+        flock_testkit::tcp_listen(&db.ns.netns(), 22),
+    ];
+    let connects = |port: u16| {
+        flock_testkit::tcp_connects(
+            &web.ns.netns(),
+            std::net::SocketAddr::new(db_ip, port),
+            Duration::from_millis(300),
+        )
+    };
+    until("the policy is enforced", Duration::from_secs(10), || {
+        (!connects(22)).then(String::new)
+    });
+    assert!(connects(5432), "web reaches db:5432");
+    let allowed = explain("default/web", "default/db", "5432");
+    assert!(
+        allowed.starts_with(&format!(
+            "default/web ({}, on node-a) → default/db ({db_ip}, on node-a) 5432/TCP: ALLOWED",
+            web.ip(true)
+        )),
+        "{allowed}"
+    );
+    assert!(
+        allowed.contains(
+            "ingress allowed by default/db-from-web spec.ingress[0] from[0] (enforced on node-a)"
+        ),
+        "{allowed}"
+    );
+    assert!(
+        allowed.contains("egress  default/web is not isolated for egress: allowed"),
+        "{allowed}"
+    );
+    let denied = explain("default/web", "default/db", "22/tcp");
+    assert!(denied.contains(": DENIED"), "{denied}");
+    assert!(
+        denied.contains("denied: default/db is isolated for ingress by default/db-from-web and no rule admits the source on 22/tcp (enforced on node-a)"),
+        "{denied}"
+    );
+    drop(listeners);
+
+    // A pair on another node, and an outside address through the ipBlock.
+    let remote = explain("default/remote-web", "default/remote-db", "5432");
+    assert!(
+        remote.contains("ALLOWED") && remote.contains("(enforced on node-b)"),
+        "{remote}"
+    );
+    let remote = explain("default/remote-web", "198.18.2.6", "80/udp");
+    assert!(
+        remote.contains("DENIED") && remote.contains("80/udp"),
+        "{remote}"
+    );
+    let outside = explain("192.0.2.7", "default/remote-db", "9999");
+    assert!(
+        outside.contains("192.0.2.7 (no pod)")
+            && outside.contains("not a pod: no NetworkPolicy applies")
+            && outside.contains("allowed by default/db-from-web spec.ingress[1] ipBlock from[0]"),
+        "{outside}"
+    );
+    let as_json = json(&flockctl(&[
+        "-o",
+        "json",
+        "policy",
+        "explain",
+        "default/web",
+        "default/db",
+        "22",
+    ]));
+    assert_eq!(as_json["policyExplain"]["allowed"], false, "{as_json}");
+    assert_eq!(
+        as_json["policyExplain"]["ingress"]["isolatedBy"][0], "default/db-from-web",
+        "{as_json}"
+    );
+
+    // Unknown pods and bad ports are named.
+    let out = flockctl(&["policy", "explain", "default/nope", "default/db", "80"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("source default/nope"), "{}", text(&out));
+    let out = flockctl(&["policy", "explain", "default/web", "default/db", "99999"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
