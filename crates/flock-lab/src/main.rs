@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use flock_netlink::Netns;
+use flock_proto::admin::{AdminRequest, AdminResponse};
 use flock_testkit::apiserver::KubeCluster;
 use flock_testkit::fabric;
 
@@ -577,6 +578,13 @@ fn up(kube: bool) -> anyhow::Result<()> {
         let dir = root().join(node.name);
         std::fs::create_dir_all(dir.join("bird"))?;
         let s = |p: &str| dir.join(p).display().to_string();
+        // The runtime's CNI directory as the installer leaves it, for
+        // `flockctl doctor`.
+        std::fs::create_dir_all(dir.join("cni"))?;
+        std::fs::write(
+            dir.join("cni/01-flock.conflist"),
+            r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"flock"}]}"#,
+        )?;
         let (datastore, env) = objects.datastore(node)?;
         let mut argv: Vec<String> = vec!["env".into()];
         argv.extend(env);
@@ -594,6 +602,8 @@ fn up(kube: bool) -> anyhow::Result<()> {
             &s("bird/bird.conf"),
             "--bird-socket",
             &s("bird.ctl"),
+            "--cni-conf-dir",
+            &s("cni"),
             "--metrics-addr",
             "127.0.0.1:9602",
             "--log-format",
@@ -690,11 +700,6 @@ fn lab_namespaces() -> anyhow::Result<Vec<String>> {
 }
 
 fn report(ips: &[Vec<IpAddr>], objects: &Objects) -> anyhow::Result<()> {
-    let family = |v: &[IpAddr], v4: bool| {
-        v.iter()
-            .find(|i| i.is_ipv4() == v4)
-            .map_or("-".to_owned(), ToString::to_string)
-    };
     println!(
         "A ToR ({TOR}) running BIRD, peered over eBGP with two nodes ({PREFIX}node-a, {PREFIX}node-b),\neach running flock-agent and BIRD. Pods are network namespaces {PREFIX}pod-<namespace>-<name>.\n"
     );
@@ -707,26 +712,22 @@ fn report(ips: &[Vec<IpAddr>], objects: &Objects) -> anyhow::Result<()> {
             cluster.api_port()
         ),
     }
-    println!("PODS");
-    println!(
-        "  {:<8} {:<16} {:<14} {:<34} anycast",
-        "node", "pod", "IPv4", "IPv6"
-    );
-    for (p, got) in PODS.iter().zip(ips) {
-        println!(
-            "  {:<8} {:<16} {:<14} {:<34} {}",
-            NODES[p.node].name,
-            format!("{}/{}", p.namespace, p.name),
-            family(got, true),
-            family(got, false),
-            if p.anycast {
-                format!("{ANYCAST4}, {ANYCAST6}")
-            } else {
-                String::new()
+    // Each node as `flockctl status` and `flockctl pods` show it (the same
+    // requests and the same renderer).
+    for node in &NODES {
+        let socket = admin_socket(node);
+        println!("NODE {} (flockctl status, flockctl pods)", node.name);
+        let status = ask(&socket, &AdminRequest::Status)?;
+        let pods = ask(&socket, &AdminRequest::Pods)?;
+        match (status, pods) {
+            (AdminResponse::Status(s), AdminResponse::Pods(p)) => {
+                print_indented(&flockctl::render_status(&s));
+                print_indented(&flockctl::render_pods(&p));
             }
-        );
+            (s, p) => bail!("{}: unexpected admin answers {s:?} {p:?}", node.name),
+        }
+        println!();
     }
-
     let via_node = |line: &str| {
         NODES
             .iter()
@@ -801,6 +802,26 @@ fn report(ips: &[Vec<IpAddr>], objects: &Objects) -> anyhow::Result<()> {
     drop(echoes);
 
     connectivity(ips)?;
+    let flockctl = sibling("flockctl")?;
+    let a = admin_socket(&NODES[0]);
+    println!(
+        "\nTry flockctl (each node's agent answers on {ROOT}/<node>/admin.sock; `flockctl --help`):"
+    );
+    for command in [
+        "status",
+        "pods",
+        "ipam check",
+        "anycast",
+        "bgp",
+        "doctor",
+        "policy explain web/batch db/postgres 5432/tcp",
+    ] {
+        println!(
+            "             {} --socket {} {command}",
+            flockctl.display(),
+            a.display()
+        );
+    }
     println!("\nLook around: ip netns exec {TOR} birdc -s {ROOT}/tor/bird.ctl show route");
     println!("             ip netns exec {PREFIX}node-a nft list table inet flock");
     match objects {
@@ -828,7 +849,7 @@ fn connectivity(ips: &[Vec<IpAddr>]) -> anyhow::Result<()> {
         .iter()
         .map(|p| flock_testkit::tcp_listen(&netns(&pod_ns(p)), p.port))
         .collect();
-    let rules = policy_view(ips)?;
+    let rules = policy_view()?;
     println!(
         "\nCONNECTIVITY (TCP from each pod to each pod's port over IPv4 and IPv6; ✓ connects, ✗ does not;"
     );
@@ -907,57 +928,59 @@ fn connectivity(ips: &[Vec<IpAddr>]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Which policies isolate each pod's ingress (by pod index), from the
-/// same translation the agents run.
-fn policy_view(ips: &[Vec<IpAddr>]) -> anyhow::Result<BTreeMap<usize, String>> {
-    let pods: Vec<flock_netpol::ClusterPod> = PODS
-        .iter()
-        .zip(ips)
-        .map(|(p, got)| flock_netpol::ClusterPod {
-            namespace: p.namespace.into(),
-            name: p.name.into(),
-            labels: p
-                .labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect::<BTreeMap<_, _>>()
-                .into(),
-            ips: got.clone(),
-            ports: Vec::new(),
-        })
-        .collect();
-    let local: Vec<flock_netpol::LocalPod> = PODS
-        .iter()
-        .enumerate()
-        .map(|(i, p)| flock_netpol::LocalPod {
-            namespace: p.namespace.into(),
-            name: p.name.into(),
-            iface: format!("pod{i}"),
-        })
-        .collect();
-    let namespaces = BTreeMap::from([
-        (
-            "web".to_owned(),
-            BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "web".to_owned())]),
-        ),
-        (
-            "db".to_owned(),
-            BTreeMap::from([("kubernetes.io/metadata.name".to_owned(), "db".to_owned())]),
-        ),
-    ]);
-    let policy: k8s_openapi::api::networking::v1::NetworkPolicy = serde_yaml::from_str(POLICY)?;
-    let rules = flock_netpol::translate(&flock_netpol::Input {
-        pods: &pods,
-        local: &local,
-        namespaces: &namespaces,
-        policies: std::slice::from_ref(&policy),
-    });
-    Ok((0..PODS.len())
-        .filter_map(|i| {
-            let d = rules.pod(&format!("pod{i}"))?.ingress.as_ref()?;
-            Some((i, d.policies.join(",")))
-        })
-        .collect())
+/// Which policy decides each pod's ingress (by pod index), as `flockctl
+/// policy explain` answers it: the agents' own compiled policies.
+fn policy_view() -> anyhow::Result<BTreeMap<usize, String>> {
+    let socket = admin_socket(&NODES[0]);
+    let mut out = BTreeMap::new();
+    for (j, to) in PODS.iter().enumerate() {
+        let Some(from) = PODS
+            .iter()
+            .find(|p| p.namespace != to.namespace || p.name != to.name)
+        else {
+            continue;
+        };
+        let request = AdminRequest::PolicyExplain {
+            src: format!("{}/{}", from.namespace, from.name),
+            dst: format!("{}/{}", to.namespace, to.name),
+            port: to.port,
+            protocol: "TCP".into(),
+        };
+        let AdminResponse::PolicyExplain(v) = ask(&socket, &request)? else {
+            bail!(
+                "policy explain for {}/{}: unexpected answer",
+                to.namespace,
+                to.name
+            );
+        };
+        let policies = match (&v.ingress.policy, v.ingress.isolated_by.is_empty()) {
+            (Some(policy), _) => policy.clone(),
+            (None, false) => v.ingress.isolated_by.join(", "),
+            (None, true) => continue,
+        };
+        out.insert(j, policies);
+    }
+    Ok(out)
+}
+
+/// The admin socket of `node`'s agent (beside its plugin socket).
+fn admin_socket(node: &NodeSpec) -> PathBuf {
+    root().join(node.name).join("admin.sock")
+}
+
+/// One admin request to an agent of the lab.
+fn ask(socket: &Path, request: &AdminRequest) -> anyhow::Result<AdminResponse> {
+    let (_, response) = flockctl::ask(socket, request).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let AdminResponse::Error(e) = &response {
+        bail!("{}: {e}", socket.display());
+    }
+    Ok(response)
+}
+
+fn print_indented(text: &str) {
+    for line in text.lines() {
+        println!("  {line}");
+    }
 }
 
 /// Stops the lab's processes (only the PIDs it recorded, and only when

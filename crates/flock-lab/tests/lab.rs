@@ -141,8 +141,42 @@ fn assert_working(report: &str) {
         "2001:db8:aa::53          → ECMP node-a + node-b",
         "32 answered",
         "[1] db/postgres-from-frontends (isolates db/postgres for ingress)",
+        // Each node through flockctl's renderer.
+        "NODE node-a (flockctl status, flockctl pods)",
+        "NODE node-b (flockctl status, flockctl pods)",
+        "ready       yes: ADD is served",
+        "2 of 2 sessions up",
+        "db/postgres",
+        "Try flockctl",
     ] {
         assert!(report.contains(want), "report lacks {want:?}:\n{report}");
+    }
+    // Every flockctl command the report suggests works on the lab as it is.
+    let suggested: Vec<&str> = report
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.contains("flockctl --socket "))
+        .collect();
+    assert_eq!(suggested.len(), 7, "{report}");
+    for line in suggested {
+        let argv: Vec<&str> = line.split_whitespace().collect();
+        let out = Command::new(argv[0])
+            .args(&argv[1..])
+            .output()
+            .expect("flockctl");
+        assert!(
+            out.status.success(),
+            "{line}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if line.ends_with("5432/tcp") {
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                said.contains("DENIED") && said.contains("db/postgres-from-frontends"),
+                "{said}"
+            );
+        }
     }
     // Both anycast replicas answered some flows.
     let flows = report
@@ -162,7 +196,7 @@ fn assert_working(report: &str) {
     let row = |from: &str| {
         report
             .lines()
-            .find(|l| l.trim_start().starts_with(from))
+            .find(|l| l.trim_start().starts_with(from) && (l.contains('✓') || l.contains('✗')))
             .unwrap_or_else(|| panic!("no row for {from}:\n{report}"))
             .to_owned()
     };
