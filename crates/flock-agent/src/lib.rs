@@ -19,6 +19,7 @@ pub mod claims;
 pub mod cli;
 pub mod condition;
 pub mod doctor;
+pub mod events;
 pub mod handler;
 pub mod health;
 pub mod ipvs;

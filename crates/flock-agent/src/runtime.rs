@@ -136,6 +136,7 @@ impl Node {
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
             finishing: Default::default(),
+            events: Default::default(),
         });
         info!(
             entries = pods.allocations.len(),
@@ -238,6 +239,7 @@ async fn start(
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            pods.events.publish_through(client.clone(), &cfg.node);
             (
                 SourceGuard::Kube(flock_datastore::kubernetes::start(
                     client.clone(),

@@ -116,6 +116,7 @@ impl TestNode {
             tasks: TaskTracker::new(),
             cancel: stop.clone(),
             finishing: Default::default(),
+            events: Default::default(),
         });
         pods.tasks.spawn(policy.run(stop.clone()));
         TestNode {
@@ -165,6 +166,7 @@ impl TestNode {
             tasks: TaskTracker::new(),
             cancel: stop.clone(),
             finishing: Default::default(),
+            events: Default::default(),
         }));
         (handler, loader, stop)
     }
@@ -1361,6 +1363,7 @@ async fn a_policy_nft_refuses_isolates_with_nothing_allowed_and_the_rest_is_enfo
         tasks: TaskTracker::new(),
         cancel: stop.clone(),
         finishing: Default::default(),
+        events: Default::default(),
     }));
     node.put_pod("web", "uid-web");
     kernel.add_netns("/run/netns/web");

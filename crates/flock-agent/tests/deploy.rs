@@ -308,6 +308,11 @@ fn rbac_grants_exactly_what_the_agent_uses() {
             "/nodes/status".to_owned(),
             vec!["get".to_owned(), "patch".to_owned()],
         ),
+        // Events on pods whose ADD failed; a repeat is a patch.
+        (
+            "events.k8s.io/events".to_owned(),
+            vec!["create".to_owned(), "patch".to_owned()],
+        ),
     ]);
     assert_eq!(got, want);
     // Of Secrets, one: the session passwords, by name, get and watch only.

@@ -162,6 +162,20 @@ fn every_annotation_is_honoured() {
     let out = node.cni("ADD", "c0ffeebad", Some(&bad.path()), "bad", CONF);
     assert_eq!(error_code(&out), 7);
     assert!(String::from_utf8_lossy(&out.stdout).contains("flock.fritzlab.net/ipv4"));
+    // The dir datastore has no API server: the pod's event is logged, once
+    // per 30 s however often the runtime retries.
+    let _ = node.cni("ADD", "c0ffeebad", Some(&bad.path()), "bad", CONF);
+    let logged: Vec<String> = node
+        .log()
+        .lines()
+        .filter(|l| l.contains("pod event") && l.contains("default/bad"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(
+        logged[0].contains("FlockInvalidConfig") && logged[0].contains("flock.fritzlab.net/ipv4"),
+        "{logged:?}"
+    );
 }
 
 #[test]

@@ -307,6 +307,22 @@ fn the_shipped_rbac_grants_what_the_agent_does_and_nothing_more() {
                 .await
                 .map(drop),
         );
+        // Events: created (and patched for a repeat) on pods; not read.
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(flock.clone(), "default");
+        let event: k8s_openapi::api::events::v1::Event = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "probe.1"},
+            "eventTime": "2026-01-01T00:00:00.000000Z",
+            "reportingController": "flock-agent", "reportingInstance": NODE,
+            "action": "AddPodNetwork", "reason": "FlockAddFailed", "type": "Warning",
+            "regarding": {"apiVersion": "v1", "kind": "Pod", "namespace": "default", "name": "p"}
+        }))
+        .expect("event");
+        events
+            .create(&PostParams::default(), &event)
+            .await
+            .expect("create an event");
+        forbidden("list events", events.list(&lp).await.map(drop));
         forbidden(
             "delete a node",
             nodes.delete(NODE, &DeleteParams::default()).await.map(drop),
@@ -1054,5 +1070,75 @@ fn without_the_bgppeer_crd_bird_conf_is_rendered_after_the_grace_period() {
     assert!(
         started.elapsed() >= flock_agent::bird::BGP_INPUTS_GRACE,
         "rendered before the grace period: BGPPeers were read after all"
+    );
+}
+
+/// Events on the pod through the API, as `kubectl describe pod` lists
+/// them: (reason, note, series count) of each.
+fn pod_events(k: &KubeNode, ns: &str, pod: &str) -> Vec<(String, String, Option<i32>)> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(k.cluster.admin(), ns);
+    let list = k
+        .cluster
+        .block_on(events.list(&ListParams::default()))
+        .expect("list events");
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod))
+        .map(|e| {
+            (
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+                e.series.map(|s| s.count),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_failed_add_is_an_event_on_the_pod_at_most_once_per_reason_and_30s() {
+    let k = KubeNode::start(&default_node_config());
+    k.until("ready", Duration::from_secs(20), || {
+        (k.node.http("/readyz").0 == 200).then_some(())
+    });
+    let uid = k.cluster.create_pod(
+        "default",
+        "bad",
+        NODE,
+        &[],
+        &[("flock.fritzlab.net/ipv4", "maybe")],
+    );
+    let netns = flock_testkit::NetnsGuard::new("pod");
+    let add = || {
+        k.node.cni_raw(
+            "ADD",
+            "c0ffeebad",
+            &netns.path().display().to_string(),
+            "eth0",
+            &AgentNode::pod_args("default", "bad", "c0ffeebad", &uid),
+            CONF,
+        )
+    };
+    let out = add();
+    assert!(!out.status.success(), "the ADD fails");
+    let events = k.until("the event on the pod", Duration::from_secs(10), || {
+        let e = pod_events(&k, "default", "bad");
+        (!e.is_empty()).then_some(e)
+    });
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (reason, note, _) = &events[0];
+    assert_eq!(reason, "FlockInvalidConfig");
+    assert!(
+        note.contains("flock.fritzlab.net/ipv4"),
+        "names the field: {note}"
+    );
+    // The kubelet retries: within 30 s no second event and no repeat count.
+    for _ in 0..3 {
+        assert!(!add().status.success());
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        pod_events(&k, "default", "bad"),
+        events,
+        "one event per pod and reason per 30 s"
     );
 }

@@ -66,6 +66,8 @@ pub struct Pods<K, S> {
     pub cancel: CancellationToken,
     /// Entries a background task is finishing the release of.
     pub(crate) finishing: del::FinishingSet,
+    /// Events on pods whose ADD failed.
+    pub events: Arc<crate::events::PodEvents>,
 }
 
 /// The handler in force while the store can be read.
@@ -197,7 +199,13 @@ impl<K: Kernel, S: AllocationStore> Handler for PodHandler<K, S> {
         let pods = self.pods.clone();
         Box::pin(async move {
             let outcome = match request.op {
-                Op::Add => pods.add(&request).await.map(Response::Result),
+                Op::Add => {
+                    let added = pods.add(&request).await;
+                    if let Err(e) = &added {
+                        pods.events.failed_add(&request.args, e);
+                    }
+                    added.map(Response::Result)
+                }
                 Op::Del => pods
                     .del(&request.container_id, &request.if_name)
                     .await
