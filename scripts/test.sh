@@ -2,13 +2,14 @@
 # flock's one test command: installs the Debian packages the tests need when
 # they are missing, then checks formatting and lints, fuzzes the parsers
 # (installing cargo-fuzz when missing), builds the Go-built test components
-# (scripts/kube-bin.sh) and runs every test.
+# (scripts/kube-bin.sh), runs every test, and builds and smoke-tests the
+# image with podman (scripts/image.sh).
 # Tests that need root (network namespaces, nft, bird) expect to run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 iptables nftables bird2 frr containernetworking-plugins iperf3
-    containerd docker-registry skopeo busybox-static)
+    containerd docker-registry skopeo busybox-static debootstrap podman)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -97,3 +98,8 @@ passed=$(grep -E '^test result:' "$log" | grep -oE '[0-9]+ passed' | awk '{s += 
 failed=$(grep -E '^test result:' "$log" | grep -oE '[0-9]+ failed' | awk '{s += $1} END {print s + 0}')
 echo
 echo "all tests: ${passed} passed, ${failed} failed"
+
+# The image, built without a registry from a debootstrapped base and the
+# binaries the tests just ran, then each tool run inside it.
+echo "== scripts/image.sh"
+FLOCK_IMAGE_BINARIES=target/debug bash scripts/image.sh

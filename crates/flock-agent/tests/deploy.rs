@@ -97,7 +97,7 @@ fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
     let agent = container(&pod.containers, "agent");
     let command = agent.command.clone().expect("agent command");
     assert_eq!(command[0], "/usr/local/bin/flock-agent");
-    assert!(dockerfile.contains("/src/target/release/flock-agent /usr/local/bin/flock-agent"));
+    assert!(dockerfile.contains("/out/flock-agent /usr/local/bin/flock-agent"));
     let mut argv = command.clone();
     argv.extend(["--node".to_owned(), "n".to_owned()]);
     let cli = flock_agent::cli::Cli::try_parse_from(&argv)
@@ -140,7 +140,7 @@ fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
         .expect("install-cni init container");
     let install_cmd = install.command.clone().expect("install command");
     assert_eq!(install_cmd[0], "/usr/local/bin/flock-install");
-    assert!(dockerfile.contains("/src/target/release/flock-install /usr/local/bin/flock-install"));
+    assert!(dockerfile.contains("/out/flock-install /usr/local/bin/flock-install"));
     let icli = flock_installer::cli::Cli::try_parse_from(&install_cmd)
         .unwrap_or_else(|e| panic!("the DaemonSet's install-cni flags: {e}"));
     assert_eq!(
@@ -160,7 +160,7 @@ fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
         "/etc/cni/net.d"
     );
     assert!(dockerfile.contains(&format!(
-        "/src/target/release/flock {}",
+        "/out/flock {}",
         icli.plugin.display()
     )));
     // `flockctl doctor` reads the directory the installer writes, and
@@ -169,7 +169,7 @@ fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
         host_path(agent, &volumes, &cli.cni_conf_dir.display().to_string()),
         "/etc/cni/net.d"
     );
-    assert!(dockerfile.contains("/src/target/release/flockctl /usr/local/bin/flockctl"));
+    assert!(dockerfile.contains("/out/flockctl /usr/local/bin/flockctl"));
     assert_eq!(
         cli.admin_socket().display().to_string(),
         flock_proto::admin::DEFAULT_ADMIN_SOCKET
