@@ -149,7 +149,9 @@ impl Admin {
             AdminRequest::Status => {
                 AdminResponse::Status(Box::new(self.status(pods.as_ref()).await))
             }
-            AdminRequest::Bgp => AdminResponse::Bgp(birdc::sessions(&self.bird_socket).await),
+            AdminRequest::Bgp => {
+                AdminResponse::Bgp(birdc::sessions_and_routes(&self.bird_socket).await)
+            }
             AdminRequest::Pods
             | AdminRequest::IpamCheck
             | AdminRequest::Anycast

@@ -28,47 +28,76 @@ pub async fn watch_sessions(
 /// How long one `birdc` call may take.
 const BIRDC_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// BIRD's BGP sessions from `birdc show protocols all`.
-pub async fn sessions(socket: &Path) -> Bgp {
+/// What `birdc -s SOCKET ARGS…` prints, or why BIRD did not answer.
+async fn birdc(socket: &Path, args: &[&str]) -> Result<String, String> {
     let run = tokio::process::Command::new("birdc")
         .arg("-s")
         .arg(socket)
-        .args(["show", "protocols", "all"])
+        .args(args)
         .kill_on_drop(true)
         .output();
     match tokio::time::timeout(BIRDC_TIMEOUT, run).await {
-        Err(_) => Bgp {
-            sessions: Vec::new(),
-            error: Some(format!(
-                "birdc -s {} did not answer within {} s",
-                socket.display(),
-                BIRDC_TIMEOUT.as_secs()
-            )),
-        },
-        Ok(Err(e)) => Bgp {
-            sessions: Vec::new(),
-            error: Some(format!("running birdc: {e}")),
-        },
+        Err(_) => Err(format!(
+            "birdc -s {} did not answer within {} s",
+            socket.display(),
+            BIRDC_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Err(format!("running birdc: {e}")),
         Ok(Ok(out)) => {
-            let text = String::from_utf8_lossy(&out.stdout);
-            if !out.status.success() || !text.contains("BIRD") {
-                let said = format!("{}{}", text, String::from_utf8_lossy(&out.stderr));
-                Bgp {
-                    sessions: Vec::new(),
-                    error: Some(format!(
-                        "BIRD is not reachable on {}: {}",
-                        socket.display(),
-                        said.trim()
-                    )),
-                }
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() && text.contains("BIRD") {
+                Ok(text)
             } else {
-                Bgp {
-                    sessions: parse_protocols(&text),
-                    error: None,
-                }
+                let said = format!("{}{}", text, String::from_utf8_lossy(&out.stderr));
+                Err(format!(
+                    "BIRD is not reachable on {}: {}",
+                    socket.display(),
+                    said.trim()
+                ))
             }
         }
     }
+}
+
+/// BIRD's BGP sessions from `birdc show protocols all`.
+pub async fn sessions(socket: &Path) -> Bgp {
+    match birdc(socket, &["show", "protocols", "all"]).await {
+        Ok(text) => Bgp {
+            sessions: parse_protocols(&text),
+            error: None,
+        },
+        Err(e) => Bgp {
+            sessions: Vec::new(),
+            error: Some(e),
+        },
+    }
+}
+
+/// [`sessions`] with the prefixes each session exports (`birdc show
+/// route export NAME`, one call per session: for an operator's question,
+/// not for the metrics' poll).
+pub async fn sessions_and_routes(socket: &Path) -> Bgp {
+    let mut bgp = sessions(socket).await;
+    for session in &mut bgp.sessions {
+        match birdc(socket, &["show", "route", "export", &session.name]).await {
+            Ok(text) => session.exported_routes = parse_routes(&text),
+            Err(e) => {
+                bgp.error = Some(e);
+                break;
+            }
+        }
+    }
+    bgp
+}
+
+/// The prefixes of `show route` output (each route's first line).
+fn parse_routes(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|p| p.parse::<ipnet::IpNet>().is_ok())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The BGP protocols in `show protocols all` output, with their route
@@ -89,6 +118,7 @@ fn parse_protocols(text: &str) -> Vec<Session> {
                     info: cols[5..].join(" "),
                     imported: Vec::new(),
                     exported: Vec::new(),
+                    exported_routes: Vec::new(),
                 });
             }
             continue;
@@ -138,6 +168,22 @@ peer_198_19_1_254 BGP        ---        up     05:56:03.001  Established
 peer_2001_db8_ff_1__fe BGP        ---        start  05:56:01.500  Active        Socket: Connection refused
   BGP state:          Active
 ";
+
+    #[test]
+    fn exported_prefixes_are_read_from_show_route() {
+        let text = "BIRD 2.0.12 ready.
+Table master4:
+198.18.1.0/24        blackhole [flock_static4 06:03:29.459] * (200)
+203.0.113.10/32      unicast [flock_static4 06:03:30.001] * (200)
+\tdev flock1956f129
+Table master6:
+2001:db8:0:1::/64    blackhole [flock_static6 06:03:29.459] * (200)
+";
+        assert_eq!(
+            parse_routes(text),
+            ["198.18.1.0/24", "203.0.113.10/32", "2001:db8:0:1::/64"]
+        );
+    }
 
     #[test]
     fn bgp_sessions_and_route_counts_are_read_from_show_protocols_all() {

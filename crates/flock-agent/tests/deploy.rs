@@ -159,10 +159,7 @@ fn the_daemonset_uses_the_binaries_flags_paths_and_ports_of_the_code() {
         host_path(install, &volumes, &icli.cni_conf_dir.display().to_string()),
         "/etc/cni/net.d"
     );
-    assert!(dockerfile.contains(&format!(
-        "/out/flock {}",
-        icli.plugin.display()
-    )));
+    assert!(dockerfile.contains(&format!("/out/flock {}", icli.plugin.display())));
     // `flockctl doctor` reads the directory the installer writes, and
     // flockctl is in the image; the admin socket is beside the plugin's.
     assert_eq!(

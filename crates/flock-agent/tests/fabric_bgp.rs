@@ -285,7 +285,7 @@ fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
     assert!((1..=100).contains(&learned), "{learned} routes\n{limited}");
 
     // The password is in bird.conf (mode 0600) and nowhere the operator
-    // reads: not in the log, the metrics or /readyz.
+    // reads: not in the log, the metrics, /readyz or flockctl's output.
     let mode = std::fs::metadata(rack.node.bird_config())
         .expect("bird.conf")
         .permissions()
@@ -293,7 +293,31 @@ fn passwords_bfd_communities_and_the_import_limit_against_a_tor() {
     assert_eq!(mode & 0o777, 0o600);
     let (_, metrics) = rack.node.http("/metrics");
     let (_, ready) = rack.node.http("/readyz");
-    for text in [rack.node.log(), metrics, ready] {
+    let flockctl = Path::new(AGENT).with_file_name("flockctl");
+    let mut said = Vec::new();
+    for (args, names_the_session) in [
+        (&["status"][..], true),
+        (&["-o", "json", "status"], true),
+        (&["bgp"], true),
+        (&["-o", "json", "bgp"], true),
+        (&["doctor"], false),
+        (&["-o", "json", "pods"], false),
+    ] {
+        let out = std::process::Command::new(&flockctl)
+            .arg("--socket")
+            .arg(rack.node.admin_socket())
+            .args(args)
+            .output()
+            .expect("flockctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !names_the_session || text.contains("peer_198_18_255_254"),
+            "{args:?}: {text}"
+        );
+        said.push(text);
+    }
+    for text in [rack.node.log(), metrics, ready].into_iter().chain(said) {
         assert!(!text.contains(PASSWORD) && !text.contains("wrong-password"));
     }
 

@@ -240,6 +240,9 @@ pub struct Session {
     pub imported: Vec<(String, u64)>,
     /// Routes exported, by channel.
     pub exported: Vec<(String, u64)>,
+    /// The prefixes exported (`bgp` only; empty in `status`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exported_routes: Vec<String>,
 }
 
 /// `policy explain`: the verdict on one connection and what decides it.

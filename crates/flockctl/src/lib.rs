@@ -318,10 +318,14 @@ pub fn render_bgp(b: &Bgp) -> String {
             ]
         })
         .collect();
-    table(
+    let mut out = table(
         &["SESSION", "STATE", "SINCE", "IMPORTED", "EXPORTED", "INFO"],
         &rows,
-    )
+    );
+    for s in b.sessions.iter().filter(|s| !s.exported_routes.is_empty()) {
+        let _ = writeln!(out, "{} announces {}", s.name, s.exported_routes.join(", "));
+    }
+    out
 }
 
 fn endpoint(e: &Endpoint) -> String {
@@ -424,11 +428,16 @@ mod tests {
                 info: "Established".into(),
                 imported: vec![("ipv4".into(), 2)],
                 exported: vec![("ipv4".into(), 3), ("ipv6".into(), 4)],
+                exported_routes: vec!["198.18.1.0/24".into()],
             }],
             error: None,
         };
         let text = render_bgp(&b);
         assert!(text.contains("ipv4 3, ipv6 4"), "{text}");
         assert!(text.contains("Established"), "{text}");
+        assert!(
+            text.contains("peer_198_19_1_254 announces 198.18.1.0/24"),
+            "{text}"
+        );
     }
 }

@@ -189,6 +189,15 @@ fn every_command_reports_the_real_node_and_ipam_check_names_planted_faults() {
             .any(|l| l.starts_with("peer_198_19_1_254") && l.contains("Established")),
         "{bgp}"
     );
+    assert!(
+        bgp.contains("peer_198_19_1_254 announces ")
+            && bgp
+                .lines()
+                .any(|l| l.starts_with("peer_198_19_1_254 announces")
+                    && l.contains("198.18.1.0/24")
+                    && l.contains("203.0.113.10/32")),
+        "the node's prefix and the anycast IP: {bgp}"
+    );
     let sessions = json(&rack.flockctl(&["-o", "json", "bgp"]));
     let exports = |s: &serde_json::Value| {
         s["exported"]
