@@ -81,6 +81,7 @@ done
 # and processes than podman asks for by default (runc then fails with
 # "error setting rlimits"): ask for what this shell has.
 nofile=$(ulimit -Hn)
+[[ $nofile == unlimited ]] && nofile=1048576
 nproc=$(ulimit -u)
 [[ $nproc == unlimited ]] && nproc=32768
 ((nproc > 32768)) && nproc=32768

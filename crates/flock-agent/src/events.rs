@@ -93,7 +93,7 @@ impl PodEvents {
                 pod = %format!("{namespace}/{pod}"),
                 reason,
                 note = %note,
-                "pod event (logged, not published: the dir datastore has no API server)"
+                "pod event (logged, not published: no API server, with the dir datastore or before the agent connects)"
             );
             return;
         };
