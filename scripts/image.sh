@@ -37,9 +37,13 @@ done
 # The host's suite and mirror (deb822 .sources or sources.list).
 . /etc/os-release
 suite=${VERSION_CODENAME:-bookworm}
-mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v security | head -n 1 || true)
+# Debian's own entry first (debian.sources), a third-party repository never.
+mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null |
+    grep -v security | head -n 1 || true)
 if [[ -z $mirror ]]; then
-    mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+    # `deb [options] URL suite …`: the URL is the first field after the options.
+    mirror=$(sed -n 's/^deb \(\[[^]]*\] *\)\{0,1\}\([^ ]*\) .*/\2/p' /etc/apt/sources.list 2>/dev/null |
+        grep -v security | grep -i debian | head -n 1 || true)
 fi
 mirror=${mirror:-http://deb.debian.org/debian}
 packages=bird2,nftables,iproute2,ca-certificates
@@ -51,7 +55,7 @@ if [[ ! -s $rootfs_tar ]]; then
     echo "image.sh: debootstrap $suite (minbase + $packages) from $mirror (first run only)" >&2
     started=$SECONDS
     tree=$(mktemp -d "$cache/.rootfs.XXXXXX")
-    trap 'rm -rf "$tree"' EXIT
+    trap 'rm -rf --one-file-system "$tree"' EXIT
     debootstrap --variant=minbase --include="$packages" "$suite" "$tree" "$mirror" >"$cache/debootstrap.log" 2>&1 || {
         tail -n 30 "$cache/debootstrap.log" >&2
         echo "image.sh: debootstrap failed (log: $cache/debootstrap.log)" >&2
@@ -61,13 +65,22 @@ if [[ ! -s $rootfs_tar ]]; then
     rm -rf "$tree"/var/cache/apt/* "$tree"/var/lib/apt/lists/*
     tar -C "$tree" -cf "$rootfs_tar.tmp.$$" .
     mv -f "$rootfs_tar.tmp.$$" "$rootfs_tar"
-    rm -rf "$tree"
+    rm -rf --one-file-system "$tree"
     trap - EXIT
     echo "image.sh: root filesystem cached as $rootfs_tar in $((SECONDS - started)) s" >&2
 fi
 
 work=$(mktemp -d /tmp/flock-image.XXXXXX)
-cleanup() { rm -rf "$work"; }
+# Podman's default directories, bound over in the private mount namespace
+# below; the ones that do not exist are made for that and removed after.
+made=()
+for d in /var/lib/containers /run/containers /run/libpod; do
+    [[ -e $d ]] || { mkdir -p "$d"; made+=("$d"); }
+done
+cleanup() {
+    rm -rf --one-file-system "$work"
+    for d in "${made[@]}"; do rmdir "$d" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 
 # The build context: the Dockerfile and the binaries, nothing else.
@@ -86,6 +99,14 @@ nproc=$(ulimit -u)
 [[ $nproc == unlimited ]] && nproc=32768
 ((nproc > 32768)) && nproc=32768
 mkdir -p "$work"/{state,run-containers,run-libpod,networks,tmp}
+# Storage of our own, whatever the host's storage.conf says.
+cat >"$work/storage.conf" <<CONF
+[storage]
+driver = "overlay"
+graphroot = "$work/state/storage"
+runroot = "$work/run-containers/storage"
+CONF
+: >"$work/registries.conf"
 cat >"$work/containers.conf" <<CONF
 [containers]
 default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
@@ -102,12 +123,12 @@ CONF
 cat >"$work/inside.sh" <<'INSIDE'
 set -euo pipefail
 work=$1 rootfs_tar=$2 tag=$3
-for d in /var/lib/containers /run/containers /run/libpod; do mkdir -p "$d"; done
 mount --bind "$work/state" /var/lib/containers
 mount --bind "$work/run-containers" /run/containers
 mount --bind "$work/run-libpod" /run/libpod
-export CONTAINERS_CONF=$work/containers.conf TMPDIR=$work/tmp
-podman=(podman --events-backend none)
+export CONTAINERS_CONF=$work/containers.conf CONTAINERS_STORAGE_CONF=$work/storage.conf \
+    CONTAINERS_REGISTRIES_CONF=$work/registries.conf TMPDIR=$work/tmp
+podman=(podman --events-backend none --root "$work/state/storage" --runroot "$work/run-containers/storage")
 base=localhost/flock-base:image-sh
 "${podman[@]}" import -q "$rootfs_tar" "$base" >/dev/null
 "${podman[@]}" build -q --network none --pull=never \
@@ -135,7 +156,7 @@ if [[ -n ${FLOCK_IMAGE_SAVE:-} ]]; then
     "${podman[@]}" save -q --format oci-archive -o "$FLOCK_IMAGE_SAVE" "$tag"
     echo "image.sh: saved as $FLOCK_IMAGE_SAVE (podman load -i, or skopeo copy oci-archive:… to a registry)"
 fi
-"${podman[@]}" rmi -a -f >/dev/null
+"${podman[@]}" rmi -f "$tag" "$base" >/dev/null
 INSIDE
 started=$SECONDS
 FLOCK_IMAGE_SAVE=${FLOCK_IMAGE_SAVE:+$(realpath -m "$FLOCK_IMAGE_SAVE")} \

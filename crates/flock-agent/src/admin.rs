@@ -37,8 +37,14 @@ pub type NodePods = Arc<Pods<NodeKernel, StoreThread>>;
 /// deadline is far shorter).
 const STALE_PENDING: Duration = Duration::from_secs(300);
 
-/// How long a client may take to send its request.
+/// How long a client may take to send its request, and to read the answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `ipam check` may look at the pods' sandbox paths.
+const SANDBOX_LOOK: Duration = Duration::from_secs(5);
+
+/// Admin connections served at once; more wait for a turn.
+const CONNECTIONS: usize = 16;
 
 /// What the admin API answers from.
 #[derive(Clone)]
@@ -90,12 +96,18 @@ impl AdminServer {
         } = self;
         tokio::pin!(shutdown);
         info!(socket = %path.display(), "serving the admin API");
+        let turns = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        tokio::spawn(serve(stream, admin.clone()));
+                        let admin = admin.clone();
+                        let turns = turns.clone();
+                        tokio::spawn(async move {
+                            let Ok(_turn) = turns.acquire_owned().await else { return };
+                            serve(stream, admin).await;
+                        });
                     }
                     Err(error) => {
                         warn!(%error, "admin accept failed");
@@ -135,8 +147,11 @@ async fn serve(stream: UnixStream, admin: Admin) {
             },
         },
     };
-    if let Err(error) = write.write_all(&rpc::encode(&response)).await {
-        debug!(%error, "admin client left before the response was written");
+    let frame = rpc::encode(&response);
+    match tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&frame)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => debug!(%error, "admin client left before the response was written"),
+        Err(_) => debug!("admin client did not read the response within 10 s"),
     }
     let _ = write.shutdown().await;
 }
@@ -301,13 +316,35 @@ async fn ipam_check(pods: &NodePods) -> Result<IpamReport, String> {
         .map_err(|e| format!("listing flock's routes: {e}"))?;
     let entries = pods.allocations.snapshot();
     let datastore = pods.cache.pods_shared();
+    // The runtime's netns paths, looked at off the async workers and
+    // bounded: a hung filesystem must not hang the agent.
+    let paths: Vec<String> = entries
+        .iter()
+        .filter(|e| e.state == AllocState::Committed && !e.netns.is_empty())
+        .map(|e| e.netns.clone())
+        .collect();
+    let look = tokio::task::spawn_blocking(move || {
+        paths
+            .into_iter()
+            .filter(|p| Path::new(p).exists())
+            .collect::<BTreeSet<String>>()
+    });
+    let present = match tokio::time::timeout(SANDBOX_LOOK, look).await {
+        Ok(Ok(present)) => present,
+        _ => {
+            return Err(format!(
+                "looking at the pods' sandbox paths took over {} s (a hung filesystem?)",
+                SANDBOX_LOOK.as_secs()
+            ));
+        }
+    };
     Ok(compare(
         &entries,
         &links,
         &routes,
         &datastore,
         SystemTime::now(),
-        |netns| netns.is_empty() || Path::new(netns).exists(),
+        |netns| netns.is_empty() || present.contains(netns),
     ))
 }
 

@@ -78,13 +78,12 @@ pub async fn sessions(socket: &Path) -> Bgp {
 /// not for the metrics' poll).
 pub async fn sessions_and_routes(socket: &Path) -> Bgp {
     let mut bgp = sessions(socket).await;
-    for session in &mut bgp.sessions {
-        match birdc(socket, &["show", "route", "export", &session.name]).await {
-            Ok(text) => session.exported_routes = parse_routes(&text),
-            Err(e) => {
-                bgp.error = Some(e);
-                break;
-            }
+    // A session that is not up has no channel to export through (BIRD
+    // answers "No valid tables"): it announces nothing, and says so in
+    // its state. One that fails to answer keeps its counts.
+    for session in bgp.sessions.iter_mut().filter(|s| s.state == "up") {
+        if let Ok(text) = birdc(socket, &["show", "route", "export", &session.name]).await {
+            session.exported_routes = parse_routes(&text);
         }
     }
     bgp

@@ -196,7 +196,8 @@ fn cni_config(dir: &Path) -> Check {
     };
     let mut files: Vec<String> = entries
         .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        // A symlinked file counts, as the runtime reads it.
+        .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.is_file()))
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.ends_with(".conf") || n.ends_with(".conflist") || n.ends_with(".json"))
         .collect();

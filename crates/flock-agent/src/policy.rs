@@ -108,11 +108,28 @@ pub enum TableAudit {
 /// How long an audit waits for the loop (busy, or its inputs not listed).
 const AUDIT_WAIT: Duration = Duration::from_secs(10);
 
+/// Admin questions that may wait for the loop at once.
+const ADMIN_QUEUE: usize = 8;
+
+impl Ask {
+    /// Whether the asker has stopped waiting (nothing to answer).
+    fn abandoned(&self) -> bool {
+        match self {
+            Ask::Isolate(i) => i.reply.is_closed(),
+            Ask::Audit(reply) => reply.is_closed(),
+            Ask::Explain(_, reply) => reply.is_closed(),
+        }
+    }
+}
+
 /// What the pod handler holds of the policy loop.
 #[derive(Clone)]
 pub struct PolicyHandle {
     cache: Cache,
     requests: mpsc::Sender<Ask>,
+    /// The admin API's questions: a channel of their own, served only when
+    /// the loop has nothing else to do.
+    admin: mpsc::Sender<Ask>,
     trigger: Arc<Notify>,
 }
 
@@ -147,14 +164,23 @@ impl PolicyHandle {
         answer.await.map_err(|_| stopped())?
     }
 
+    /// Queues an admin question, or says why not (never waits: a busy
+    /// loop answers ADDs first).
+    fn ask_admin(&self, ask: Ask) -> Result<(), String> {
+        self.admin.try_send(ask).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => format!(
+                "the NetworkPolicy loop has {ADMIN_QUEUE} admin questions waiting; try again"
+            ),
+            mpsc::error::TrySendError::Closed(_) => "NetworkPolicy enforcement has stopped".into(),
+        })
+    }
+
     /// What the policies decide for one connection, from the loop's
     /// compiled model (asked between passes).
     pub async fn explain(&self, query: ExplainQuery) -> Result<PolicyVerdict, String> {
         let (reply, answer) = oneshot::channel();
-        let asked = async {
-            self.requests.send(Ask::Explain(query, reply)).await.ok()?;
-            answer.await.ok()
-        };
+        self.ask_admin(Ask::Explain(query, reply))?;
+        let asked = async { answer.await.ok() };
         match tokio::time::timeout(AUDIT_WAIT, asked).await {
             Ok(Some(verdict)) => verdict,
             Ok(None) => Err("NetworkPolicy enforcement has stopped".into()),
@@ -169,10 +195,10 @@ impl PolicyHandle {
     /// passes (so never mid-load).
     pub async fn audit(&self) -> TableAudit {
         let (reply, answer) = oneshot::channel();
-        let asked = async {
-            self.requests.send(Ask::Audit(reply)).await.ok()?;
-            answer.await.ok()
-        };
+        if let Err(e) = self.ask_admin(Ask::Audit(reply)) {
+            return TableAudit::NotLoaded(e);
+        }
+        let asked = async { answer.await.ok() };
         match tokio::time::timeout(AUDIT_WAIT, asked).await {
             Ok(Some(audit)) => audit,
             Ok(None) => TableAudit::NotLoaded("NetworkPolicy enforcement has stopped".into()),
@@ -357,6 +383,7 @@ pub struct PolicyLoop<L, S> {
     allocations: Arc<Allocations<S>>,
     loader: Arc<Mutex<L>>,
     requests: mpsc::Receiver<Ask>,
+    admin: mpsc::Receiver<Ask>,
     trigger: Arc<Notify>,
     board: Arc<Board>,
     metrics: Metrics,
@@ -385,10 +412,12 @@ pub fn policy_loop<L: Loader, S: AllocationStore>(
     metrics: Metrics,
 ) -> (PolicyLoop<L, S>, PolicyHandle) {
     let (tx, requests) = mpsc::channel(64);
+    let (admin_tx, admin) = mpsc::channel(ADMIN_QUEUE);
     let trigger = Arc::new(Notify::new());
     let handle = PolicyHandle {
         cache: cache.clone(),
         requests: tx,
+        admin: admin_tx,
         trigger: trigger.clone(),
     };
     let policy = PolicyLoop {
@@ -396,6 +425,7 @@ pub fn policy_loop<L: Loader, S: AllocationStore>(
         allocations,
         loader: Arc::new(Mutex::new(loader)),
         requests,
+        admin,
         trigger,
         board,
         metrics,
@@ -485,6 +515,13 @@ impl<L: Loader, S: AllocationStore> PolicyLoop<L, S> {
                     false
                 }
                 _ = tick.tick() => true,
+                // Last: only when nothing above is ready.
+                Some(ask) = self.admin.recv() => {
+                    if !ask.abandoned() {
+                        self.answer(ask).await;
+                    }
+                    continue;
+                }
             };
             // A burst of events is one pass; an ADD waiting for its
             // isolation does not wait for it.

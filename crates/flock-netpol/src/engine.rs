@@ -116,8 +116,9 @@ struct Rule {
     peers: Option<Vec<PeerSel>>,
     /// ipBlock addresses.
     blocks: AddrRanges,
-    /// The indices of the ipBlock peers in the rule's `from`/`to`.
-    block_at: Vec<usize>,
+    /// Each ipBlock peer's addresses, with its index in the rule's
+    /// `from`/`to` (to name the one that admits an address).
+    block_at: Vec<(usize, AddrRanges)>,
     /// Numeric ports; `None`: any.
     ports: Option<Vec<PortSpec>>,
     /// Named ports (resolved on the destination).
@@ -1690,7 +1691,7 @@ fn compile_rule(
                 match ip_block(block) {
                     Ok(r) => {
                         rule.blocks.extend(&r);
-                        rule.block_at.push(i);
+                        rule.block_at.push((i, r));
                     }
                     Err(problem) => warnings.push(format!("{at}.{field}[{i}].ipBlock: {problem}")),
                 }

@@ -129,7 +129,10 @@ enum Policy {
     /// its node) and the destination pod's ingress (enforced on its
     /// node). An allowed side names the policy, the rule and the peer of
     /// the rule that admits the other end; a denied side names the
-    /// policies isolating the pod. Exits 0 whether allowed or denied.
+    /// policies isolating the pod. Traffic between a node and its own pods
+    /// (kubelet probes, host-network pods) is not policed, whatever this
+    /// says of an address that is no pod's. Exits 0 whether allowed or
+    /// denied.
     Explain {
         /// The source: `namespace/name` or an IP.
         #[arg(value_name = "SRC")]
@@ -200,6 +203,9 @@ fn main() -> ExitCode {
     };
     let (text, status) = match &response {
         AdminResponse::Error(e) => {
+            if cli.output == Output::Json {
+                println!("{line}");
+            }
             eprintln!("flockctl: the agent could not answer: {e}");
             return ExitCode::from(PROBLEMS);
         }

@@ -209,15 +209,10 @@ impl Engine {
                 return Some(format!("{field}[{}]", sel.at));
             }
         }
-        if rule.blocks.contains(ip) {
-            let at: Vec<String> = rule
-                .block_at
-                .iter()
-                .map(|i| format!("{field}[{i}]"))
-                .collect();
-            return Some(format!("ipBlock {}", at.join(" or ")));
-        }
-        None
+        rule.block_at
+            .iter()
+            .find(|(_, r)| r.contains(ip))
+            .map(|(i, _)| format!("ipBlock {field}[{i}]"))
     }
 }
 
@@ -301,7 +296,7 @@ mod tests {
 spec:
   podSelector: {matchLabels: {app: pg}}
   ingress:
-  - from: [{ipBlock: {cidr: 192.0.2.0/24}}]
+  - from: [{ipBlock: {cidr: 198.51.100.0/24}}, {ipBlock: {cidr: 192.0.2.0/24}}]
   - from:
     - namespaceSelector: {matchLabels: {team: b}}
     - namespaceSelector: {matchLabels: {team: a}}
@@ -381,7 +376,7 @@ spec:
             Decision::Allowed {
                 policy: "db/pg-from-front".into(),
                 rule: "spec.ingress[0]".into(),
-                peer: "ipBlock from[0]".into()
+                peer: "ipBlock from[1]".into()
             }
         );
     }
