@@ -303,8 +303,10 @@ fn pod_entries(pods: &NodePods) -> Vec<PodEntry> {
     entries
 }
 
-/// The store against the kernel against the datastore.
-async fn ipam_check(pods: &NodePods) -> Result<IpamReport, String> {
+/// The node's flock veths (name, index) and flock routes, one dump each.
+async fn flock_links_and_routes(
+    pods: &NodePods,
+) -> Result<(Vec<(String, u32)>, Vec<flock_netlink::InstalledRoute>), String> {
     let dataplane = &pods.kernel.dataplane;
     let links = dataplane
         .flock_links()
@@ -314,6 +316,12 @@ async fn ipam_check(pods: &NodePods) -> Result<IpamReport, String> {
         .flock_routes()
         .await
         .map_err(|e| format!("listing flock's routes: {e}"))?;
+    Ok((links, routes))
+}
+
+/// The store against the kernel against the datastore.
+async fn ipam_check(pods: &NodePods) -> Result<IpamReport, String> {
+    let (links, routes) = flock_links_and_routes(pods).await?;
     let entries = pods.allocations.snapshot();
     let datastore = pods.cache.pods_shared();
     // The runtime's netns paths, looked at off the async workers and
@@ -383,56 +391,35 @@ fn compare(
         };
 
     for e in entries {
-        let pod = format!("{}/{}", e.namespace, e.pod);
-        match e.state {
-            AllocState::Committed => {
-                if !link_names.contains(e.host_iface.as_str()) {
-                    problems.push(problem(
-                        ProblemKind::Leaked,
-                        Some(e),
-                        Some(&e.host_iface),
-                        e.unicast().next(),
-                        format!(
-                            "pod {pod} ({}): its veth {} is gone, the entry still holds {}",
-                            e.ifname,
-                            e.host_iface,
-                            strings(e.unicast()).join(", ")
-                        ),
-                    ));
-                } else if !sandbox_exists(&e.netns) {
-                    problems.push(problem(
-                        ProblemKind::Leaked,
-                        Some(e),
-                        Some(&e.host_iface),
-                        e.unicast().next(),
-                        format!(
-                            "pod {pod} ({}): its sandbox {} is gone, the entry still holds {}",
-                            e.ifname,
-                            e.netns,
-                            strings(e.unicast()).join(", ")
-                        ),
-                    ));
-                }
+        let gone = match e.state {
+            AllocState::Committed if !link_names.contains(e.host_iface.as_str()) => {
+                format!("its veth {} is gone", e.host_iface)
             }
-            AllocState::Pending => {
-                let age = now.duration_since(e.allocated_at).unwrap_or_default();
-                if age > STALE_PENDING {
-                    problems.push(problem(
-                        ProblemKind::Leaked,
-                        Some(e),
-                        Some(&e.host_iface),
-                        e.unicast().next(),
-                        format!(
-                            "pod {pod} ({}): pending for {} s with no ADD finishing it",
-                            e.ifname,
-                            age.as_secs()
-                        ),
-                    ));
-                }
+            AllocState::Committed if !sandbox_exists(&e.netns) => {
+                format!("its sandbox {} is gone", e.netns)
             }
+            AllocState::Pending => match now.duration_since(e.allocated_at) {
+                Ok(age) if age > STALE_PENDING => {
+                    format!("pending for {} s with no ADD finishing it", age.as_secs())
+                }
+                _ => continue,
+            },
             // Being torn down: the release is retried until it is done.
-            AllocState::Releasing => {}
-        }
+            _ => continue,
+        };
+        problems.push(problem(
+            ProblemKind::Leaked,
+            Some(e),
+            Some(&e.host_iface),
+            e.unicast().next(),
+            format!(
+                "pod {}/{} ({}): {gone}, the entry still holds {}",
+                e.namespace,
+                e.pod,
+                e.ifname,
+                strings(e.unicast()).join(", ")
+            ),
+        ));
     }
 
     for (name, _) in links {
@@ -541,15 +528,7 @@ fn compare(
 /// Each anycast and `addresses` IP held here: its local pods, whether the
 /// kernel routes to each, and why it is announced or not.
 async fn anycast(pods: &NodePods) -> Result<Vec<AnycastEntry>, String> {
-    let dataplane = &pods.kernel.dataplane;
-    let links = dataplane
-        .flock_links()
-        .await
-        .map_err(|e| format!("listing the node's flock veths: {e}"))?;
-    let routes = dataplane
-        .flock_routes()
-        .await
-        .map_err(|e| format!("listing flock's routes: {e}"))?;
+    let (links, routes) = flock_links_and_routes(pods).await?;
     let index: HashMap<&str, u32> = links.iter().map(|(n, i)| (n.as_str(), *i)).collect();
     let routed: HashMap<IpAddr, BTreeSet<u32>> = routes
         .iter()

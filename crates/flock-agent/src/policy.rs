@@ -164,26 +164,20 @@ impl PolicyHandle {
         answer.await.map_err(|_| stopped())?
     }
 
-    /// Queues an admin question, or says why not (never waits: a busy
-    /// loop answers ADDs first).
-    fn ask_admin(&self, ask: Ask) -> Result<(), String> {
-        self.admin.try_send(ask).map_err(|e| match e {
+    /// Asks the loop an admin question (built by `ask` around its reply
+    /// channel) and waits for the answer, at most [`AUDIT_WAIT`]. Never
+    /// waits to queue: a busy loop answers ADDs first.
+    async fn ask_admin<T>(&self, ask: impl FnOnce(oneshot::Sender<T>) -> Ask) -> Result<T, String> {
+        let (reply, answer) = oneshot::channel();
+        self.admin.try_send(ask(reply)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => format!(
                 "the NetworkPolicy loop has {ADMIN_QUEUE} admin questions waiting; try again"
             ),
             mpsc::error::TrySendError::Closed(_) => "NetworkPolicy enforcement has stopped".into(),
-        })
-    }
-
-    /// What the policies decide for one connection, from the loop's
-    /// compiled model (asked between passes).
-    pub async fn explain(&self, query: ExplainQuery) -> Result<PolicyVerdict, String> {
-        let (reply, answer) = oneshot::channel();
-        self.ask_admin(Ask::Explain(query, reply))?;
-        let asked = async { answer.await.ok() };
-        match tokio::time::timeout(AUDIT_WAIT, asked).await {
-            Ok(Some(verdict)) => verdict,
-            Ok(None) => Err("NetworkPolicy enforcement has stopped".into()),
+        })?;
+        match tokio::time::timeout(AUDIT_WAIT, answer).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err("NetworkPolicy enforcement has stopped".into()),
             Err(_) => Err(format!(
                 "the NetworkPolicy loop did not answer within {} s (pods, namespaces or policies not listed yet?)",
                 AUDIT_WAIT.as_secs()
@@ -191,22 +185,18 @@ impl PolicyHandle {
         }
     }
 
+    /// What the policies decide for one connection, from the loop's
+    /// compiled model (asked between passes).
+    pub async fn explain(&self, query: ExplainQuery) -> Result<PolicyVerdict, String> {
+        self.ask_admin(|reply| Ask::Explain(query, reply)).await?
+    }
+
     /// The kernel's table against what the loop loaded, asked between
     /// passes (so never mid-load).
     pub async fn audit(&self) -> TableAudit {
-        let (reply, answer) = oneshot::channel();
-        if let Err(e) = self.ask_admin(Ask::Audit(reply)) {
-            return TableAudit::NotLoaded(e);
-        }
-        let asked = async { answer.await.ok() };
-        match tokio::time::timeout(AUDIT_WAIT, asked).await {
-            Ok(Some(audit)) => audit,
-            Ok(None) => TableAudit::NotLoaded("NetworkPolicy enforcement has stopped".into()),
-            Err(_) => TableAudit::NotLoaded(format!(
-                "the NetworkPolicy loop did not answer within {} s (pods, namespaces or policies not listed yet?)",
-                AUDIT_WAIT.as_secs()
-            )),
-        }
+        self.ask_admin(Ask::Audit)
+            .await
+            .unwrap_or_else(TableAudit::NotLoaded)
     }
 }
 

@@ -13,9 +13,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use flock_testkit::NetnsGuard;
 use flock_testkit::agent::{AgentNode, TEST_POOLS, node_config_for};
-use flock_testkit::fabric::{self, FabricNode, RouteMonitor, until};
-use flock_testkit::{Bird, NetnsGuard};
+use flock_testkit::fabric::{self, Rack, RouteMonitor, until};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_flock-agent");
 const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
@@ -83,46 +83,13 @@ fn add_in(node: &AgentNode, namespace: &str, name: &str, ns: &NetnsGuard) -> std
     )
 }
 
-/// A ToR running BIRD and node-a (agent with the test pools, its BIRD),
-/// once the ToR has learned node-a's prefix. Dropped in field order: the
-/// node first, the ToR last.
-struct Rack {
-    a: FabricNode,
-    _tor_bird: Bird,
-    _dir: tempfile::TempDir,
-    tor: NetnsGuard,
-}
-
-impl Rack {
-    fn start() -> Rack {
-        let tor = NetnsGuard::new("tor");
-        fabric::tor_forwarding(tor.name()).expect("ToR sysctls");
-        let plugin = Path::new(AGENT).with_file_name("flock");
-        let a = FabricNode::start(&tor, Path::new(AGENT), &plugin, "node-a", 1, 65001);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tor_conf = dir.path().join("tor.conf");
-        std::fs::write(&tor_conf, fabric::tor_bird_config(&[("a", 1, 65001)])).expect("tor conf");
-        let tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
-        until(
-            "the ToR learns node-a's prefix",
-            Duration::from_secs(30),
-            || {
-                let r = tor_routes(&tor);
-                r.contains("198.18.1.0/24 via 198.19.1.1").then_some(r)
-            },
-        );
-        Rack {
-            a,
-            _tor_bird: tor_bird,
-            _dir: dir,
-            tor,
-        }
-    }
+fn rack() -> Rack {
+    Rack::start(Path::new(AGENT), &Path::new(AGENT).with_file_name("flock"))
 }
 
 #[test]
 fn claims_need_consent_take_nothing_and_what_is_announced_is_what_is_routed() {
-    let mut rack = Rack::start();
+    let mut rack = rack();
     let (a, tor) = (&mut rack.a, &rack.tor);
     let node = &a.node;
 
@@ -390,7 +357,7 @@ spec:
 
 #[test]
 fn every_refusal_fails_the_add_and_leaves_the_victim_and_the_tor_as_they_were() {
-    let rack = Rack::start();
+    let rack = rack();
     let (node, tor) = (&rack.a.node, &rack.tor);
     node.put_manifest("test-pools", REFUSAL_POOLS);
     node.put_manifest(

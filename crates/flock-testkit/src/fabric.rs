@@ -182,6 +182,47 @@ impl FabricNode {
     }
 }
 
+/// A ToR running BIRD and node-a of the rack ([`FabricNode`], with the
+/// test pools), once the ToR has learned node-a's prefix. Dropped in field
+/// order: the node first, the ToR last.
+pub struct Rack {
+    /// node-a.
+    pub a: FabricNode,
+    _tor_bird: Bird,
+    _dir: tempfile::TempDir,
+    /// The ToR's namespace.
+    pub tor: NetnsGuard,
+}
+
+impl Rack {
+    /// The ToR (forwarding, BIRD peered with node-a) and node-a running
+    /// `agent` with `plugin`.
+    pub fn start(agent: &Path, plugin: &Path) -> Rack {
+        crate::require_root();
+        let tor = NetnsGuard::new("tor");
+        tor_forwarding(tor.name()).expect("ToR sysctls");
+        let a = FabricNode::start(&tor, agent, plugin, "node-a", 1, 65001);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tor_conf = dir.path().join("tor.conf");
+        std::fs::write(&tor_conf, tor_bird_config(&[("a", 1, 65001)])).expect("tor conf");
+        let tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
+        until(
+            "the ToR learns node-a's prefix",
+            Duration::from_secs(30),
+            || {
+                let r = tor.ip_output(&["route"]);
+                r.contains("198.18.1.0/24 via 198.19.1.1").then_some(r)
+            },
+        );
+        Rack {
+            a,
+            _tor_bird: tor_bird,
+            _dir: dir,
+            tor,
+        }
+    }
+}
+
 /// `ip monitor` in a namespace (the kernel's own netlink notifications),
 /// collecting what it prints; killed by PID on drop.
 pub struct RouteMonitor(Option<std::process::Child>);

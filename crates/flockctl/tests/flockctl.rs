@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use flock_testkit::fabric::{self, FabricNode, until};
-use flock_testkit::{Bird, NetnsGuard};
+use flock_testkit::fabric::{self, Rack, until};
 
 const FLOCKCTL: &str = env!("CARGO_BIN_EXE_flockctl");
 const CONF: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","type":"flock"}"#;
@@ -22,48 +21,17 @@ fn sibling(name: &str) -> PathBuf {
     path
 }
 
-/// A ToR running BIRD and node-a (agent with the test pools, its BIRD),
-/// once the ToR has learned node-a's prefix. Dropped in field order.
-struct Rack {
-    a: FabricNode,
-    _tor_bird: Bird,
-    _dir: tempfile::TempDir,
-    _tor: NetnsGuard,
+/// The rack: a ToR and node-a, with their BIRDs.
+fn rack() -> Rack {
+    Rack::start(&sibling("flock-agent"), &sibling("flock"))
 }
 
-impl Rack {
-    fn start() -> Rack {
-        flock_testkit::require_root();
-        let tor = NetnsGuard::new("tor");
-        fabric::tor_forwarding(tor.name()).expect("ToR sysctls");
-        let a = FabricNode::start(
-            &tor,
-            &sibling("flock-agent"),
-            &sibling("flock"),
-            "node-a",
-            1,
-            65001,
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let tor_conf = dir.path().join("tor.conf");
-        std::fs::write(&tor_conf, fabric::tor_bird_config(&[("a", 1, 65001)])).expect("tor conf");
-        let tor_bird = Bird::start(tor.name(), &tor_conf, &dir.path().join("tor.ctl"));
-        until(
-            "the ToR learns node-a's prefix",
-            Duration::from_secs(30),
-            || {
-                let r = tor.ip_output(&["route"]);
-                r.contains("198.18.1.0/24 via 198.19.1.1").then_some(r)
-            },
-        );
-        Rack {
-            a,
-            _tor_bird: tor_bird,
-            _dir: dir,
-            _tor: tor,
-        }
-    }
+/// flockctl on node-a's admin socket.
+trait Flockctl {
+    fn flockctl(&self, args: &[&str]) -> Output;
+}
 
+impl Flockctl for Rack {
     fn flockctl(&self, args: &[&str]) -> Output {
         Command::new(FLOCKCTL)
             .arg("--socket")
@@ -112,7 +80,7 @@ fn veth_of(rack: &Rack, pod: &str) -> (String, String, String) {
 
 #[test]
 fn every_command_reports_the_real_node_and_ipam_check_names_planted_faults() {
-    let rack = Rack::start();
+    let rack = rack();
     let node = &rack.a.node;
     let web = node.add_pod(
         "web",
@@ -363,7 +331,7 @@ fn verdict_of(report: &str, check: &str) -> String {
 
 #[test]
 fn doctor_passes_a_healthy_node_and_names_each_planted_fault() {
-    let mut rack = Rack::start();
+    let mut rack = rack();
     let node = &rack.a.node;
     let pod = node.add_pod("web", &[], CONF);
     let (_, veth, _) = veth_of(&rack, "web");
