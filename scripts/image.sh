@@ -70,7 +70,7 @@ if [[ ! -s $rootfs_tar ]]; then
     echo "image.sh: root filesystem cached as $rootfs_tar in $((SECONDS - started)) s" >&2
 fi
 
-work=$(mktemp -d /tmp/flock-image.XXXXXX)
+work=$(mktemp -d "${TMPDIR:-/tmp}/flock-image.XXXXXX")
 # Podman's default directories, bound over in the private mount namespace
 # below; the ones that do not exist are made for that and removed after.
 made=()
@@ -83,12 +83,28 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The build context: the Dockerfile and the binaries, nothing else.
+# The build context: the Dockerfile and the binaries, nothing else. Their
+# debug sections are left out (a debug build's agent is 330 MB, 70 MB
+# without them): the image holds each binary up to four times while it is
+# built (context, build stage, its /out, final layer), on the disk the
+# tests have just filled with their target directory.
 mkdir -p "$work/context/prebuilt"
 cp "$repo/Dockerfile" "$work/context/Dockerfile"
 for b in flock flock-agent flock-install flockctl; do
-    cp "$binaries/$b" "$work/context/prebuilt/$b"
+    if command -v strip >/dev/null; then
+        strip --strip-debug -o "$work/context/prebuilt/$b" "$binaries/$b"
+    else
+        cp "$binaries/$b" "$work/context/prebuilt/$b"
+    fi
 done
+# Room for those copies and the base image, asked before podman fills the
+# disk and fails halfway with ENOSPC.
+need_kb=$(($(du -sk "$work/context" | cut -f1) * 4 + $(du -sk "$rootfs_tar" | cut -f1) * 2))
+free_kb=$(df -Pk "$work" | awk 'NR == 2 {print $4}')
+if ((free_kb < need_kb)); then
+    echo "image.sh: $((free_kb / 1024)) MiB free under $work, the image build needs about $((need_kb / 1024)) MiB" >&2
+    exit 1
+fi
 
 # Podman's configuration for this run. The host may allow fewer open files
 # and processes than podman asks for by default (runc then fails with

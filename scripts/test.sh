@@ -24,6 +24,10 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# One build from a clean clone: incremental state would only take disk.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+echo "== disk: $(df -Ph . | awk 'NR == 2 {print $4}') free for the build, $(df -Ph "${TMPDIR:-/tmp}" | awk 'NR == 2 {print $4}') for temporary files"
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 
