@@ -92,6 +92,19 @@ pub struct Allocations<S> {
     state: Mutex<State>,
     /// Bumped on every change (loops and waiting requests watch it).
     changed: watch::Sender<u64>,
+    /// Held while a removal is checked, written and applied: no two
+    /// removals of one entry pass the check.
+    removing: tokio::sync::Mutex<()>,
+}
+
+/// Whether `a` and `b` are the same life of one key: the same reservation
+/// (a container ADDed again after its DEL is a new one, maybe with the
+/// same addresses), whatever its state since.
+fn same_life(a: &Allocation, b: &Allocation) -> bool {
+    a.allocated_at == b.allocated_at
+        && a.ip6 == b.ip6
+        && a.ip4 == b.ip4
+        && a.host_iface == b.host_iface
 }
 
 /// Milliseconds since the epoch: the allocator's release clock.
@@ -176,6 +189,7 @@ impl<S: AllocationStore> Allocations<S> {
             store,
             state: Mutex::new(state),
             changed: watch::Sender::new(0),
+            removing: tokio::sync::Mutex::new(()),
         };
         for (ip, holders) in allocations.duplicates() {
             warn!(%ip, containers = ?holders, "address held by two store entries: kept reserved until both are deleted; CHECK of either reports it");
@@ -460,18 +474,36 @@ impl<S: AllocationStore> Allocations<S> {
         written
     }
 
+    /// Whether `entry` is still held: its key has an entry of the same
+    /// life (not one the container was given since).
+    pub fn still_holds(&self, entry: &Allocation) -> bool {
+        self.lock()
+            .entries
+            .get(&key_of(entry))
+            .is_some_and(|held| same_life(held, entry))
+    }
+
     /// Removes an entry durably once the kernel holds nothing of it; its
-    /// addresses are free from then on, released at `at`.
+    /// addresses are free from then on, released at `at`. An entry already
+    /// removed, or replaced by a later ADD of the same container (whose
+    /// reservation it is now), is left alone: `Ok(false)`.
     pub async fn finish_release(
         &self,
         entry: &Allocation,
         at: SystemTime,
-    ) -> Result<(), StoreFailure> {
+    ) -> Result<bool, StoreFailure> {
         if let Some(reason) = self.refusing() {
             return Err(StoreFailure {
                 message: reason,
                 refusing: true,
             });
+        }
+        // A later life of the key only begins once this one is removed
+        // from memory, so checking under `removing` and removing before
+        // letting go keeps a second remover off the next life.
+        let _removing = self.removing.lock().await;
+        if !self.still_holds(entry) {
+            return Ok(false);
         }
         let record = Record::Remove {
             container_id: entry.container_id.clone(),
@@ -485,7 +517,7 @@ impl<S: AllocationStore> Allocations<S> {
         }
         self.lock().drop_entry(&key_of(entry), at);
         self.bump();
-        Ok(())
+        Ok(true)
     }
 
     /// Waits until `container_id` has no entry, at most `limit`; returns

@@ -4,7 +4,8 @@
 //! committed entries whose veth is gone (a reboot: no runtime will ever
 //! send their DEL) are released, but only once a lookup by name confirms
 //! the veth is missing; flock veths no entry owns are deleted. DEL and
-//! CHECK are served meanwhile; each container is handled in its turn.
+//! CHECK are served meanwhile; each container is handled in its turn, and
+//! an entry a DEL's task is finishing already is left to that task.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -100,6 +101,9 @@ async fn settle<K: Kernel, S: AllocationStore>(
         .attachment(&listed_entry.container_id)
         .filter(|a| a.ifname == listed_entry.ifname)?;
     let why = reason(&entry, listed)?;
+    // A DEL served during recovery may have a task finishing it already:
+    // that one releases it, alone.
+    let claim = pods.claim_release(&entry)?;
     if why == "veth_gone" {
         // A dump is no proof: look the veth up by name.
         match pods.kernel.host_link_exists(&entry.host_iface).await {
@@ -134,8 +138,10 @@ async fn settle<K: Kernel, S: AllocationStore>(
             .map_err(|e| e.to_string())
     }
     .await;
+    drop(claim);
     match finished {
-        Ok(()) => {
+        Ok(false) => None,
+        Ok(true) => {
             pods.metrics.reconciled(why);
             info!(container_id = %entry.container_id, %pod, reason = why, "released allocation");
             Some(true)

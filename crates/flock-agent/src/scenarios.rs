@@ -493,6 +493,57 @@ async fn a_crash_at_any_point_of_del_leaks_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_del_during_recovery_is_finished_once_and_never_touches_the_containers_next_add() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    let node = TestNode::ready(&kernel, &store).await;
+    node.put_pod("web", "uid-web");
+    kernel.add_netns("/run/netns/web");
+    // An ADD cut short by a crash once its veth exists: a pending entry.
+    kernel.gates.hold("setup_routes");
+    let handler = node.handler.clone();
+    let request = node.request(Op::Add, "c1", "/run/netns/web", "web", "uid-web");
+    let add = tokio::spawn(async move { handler.handle(request).await });
+    kernel.gates.wait_reached("setup_routes", 1).await;
+    add.abort();
+    node.crash();
+    kernel.gates.release("setup_routes");
+    let first = store.entries();
+    assert_eq!(first.len(), 1);
+
+    // Restarted: the runtime's DEL comes before recovery reaches the
+    // entry, and its veth deletion fails once (its task retries in 1 s).
+    let node = TestNode::starting(&kernel, &store);
+    kernel.gates.fail("veth_delete", 1);
+    node.del("c1", "web").await;
+    node.recover().await;
+    node.apply("198.18.0.0/24");
+    // The same container ADDed again: a new life of the same key, and a
+    // veth of the same name.
+    let ip = node.add("c1", "web").await;
+    // Long past the DEL task's retries.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let now = store.entries();
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].state, AllocState::Committed);
+    assert_eq!(now[0].ip4.map(IpAddr::V4), Some(ip));
+    assert_ne!(now[0].allocated_at, first[0].allocated_at);
+    assert_eq!(kernel.link_names(), vec![host_iface_name("c1")]);
+    assert_eq!(
+        node.call(Op::Check, "c1", "/run/netns/web", "web").await,
+        Response::Done {}
+    );
+    // A release of the earlier life, however late, leaves this one alone.
+    let stale = node
+        .pods
+        .allocations
+        .finish_release(&first[0], SystemTime::now())
+        .await
+        .expect("store");
+    assert!(!stale);
+    assert_eq!(store.entries(), now);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_prefix_change_while_a_veth_is_being_deleted_never_hands_its_address_out() {
     let (kernel, store) = (FakeKernel::default(), FakeStore::default());
     let node = TestNode::ready(&kernel, &store).await;

@@ -167,8 +167,7 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
     /// the entry durably, retrying with a growing delay until both succeed
     /// or the agent stops (the next start finishes what is left).
     pub(crate) fn finish_in_background(&self, entry: Allocation, removal: Option<Removal>) {
-        let key = (entry.container_id.clone(), entry.ifname.clone());
-        let Some(finishing) = Finishing::claim(&self.finishing, key) else {
+        let Some(finishing) = self.claim_release(&entry) else {
             return; // a task is at it already; it tears down again if it must
         };
         let cancel = self.cancel.clone();
@@ -180,6 +179,12 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
             let mut delay = RETRY_FIRST;
             let mut removal = removal;
             loop {
+                if removal.is_none() && !allocations.still_holds(&entry) {
+                    // Finished by another (a restart's recovery): a new
+                    // teardown by name could hit the veth of the
+                    // container's next ADD.
+                    return;
+                }
                 let step = finish_once(&*kernel, &allocations, &entry, removal.take());
                 let error = tokio::select! {
                     () = cancel.cancelled() => return,
@@ -206,11 +211,22 @@ impl<K: Kernel, S: AllocationStore> Pods<K, S> {
     }
 }
 
-/// The entries a background task is finishing; each at most once.
+impl<K: Kernel, S: AllocationStore> Pods<K, S> {
+    /// The one claim on finishing `entry`'s release (`None` while another
+    /// task holds it): a second finisher of one entry would tear down by
+    /// name again after the first removed it, maybe the veth of the
+    /// container's next ADD.
+    pub(crate) fn claim_release(&self, entry: &Allocation) -> Option<Finishing> {
+        let key = (entry.container_id.clone(), entry.ifname.clone());
+        Finishing::claim(&self.finishing, key)
+    }
+}
+
+/// The entries a task is finishing the release of; each by one at most.
 pub(crate) type FinishingSet = Arc<Mutex<HashSet<(String, String)>>>;
 
 /// A claim on finishing one entry, given up when dropped.
-struct Finishing {
+pub(crate) struct Finishing {
     set: FinishingSet,
     key: (String, String),
 }
@@ -267,5 +283,6 @@ async fn finish_once<K: Kernel, S: AllocationStore>(
     allocations
         .finish_release(entry, SystemTime::now())
         .await
+        .map(drop)
         .map_err(|e| format!("recording the release: {e}"))
 }
