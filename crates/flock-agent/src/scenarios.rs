@@ -411,10 +411,10 @@ async fn a_crash_at_any_point_of_add_leaks_nothing() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn after_a_crash_mid_add_a_retried_add_finishes_it_with_one_allocation() {
-    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
-    let node = TestNode::ready(&kernel, &store).await;
+/// A ready node whose ADD of container c1 (pod web) is cut short by a
+/// crash once its veth exists, before its routes: a pending entry left.
+async fn crash_mid_add(kernel: &FakeKernel, store: &FakeStore) {
+    let node = TestNode::ready(kernel, store).await;
     node.put_pod("web", "uid-web");
     kernel.add_netns("/run/netns/web");
     kernel.gates.hold("setup_routes");
@@ -425,6 +425,12 @@ async fn after_a_crash_mid_add_a_retried_add_finishes_it_with_one_allocation() {
     add.abort();
     node.crash();
     kernel.gates.release("setup_routes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_crash_mid_add_a_retried_add_finishes_it_with_one_allocation() {
+    let (kernel, store) = (FakeKernel::default(), FakeStore::default());
+    crash_mid_add(&kernel, &store).await;
     // Recovery undoes the half-built pod; the retried ADD starts afresh.
     let node = TestNode::ready(&kernel, &store).await;
     assert_eq!(
@@ -495,18 +501,8 @@ async fn a_crash_at_any_point_of_del_leaks_nothing() {
 #[tokio::test(start_paused = true)]
 async fn a_del_during_recovery_is_finished_once_and_never_touches_the_containers_next_add() {
     let (kernel, store) = (FakeKernel::default(), FakeStore::default());
-    let node = TestNode::ready(&kernel, &store).await;
-    node.put_pod("web", "uid-web");
-    kernel.add_netns("/run/netns/web");
     // An ADD cut short by a crash once its veth exists: a pending entry.
-    kernel.gates.hold("setup_routes");
-    let handler = node.handler.clone();
-    let request = node.request(Op::Add, "c1", "/run/netns/web", "web", "uid-web");
-    let add = tokio::spawn(async move { handler.handle(request).await });
-    kernel.gates.wait_reached("setup_routes", 1).await;
-    add.abort();
-    node.crash();
-    kernel.gates.release("setup_routes");
+    crash_mid_add(&kernel, &store).await;
     let first = store.entries();
     assert_eq!(first.len(), 1);
 
